@@ -1,0 +1,73 @@
+"""make_sync_checkpointer / make_async_checkpointer: checkpointers with sensible defaults."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .barriers import create_barrier_from_config
+from .checkpointer import AsyncCheckpointer, SyncCheckpointer
+from .config import CheckpointerConfig
+from .process import CheckpointProcess, default_subprocess_init_fn, default_writer_init_fn
+from .reader import CheckpointReader
+from .staging import DefaultStager
+from .types import RankInfo, default_rank_info
+from .writer import CheckpointWriter, WriterHook
+
+
+def make_sync_checkpointer(
+    config: CheckpointerConfig | None = None,
+    rank_info: RankInfo | None = None,
+    commit_hook: WriterHook | None = None,
+) -> SyncCheckpointer:
+    """A checkpointer that writes in the calling thread; rank from the process group by default."""
+    config = config or CheckpointerConfig()
+    rank_info = rank_info or default_rank_info()
+    writer = CheckpointWriter(
+        config.writer_config, rank_info, create_barrier_from_config(config.barrier_config), commit_hook
+    )
+    return SyncCheckpointer(writer, CheckpointReader(rank_info))
+
+
+def make_async_checkpointer(
+    config: CheckpointerConfig | None = None,
+    rank_info: RankInfo | None = None,
+    subprocess_init_fn: Callable[..., None] = default_subprocess_init_fn,
+    subprocess_init_args: tuple[Any, ...] = (),
+    checkpoint_writer_init_fn: Callable[..., CheckpointWriter] = default_writer_init_fn,
+    checkpoint_writer_init_args: dict[str, Any] | None = None,
+    commit_hook: WriterHook | None = None,
+) -> AsyncCheckpointer:
+    """A checkpointer whose saves return after the snapshot; a spawned process writes them.
+
+    With the default writer factory, the worker's writer uses `config.writer_config`,
+    `config.barrier_config` (built inside the worker: use "tcp_store" there) and `commit_hook`
+    (which must be picklable).
+    """
+    config = config or CheckpointerConfig()
+    rank_info = rank_info or default_rank_info()
+    if not config.staging_config.use_shared_memory:
+        raise ValueError(
+            "AsyncCheckpointer needs CheckpointStagerConfig.use_shared_memory=True: the writer process "
+            "reads the snapshot from shared memory. Use make_sync_checkpointer for unshared staging"
+        )
+    if checkpoint_writer_init_args is None:
+        checkpoint_writer_init_args = {
+            "writer_config": config.writer_config,
+            "barrier_config": config.barrier_config,
+            "commit_hook": commit_hook,
+        }
+    process = CheckpointProcess(
+        rank_info,
+        config.process_config,
+        subprocess_init_fn,
+        subprocess_init_args,
+        checkpoint_writer_init_fn,
+        checkpoint_writer_init_args,
+    )
+    return AsyncCheckpointer(
+        DefaultStager(config.staging_config),
+        process,
+        CheckpointReader(rank_info),
+        layout=config.writer_config.layout,
+        rank=rank_info.global_rank,
+    )

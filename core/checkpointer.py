@@ -1,0 +1,230 @@
+"""Checkpointer, SyncCheckpointer and AsyncCheckpointer: the calls a training loop makes."""
+
+from __future__ import annotations
+
+import abc
+import atexit
+import glob
+import logging
+import os
+import threading
+import weakref
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from typing import Any
+
+from .errors import CheckpointerClosedError, WriterProcessDiedError
+from .process import CheckpointProcess
+from .reader import CheckpointReader
+from .staging import CheckpointStager, DefaultStager, StagedCheckpoint
+from .types import STATE_DICT, WriteResult
+from .writer import CheckpointWriter, checkpoint_file_path
+
+logger = logging.getLogger(__name__)
+
+
+class Checkpointer(abc.ABC):
+    """Saves and loads checkpoints. A context manager: leaving the block closes it."""
+
+    @abc.abstractmethod
+    def save(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> Any:
+        """Save `state_dict` at `path`."""
+
+    @abc.abstractmethod
+    def load(
+        self,
+        path: str,
+        state_dict: STATE_DICT | None = None,
+        *,
+        default_map_location: Any = None,
+        strict: bool = False,
+        **kwargs: Any,
+    ) -> STATE_DICT:
+        """Load the checkpoint at `path`: all of it, or only the keys of `state_dict`, in place.
+
+        kwargs: weights_only (default True), verify (default True).
+        """
+
+    def wait(self) -> None:
+        """Block until every save issued so far is committed; raise the first error."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Finish outstanding work and release every resource; idempotent."""
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def _load(reader: CheckpointReader, path: str, state_dict: STATE_DICT | None, map_location: Any, strict: bool, **kwargs: Any) -> STATE_DICT:
+    loaded, _missing = reader.read(path, state_dict, map_location=map_location, strict=strict, **kwargs)
+    return loaded
+
+
+class SyncCheckpointer(Checkpointer):
+    """Writes in the calling thread: save() returns once the checkpoint is committed."""
+
+    def __init__(self, writer: CheckpointWriter, reader: CheckpointReader) -> None:
+        self._writer = writer
+        self._reader = reader
+        self._closed = False
+
+    def save(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> None:
+        """Write and commit `state_dict` at `path`; on error nothing is left under the final name."""
+        if self._closed:
+            raise CheckpointerClosedError("save() on a closed SyncCheckpointer; create a new one")
+        self._writer.write(path, state_dict, **kwargs)
+
+    def load(self, path: str, state_dict: STATE_DICT | None = None, *, default_map_location: Any = None,
+             strict: bool = False, **kwargs: Any) -> STATE_DICT:
+        return _load(self._reader, path, state_dict, default_map_location, strict, **kwargs)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._writer.close()
+
+
+_open_checkpointers: "weakref.WeakSet[AsyncCheckpointer]" = weakref.WeakSet()
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    # Registered after multiprocessing's own exit handler, so it runs first: writers are
+    # drained before daemonic worker processes would be terminated.
+    for checkpointer in list(_open_checkpointers):
+        try:
+            checkpointer.close()
+        except Exception:
+            logger.exception("a checkpoint failed while draining at interpreter exit")
+
+
+class AsyncCheckpointer(Checkpointer):
+    """Saves cost the caller only the snapshot; a writer process persists them.
+
+    save() returns (stage_future, write_future). Once stage_future is done the caller may
+    change every tensor and container it passed; the checkpoint holds the values at the
+    call. write_future resolves to a WriteResult once the checkpoint is durable and
+    committed, or fails with the writer's error. A failed write is also raised, once, by the
+    next save(), wait() or close(), whichever comes first.
+    """
+
+    def __init__(
+        self,
+        checkpoint_stager: CheckpointStager,
+        checkpoint_process: CheckpointProcess,
+        reader: CheckpointReader,
+        layout: str = "directory",
+        rank: int = 0,
+    ) -> None:
+        self._stager = checkpoint_stager
+        self._process = checkpoint_process
+        self._reader = reader
+        self._layout = layout
+        self._rank = rank
+        self._lock = threading.Lock()
+        self._outstanding: dict[Future, str] = {}
+        self._error: BaseException | None = None
+        self._closed = False
+        if isinstance(checkpoint_stager, DefaultStager):
+            checkpoint_stager.pool.on_discard.append(checkpoint_process.forget_slab)
+        _open_checkpointers.add(self)
+
+    def save(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> tuple[Future[StagedCheckpoint], Future[WriteResult]]:
+        if self._closed:
+            raise CheckpointerClosedError("save() on a closed AsyncCheckpointer; create a new one")
+        self._raise_error()
+        path = os.fspath(path)
+        write_future: Future[WriteResult] = Future()
+        with self._lock:
+            self._outstanding[write_future] = path
+        write_future.add_done_callback(self._on_written)
+        try:
+            stage_future = self._stager.stage(state_dict, **kwargs)
+        except BaseException as exc:
+            write_future.set_exception(exc)
+            self._clear_error(exc)
+            raise
+        stage_future.add_done_callback(lambda f: self._write_staged(f, path, kwargs, write_future))
+        return stage_future, write_future
+
+    def _write_staged(self, stage_future: Future, path: str, kwargs: dict, write_future: Future) -> None:
+        error = stage_future.exception()
+        if error is not None:
+            write_future.set_exception(error)
+            return
+        staged: StagedCheckpoint = stage_future.result()
+        try:
+            written = self._process.write(path, staged, **kwargs)
+        except BaseException as exc:
+            staged.release()
+            write_future.set_exception(exc)
+            return
+
+        def finish(done: Future) -> None:
+            staged.release()
+            if done.exception() is not None:
+                if isinstance(done.exception(), WriterProcessDiedError):
+                    self._remove_temporaries(path)
+                write_future.set_exception(done.exception())
+            else:
+                write_future.set_result(done.result())
+
+        written.add_done_callback(finish)
+
+    def _remove_temporaries(self, path: str) -> None:
+        final = checkpoint_file_path(path, self._layout, self._rank)
+        pattern = os.path.join(os.path.dirname(os.path.abspath(final)), f".{glob.escape(os.path.basename(final))}.*.tmp")
+        for temporary in glob.glob(pattern):
+            try:
+                os.unlink(temporary)
+            except FileNotFoundError:
+                pass
+
+    def _on_written(self, future: Future) -> None:
+        with self._lock:
+            self._outstanding.pop(future, None)
+            if future.exception() is not None and self._error is None:
+                self._error = future.exception()
+
+    def _clear_error(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._error is exc:
+                self._error = None
+
+    def _raise_error(self) -> None:
+        with self._lock:
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _wait_for(self, paths: set[str] | None = None) -> None:
+        with self._lock:
+            futures = [f for f, p in self._outstanding.items() if paths is None or p in paths]
+        wait_futures(futures)
+
+    def wait(self) -> None:
+        self._wait_for()
+        self._raise_error()
+
+    def load(self, path: str, state_dict: STATE_DICT | None = None, *, default_map_location: Any = None,
+             strict: bool = False, **kwargs: Any) -> STATE_DICT:
+        """Load `path` after any pending write to it has finished (see Checkpointer.load)."""
+        self._wait_for({os.fspath(path)})
+        return _load(self._reader, path, state_dict, default_map_location, strict, **kwargs)
+
+    def close(self) -> None:
+        """Drain every save, stop the writer process and free the staging memory; idempotent."""
+        if self._closed:
+            return
+        try:
+            self._wait_for()
+        finally:
+            self._closed = True
+            _open_checkpointers.discard(self)
+            self._process.close()
+            self._stager.close()
+        self._raise_error()

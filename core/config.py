@@ -1,0 +1,126 @@
+"""Configuration dataclasses; every default works on the machine it runs on (CPU or CUDA)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .file_format import DEFAULT_CHUNK_BYTES
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@dataclass
+class CheckpointStagerConfig:
+    """How tensors are snapshotted into host memory.
+
+    use_pinned_memory: pin the staging slab for fast device-to-host copies (None: when CUDA is
+        available). use_shared_memory: stage into memory the writer process maps (required by
+        AsyncCheckpointer). use_async_staging: return from save() before CUDA copies finish;
+        stage_future completes when they have (None: when CUDA is available; CPU copies are
+        always done before save() returns). use_non_blocking_copy: CUDA copies on a side stream.
+    max_in_flight: how many saves may be staged or writing at once; each holds one slab, so
+        host memory is about max_in_flight times the state dict's tensor bytes.
+    """
+
+    use_pinned_memory: bool | None = None
+    use_shared_memory: bool = True
+    use_async_staging: bool | None = None
+    use_non_blocking_copy: bool = True
+    max_in_flight: int = 1
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.max_in_flight, int) and self.max_in_flight >= 1,
+            f"CheckpointStagerConfig.max_in_flight must be an int >= 1, got {self.max_in_flight!r}",
+        )
+        if self.use_pinned_memory and not _cuda_available():
+            raise ValueError(
+                "CheckpointStagerConfig.use_pinned_memory=True needs CUDA, which is not available here; "
+                "leave it None to pin only when CUDA is present"
+            )
+
+    @property
+    def pin(self) -> bool:
+        return _cuda_available() if self.use_pinned_memory is None else self.use_pinned_memory
+
+    @property
+    def async_staging(self) -> bool:
+        return _cuda_available() if self.use_async_staging is None else self.use_async_staging
+
+
+@dataclass
+class CheckpointWriterConfig:
+    """How bytes reach the disk.
+
+    layout: "directory" writes PATH/checkpoint_<rank>.pt; "file" writes exactly PATH.
+    io_threads: parallel positioned writes (0: chosen from the CPU count).
+    use_direct_io: O_DIRECT writes where the filesystem supports them (falls back silently).
+    checksums: record xxh3-64 checksums in the manifest so that loads verify the bytes.
+    """
+
+    layout: Literal["directory", "file"] = "directory"
+    write_barrier_timeout_secs: int = 600
+    io_threads: int = 0
+    use_direct_io: bool = True
+    checksums: bool = True
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+    def __post_init__(self) -> None:
+        _require(
+            self.layout in ("directory", "file"),
+            f"CheckpointWriterConfig.layout must be 'directory' or 'file', got {self.layout!r}",
+        )
+        _require(self.io_threads >= 0, f"CheckpointWriterConfig.io_threads must be >= 0, got {self.io_threads}")
+        _require(
+            self.chunk_bytes >= 4096 and self.chunk_bytes % 4096 == 0,
+            f"CheckpointWriterConfig.chunk_bytes must be a positive multiple of 4096, got {self.chunk_bytes}",
+        )
+        _require(
+            self.write_barrier_timeout_secs > 0,
+            f"CheckpointWriterConfig.write_barrier_timeout_secs must be > 0, got {self.write_barrier_timeout_secs}",
+        )
+
+    @property
+    def threads(self) -> int:
+        return self.io_threads or min(8, max(2, 2 * (os.cpu_count() or 1)))
+
+
+@dataclass
+class CheckpointProcessConfig:
+    """The writer process: how long its start may take, and how long close() waits for it."""
+
+    subprocess_init_timeout_secs: float = 60
+    subprocess_shutdown_timeout_secs: float = 60
+
+    def __post_init__(self) -> None:
+        _require(self.subprocess_init_timeout_secs > 0, "subprocess_init_timeout_secs must be > 0")
+        _require(self.subprocess_shutdown_timeout_secs > 0, "subprocess_shutdown_timeout_secs must be > 0")
+
+
+@dataclass
+class BarrierConfig:
+    """Which barrier runs before commit: None, "dist_barrier" or "tcp_store", with its arguments."""
+
+    barrier_type: str | None = None
+    barrier_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointerConfig:
+    """All component configurations for make_sync_checkpointer / make_async_checkpointer."""
+
+    writer_config: CheckpointWriterConfig = field(default_factory=CheckpointWriterConfig)
+    barrier_config: BarrierConfig = field(default_factory=BarrierConfig)
+    staging_config: CheckpointStagerConfig = field(default_factory=CheckpointStagerConfig)
+    process_config: CheckpointProcessConfig = field(default_factory=CheckpointProcessConfig)

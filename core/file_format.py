@@ -1,0 +1,293 @@
+"""The on-disk format: a file `torch.load(path, weights_only=True)` reads, plus a manifest.
+
+The file is PyTorch's own zip layout, produced without `torch.save` touching tensor bytes:
+the pickle and the zip records are written with space reserved for every storage (aligned to
+4096 bytes), then the storage bytes are written in parallel with positioned writes straight
+from the staging buffer (O_DIRECT where the filesystem takes it). One extra record,
+`async_ckpt_manifest.json`, which `torch.load` ignores, holds the format version, the size
+and xxh3-64 checksums (per chunk) of every storage and of the pickle, so that a reader can
+verify the file and name exactly what is damaged.
+
+The zip's own CRC fields of storage records are left zero, as with
+`torch.utils.serialization.config.save.compute_crc32 = False`; `torch.load` does not check
+them, and the manifest's checksums take their place.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import sys
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import xxhash
+
+from .errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    NotACheckpointError,
+    UnsupportedFormatVersionError,
+)
+from .plan import PAGE_SIZE, buffer_of
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "async-ckpt"
+FORMAT_VERSION = 1
+MANIFEST_RECORD = "async_ckpt_manifest.json"
+STORAGE_ALIGNMENT = PAGE_SIZE
+DEFAULT_CHUNK_BYTES = 64 << 20
+_DIGEST_PLACEHOLDER = "0" * 16
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _digest(data: memoryview | bytes) -> str:
+    return format(xxhash.xxh3_64_intdigest(data), "016x")
+
+
+def _chunks(nbytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    return [(start, min(chunk_bytes, nbytes - start)) for start in range(0, nbytes, chunk_bytes)]
+
+
+@dataclass
+class _Chunk:
+    key: str
+    index: int
+    file_offset: int
+    data: torch.Tensor  # uint8 bytes to write
+
+
+class _DirectIO:
+    """Positioned writes through an O_DIRECT descriptor where alignment and filesystem allow."""
+
+    def __init__(self, path: str, enabled: bool) -> None:
+        self.buffered = os.open(path, os.O_RDWR)
+        self.direct = -1
+        if enabled and hasattr(os, "O_DIRECT"):
+            try:
+                self.direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
+            except OSError as exc:
+                logger.debug("O_DIRECT not available for %s (%s); using buffered writes", path, exc)
+
+    def pwrite(self, data: torch.Tensor, offset: int) -> None:
+        view = buffer_of(data)
+        aligned = len(view) - len(view) % PAGE_SIZE
+        if self.direct >= 0 and aligned and offset % PAGE_SIZE == 0 and data.data_ptr() % PAGE_SIZE == 0:
+            try:
+                _write_all(self.direct, view[:aligned], offset)
+                view, offset = view[aligned:], offset + aligned
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                logger.debug("O_DIRECT write refused (%s); using buffered writes", exc)
+                os.close(self.direct)
+                self.direct = -1
+        _write_all(self.buffered, view, offset)
+
+    def close(self) -> None:
+        for fd in (self.direct, self.buffered):
+            if fd >= 0:
+                os.close(fd)
+        self.direct = self.buffered = -1
+
+
+def _write_all(fd: int, view: memoryview, offset: int) -> None:
+    while len(view):
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def write_checkpoint_file(
+    path: str,
+    data_pkl: bytes,
+    storage_bytes: Sequence[torch.Tensor],
+    *,
+    executor: Executor | None,
+    use_direct_io: bool = True,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    checksums: bool = True,
+    extra_metadata: dict[str, Any] | None = None,
+) -> int:
+    """Write a checkpoint file at `path`, fsynced; returns the bytes of tensor data written.
+
+    `data_pkl` is torch.save's pickle (see plan.capture); `storage_bytes[i]` holds the bytes
+    of its storage "i" as a CPU uint8 tensor.
+    """
+    ordered = [(index, str(index)) for index in range(len(storage_bytes))]
+    manifest: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "checksum": "xxh3_64" if checksums else None,
+        "chunk_bytes": chunk_bytes,
+        "data.pkl": {"nbytes": len(data_pkl), "digest": _digest(data_pkl)},
+        "storages": {
+            key: {
+                "nbytes": storage_bytes[index].numel(),
+                "digests": [_DIGEST_PLACEHOLDER] * len(_chunks(storage_bytes[index].numel(), chunk_bytes))
+                if checksums
+                else [],
+            }
+            for index, key in ordered
+        },
+        **(extra_metadata or {}),
+    }
+    placeholder = json.dumps(manifest).encode()
+
+    writer = torch._C.PyTorchFileWriter(path, False, STORAGE_ALIGNMENT)
+    writer.write_record("data.pkl", data_pkl, len(data_pkl))
+    for name, value in ((".format_version", "1"), (".storage_alignment", str(STORAGE_ALIGNMENT))):
+        writer.write_record(name, value, len(value))
+    writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+    for index, key in ordered:
+        writer.write_record_metadata(f"data/{key}", storage_bytes[index].numel())
+    writer.write_record(MANIFEST_RECORD, placeholder, len(placeholder))
+    writer.write_end_of_file()
+    del writer
+
+    reader = torch._C.PyTorchFileReader(path)
+    chunks = [
+        _Chunk(key, n, reader.get_record_offset(f"data/{key}") + start, storage_bytes[index][start : start + size])
+        for index, key in ordered
+        for n, (start, size) in enumerate(_chunks(storage_bytes[index].numel(), chunk_bytes))
+    ]
+    manifest_offset = reader.get_record_offset(MANIFEST_RECORD)
+    del reader
+
+    out = _DirectIO(path, use_direct_io)
+    try:
+
+        def write_chunk(chunk: _Chunk) -> str | None:
+            out.pwrite(chunk.data, chunk.file_offset)
+            return _digest(buffer_of(chunk.data)) if checksums else None
+
+        # Largest first, so that one big tensor does not start last and finish alone.
+        by_size = sorted(chunks, key=lambda c: -c.data.numel())
+        digests = executor.map(write_chunk, by_size) if executor else map(write_chunk, by_size)
+        for chunk, digest in zip(by_size, digests):
+            if digest is not None:
+                manifest["storages"][chunk.key]["digests"][chunk.index] = digest
+        final = json.dumps(manifest).encode()
+        assert len(final) == len(placeholder), "manifest changed length while filling digests"
+        os.pwrite(out.buffered, final, manifest_offset)
+        os.fsync(out.buffered)
+    finally:
+        out.close()
+    return sum(b.numel() for b in storage_bytes)
+
+
+def fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointFile:
+    """An open checkpoint file: validated on open, verified record by record as it is read."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        if not os.path.exists(path):
+            raise CheckpointNotFoundError(f"no checkpoint at {path!r}: the file does not exist")
+        if os.path.isdir(path):
+            raise NotACheckpointError(f"{path!r} is a directory, not a checkpoint file")
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head != _ZIP_MAGIC:
+            raise NotACheckpointError(
+                f"{path!r} is not a PyTorch checkpoint: it does not start with the zip signature "
+                "torch.save writes (is it a legacy or non-PyTorch file?)"
+            )
+        try:
+            self._zip = torch._C.PyTorchFileReader(path)
+        except RuntimeError as exc:
+            raise CorruptCheckpointError(
+                f"checkpoint {path!r} is truncated or damaged: its zip directory cannot be read ({exc}). "
+                "Use an earlier checkpoint"
+            ) from None
+        self.records = set(self._zip.get_all_records())
+        if "data.pkl" not in self.records:
+            raise NotACheckpointError(f"{path!r} is a zip file but not a PyTorch checkpoint (no data.pkl)")
+        self.manifest = self._read_manifest()
+
+    def _read_manifest(self) -> dict[str, Any] | None:
+        if MANIFEST_RECORD not in self.records:
+            return None
+        try:
+            manifest = json.loads(bytes(self._zip.get_record(MANIFEST_RECORD)))
+        except (RuntimeError, ValueError) as exc:
+            raise CorruptCheckpointError(f"checkpoint {self.path!r}: its manifest is unreadable ({exc})") from None
+        if manifest.get("format") != FORMAT_NAME:
+            raise CorruptCheckpointError(f"checkpoint {self.path!r}: its manifest names format {manifest.get('format')!r}")
+        if int(manifest.get("version", 0)) > FORMAT_VERSION:
+            raise UnsupportedFormatVersionError(
+                f"checkpoint {self.path!r} has format version {manifest['version']}, newer than the "
+                f"{FORMAT_VERSION} this async-ckpt reads; upgrade async-ckpt to load it"
+            )
+        return manifest
+
+    @property
+    def verifiable(self) -> bool:
+        """Whether the file carries checksums this reader can check."""
+        return self.manifest is not None and self.manifest.get("checksum") == "xxh3_64"
+
+    def data_pkl(self, verify: bool = True) -> bytes:
+        data = bytes(self._zip.get_record("data.pkl"))
+        if verify and self.verifiable:
+            expected = self.manifest["data.pkl"]
+            if len(data) != expected["nbytes"] or _digest(data) != expected["digest"]:
+                raise CorruptCheckpointError(
+                    f"checkpoint {self.path!r} is damaged: record data.pkl (the object structure) "
+                    "fails its checksum"
+                )
+        return data
+
+    def storage_offset(self, key: str) -> int:
+        return self._zip.get_record_offset(f"data/{key}")
+
+    def storage_nbytes(self, key: str) -> int | None:
+        if self.manifest is None:
+            return None
+        return self.manifest["storages"][key]["nbytes"]
+
+    def read_storage(self, fd: int, key: str, dest: torch.Tensor, verify: bool = True) -> bool:
+        """Fill `dest` (CPU uint8) with storage `key`; False when verified bytes fail their checksum."""
+        offset = self.storage_offset(key)
+        view = buffer_of(dest)
+        chunk_bytes = self.manifest["chunk_bytes"] if self.manifest else DEFAULT_CHUNK_BYTES
+        digests = self.manifest["storages"][key]["digests"] if (verify and self.verifiable) else None
+        for n, (start, size) in enumerate(_chunks(len(view), chunk_bytes)):
+            part = view[start : start + size]
+            got = os.preadv(fd, [part], offset + start)
+            if got != size:
+                raise CorruptCheckpointError(
+                    f"checkpoint {self.path!r} is truncated: storage data/{key} ends after {start + got} bytes"
+                )
+            if digests is not None and _digest(part) != digests[n]:
+                return False
+        return True
+
+    def verify_all(self) -> list[str]:
+        """Names of damaged records (empty when the file checks out or has no manifest)."""
+        if not self.verifiable:
+            return []
+        damaged: list[str] = []
+        try:
+            self.data_pkl(verify=True)
+        except CorruptCheckpointError:
+            damaged.append("data.pkl")
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for key, entry in self.manifest["storages"].items():
+                dest = torch.empty(entry["nbytes"], dtype=torch.uint8)
+                if not self.read_storage(fd, key, dest):
+                    damaged.append(f"data/{key}")
+        finally:
+            os.close(fd)
+        return damaged

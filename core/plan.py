@@ -1,0 +1,187 @@
+"""The plan of one checkpoint: what crosses from the trainer to the writer.
+
+`capture` pickles the state dict exactly as `torch.save` would (same `data.pkl`: tensors as
+`_rebuild_tensor_v2`/`v3` or `_rebuild_parameter` calls whose storages are persistent
+references "0", "1", ...), but without touching tensor bytes, and lists the storages those
+references name. The plan (the pickle plus storage sizes) is a few KiB and is all that
+crosses the pipe; the bytes go through shared memory. The writer never unpickles anything,
+so user classes need not be importable in the writer process.
+
+Tensors that share a storage (tied weights, views) keep sharing it with their own sizes,
+strides and offsets, so the saved file has exactly the aliasing of the live state.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import ctypes
+import io
+import pickle
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import UnsupportedStateError
+
+PAGE_SIZE = 4096
+
+
+def round_up(value: int, multiple: int = PAGE_SIZE) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+@dataclass(frozen=True)
+class StorageMeta:
+    """One storage: record `data/<index>` in the file, at `slab_offset` in the staging slab."""
+
+    slab_offset: int
+    nbytes: int
+
+
+@dataclass
+class CheckpointPlan:
+    """Everything the writer needs besides the bytes: torch's data.pkl and the storage sizes."""
+
+    data_pkl: bytes
+    storages: list[StorageMeta]
+    slab_nbytes: int
+
+    @property
+    def tensor_nbytes(self) -> int:
+        return sum(s.nbytes for s in self.storages)
+
+
+@dataclass
+class CapturedState:
+    """A plan plus, per storage, the live bytes (a uint8 view, CPU or CUDA) still to be copied."""
+
+    plan: CheckpointPlan
+    sources: list[torch.Tensor]
+
+    @property
+    def devices(self) -> set[torch.device]:
+        return {s.device for s in self.sources}
+
+
+class _StorageRef:
+    """Stands for storage `key` in the pickle; becomes torch's persistent storage id."""
+
+    __slots__ = ("key", "storage_type", "numel")
+
+    def __init__(self, key: str, storage_type: Any, numel: int) -> None:
+        self.key, self.storage_type, self.numel = key, storage_type, numel
+
+
+def _legacy_storage_type(dtype: torch.dtype) -> Any:
+    """The storage class torch.save names for `dtype` (UntypedStorage for newer dtypes)."""
+    if dtype in torch.storage._new_dtypes():
+        return torch.UntypedStorage
+    return getattr(torch, torch.storage._dtype_to_storage_type_map()[dtype])
+
+
+def _check_tensor(tensor: torch.Tensor) -> None:
+    kind = f"tensor of shape {tuple(tensor.shape)} and dtype {tensor.dtype}"
+    if tensor.is_meta:
+        raise UnsupportedStateError(
+            f"cannot checkpoint a meta {kind}: it holds no data; materialise it (to_empty + init) first"
+        )
+    if tensor.layout != torch.strided or tensor.is_quantized:
+        raise UnsupportedStateError(
+            f"cannot checkpoint a {kind} with layout {tensor.layout}: convert it to a dense tensor first"
+        )
+    if tensor.grad_fn is not None:
+        raise UnsupportedStateError(
+            f"cannot checkpoint a {kind} that is part of an autograd graph (grad_fn="
+            f"{type(tensor.grad_fn).__name__}); save tensor.detach() instead"
+        )
+
+
+class _CapturePickler(pickle.Pickler):
+    """torch.save's pickling, with storages collected instead of serialised."""
+
+    def __init__(self, buffer: io.BytesIO) -> None:
+        super().__init__(buffer, protocol=2)
+        self.storages: list[torch.UntypedStorage] = []
+        self._refs: dict[tuple[str, int], tuple[_StorageRef, torch.dtype]] = {}
+        self.dispatch_table = copyreg.dispatch_table.copy()
+        self.dispatch_table[torch.Tensor] = self._reduce_tensor
+        self.dispatch_table[torch.nn.Parameter] = self._reduce_parameter
+
+    def _storage_ref(self, tensor: torch.Tensor) -> _StorageRef:
+        storage = tensor.untyped_storage()
+        identity = (str(storage.device), storage._cdata)
+        if identity not in self._refs:
+            storage_type = _legacy_storage_type(tensor.dtype)
+            numel = storage.nbytes() if storage_type is torch.UntypedStorage else storage.nbytes() // tensor.element_size()
+            self._refs[identity] = (_StorageRef(str(len(self.storages)), storage_type, numel), tensor.dtype)
+            self.storages.append(storage)
+        ref, dtype = self._refs[identity]
+        if dtype != tensor.dtype:
+            raise UnsupportedStateError(
+                f"cannot checkpoint tensors that view the same memory as different dtypes ({dtype} and "
+                f"{tensor.dtype}); torch.load cannot restore that sharing. Save a .clone() of one of them"
+            )
+        return ref
+
+    def _reduce_tensor(self, tensor: torch.Tensor) -> tuple:
+        _check_tensor(tensor)
+        ref = self._storage_ref(tensor)
+        args = (ref, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.requires_grad, OrderedDict())
+        if ref.storage_type is torch.UntypedStorage:
+            return torch._utils._rebuild_tensor_v3, (*args, tensor.dtype)
+        return torch._utils._rebuild_tensor_v2, args
+
+    def _reduce_parameter(self, parameter: torch.nn.Parameter) -> tuple:
+        return torch._utils._rebuild_parameter, (parameter.data, parameter.requires_grad, OrderedDict())
+
+    def persistent_id(self, obj: Any) -> Any:
+        if type(obj) is _StorageRef:
+            return ("storage", obj.storage_type, obj.key, "cpu", obj.numel)
+        if isinstance(obj, torch.Tensor) and type(obj) not in (torch.Tensor, torch.nn.Parameter):
+            raise UnsupportedStateError(
+                f"cannot checkpoint a {type(obj).__name__} of shape {tuple(obj.shape)}: only plain tensors and "
+                "nn.Parameter are supported; convert it (e.g. .full_tensor() or .to_local()) first"
+            )
+        if isinstance(obj, (torch.UntypedStorage, torch.storage.TypedStorage)):
+            raise UnsupportedStateError("cannot checkpoint a bare torch storage; save a tensor that views it instead")
+        return None
+
+
+def capture(state_dict: Any) -> CapturedState:
+    """Pickle `state_dict` as torch.save would and plan the copy of its tensor bytes.
+
+    Non-tensor values are deep-copied by the pickling, so later changes to them do not reach
+    the checkpoint. Raises UnsupportedStateError, before anything is written, for values that
+    cannot be checkpointed (lambdas, open files, meta tensors, tensors with autograd graphs).
+    """
+    buffer = io.BytesIO()
+    pickler = _CapturePickler(buffer)
+    try:
+        pickler.dump(state_dict)
+    except UnsupportedStateError:
+        raise
+    except Exception as exc:
+        raise UnsupportedStateError(
+            f"cannot checkpoint this state dict: a value cannot be pickled ({type(exc).__name__}: {exc}). "
+            "Checkpoints may hold tensors, numbers, strings, containers and picklable objects; "
+            "remove open files, lambdas, locks and similar values before saving"
+        ) from exc
+    storages: list[StorageMeta] = []
+    sources: list[torch.Tensor] = []
+    slab_offset = 0
+    for storage in pickler.storages:
+        nbytes = storage.nbytes()
+        storages.append(StorageMeta(slab_offset=slab_offset, nbytes=nbytes))
+        sources.append(torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (nbytes,), (1,)))
+        slab_offset += round_up(nbytes)
+    plan = CheckpointPlan(data_pkl=buffer.getvalue(), storages=storages, slab_nbytes=max(slab_offset, PAGE_SIZE))
+    return CapturedState(plan=plan, sources=sources)
+
+
+def buffer_of(byte_view: torch.Tensor) -> memoryview:
+    """A writable memoryview over a contiguous CPU uint8 tensor's bytes (it must outlive the view)."""
+    if byte_view.numel() == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * byte_view.numel()).from_address(byte_view.data_ptr())).cast("B")

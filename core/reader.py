@@ -1,0 +1,254 @@
+"""CheckpointReader: full and partial loads, verified against the manifest, weights_only by default."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch._weights_only_unpickler import Unpickler as WeightsOnlyUnpickler
+
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError
+from .file_format import CheckpointFile
+from .types import STATE_DICT, RankInfo
+from .writer import checkpoint_file_path
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_checkpoint_file(path: str, rank: int) -> str:
+    """The file holding `rank`'s checkpoint at `path`: the path itself, or PATH/checkpoint_<rank>.pt."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        candidate = checkpoint_file_path(path, "directory", rank)
+        if not os.path.exists(candidate):
+            present = sorted(os.listdir(path))[:10]
+            raise CheckpointNotFoundError(
+                f"no checkpoint for rank {rank} in directory {path!r}: expected {os.path.basename(candidate)}, "
+                f"found {present or 'nothing'}. Was it written with another layout or world size?"
+            )
+        return candidate
+    if not os.path.exists(path):
+        raise CheckpointNotFoundError(f"no checkpoint at {path!r}: no such file or directory")
+    return path
+
+
+class _LazyStorages:
+    """Hands the unpickler one uninitialised CPU storage per record; bytes are read afterwards,
+    and only for the storages a load needs."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, torch.UntypedStorage] = {}
+        self.key_of: dict[int, str] = {}
+
+    def persistent_load(self, saved_id: Any) -> Any:
+        if not (isinstance(saved_id, tuple) and saved_id and saved_id[0] == "storage"):
+            raise pickle.UnpicklingError(f"unknown persistent id {saved_id!r} in checkpoint")
+        _, storage_type, key, _location, numel = saved_id
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        if key not in self.by_key:
+            storage = torch.UntypedStorage(numel * torch._utils._element_size(dtype))
+            self.by_key[key] = storage
+            self.key_of[storage._cdata] = key
+        return torch.storage.TypedStorage(wrap_storage=self.by_key[key], dtype=dtype, _internal=True)
+
+
+def _walk_tensors(obj: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """(dotted path, tensor) for every tensor under nested dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        return [(prefix, obj)]
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return []
+    found = []
+    for key, value in items:
+        found.extend(_walk_tensors(value, f"{prefix}.{key}" if prefix else str(key)))
+    return found
+
+
+def _map_location_device(map_location: Any) -> torch.device | None:
+    if map_location is None:
+        return None
+    if isinstance(map_location, dict):
+        target = map_location.get("cpu")
+        return torch.device(target) if target is not None else None
+    if isinstance(map_location, (str, torch.device)):
+        return torch.device(map_location)
+    raise TypeError(
+        f"map_location must be None, a device, a device string or a dict, got {type(map_location).__name__}; "
+        "checkpoints are saved from CPU memory, so a callable map_location has nothing to remap"
+    )
+
+
+def _to_device(obj: Any, device: torch.device, memo: dict[int, torch.UntypedStorage]) -> Any:
+    """Move every tensor under `obj` to `device`, keeping tensors that shared a storage sharing one."""
+    if isinstance(obj, torch.Tensor):
+        source = obj.untyped_storage()
+        if source._cdata not in memo:
+            target = torch.UntypedStorage(source.nbytes(), device=device)
+            target.copy_(source)
+            memo[source._cdata] = target
+        moved = torch.empty(0, dtype=obj.dtype, device=device).set_(
+            memo[source._cdata], obj.storage_offset(), obj.shape, obj.stride()
+        )
+        if isinstance(obj, torch.nn.Parameter):
+            return torch.nn.Parameter(moved, requires_grad=obj.requires_grad)
+        return moved.requires_grad_(obj.requires_grad) if obj.requires_grad else moved
+    if isinstance(obj, dict):
+        moved_dict = obj.copy()
+        for key, value in obj.items():
+            moved_dict[key] = _to_device(value, device, memo)
+        return moved_dict
+    if isinstance(obj, list):
+        return [_to_device(v, device, memo) for v in obj]
+    if isinstance(obj, tuple):
+        items = [_to_device(v, device, memo) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return obj
+
+
+class CheckpointReader:
+    """Reads checkpoints written by CheckpointWriter (and any torch.save zip file).
+
+    Every byte it reads from a file with a manifest is checked against its checksum unless
+    `verify=False`; a damaged file raises CorruptCheckpointError naming the damaged record
+    and the state dict keys that use it. Loads never run code from the file unless the caller
+    passes weights_only=False.
+    """
+
+    def __init__(self, rank_info: RankInfo, io_threads: int = 4) -> None:
+        self._rank_info = rank_info
+        self._io_threads = io_threads
+
+    def read(
+        self,
+        path: str,
+        state_dict: STATE_DICT | None = None,
+        *,
+        map_location: Any = None,
+        strict: bool = False,
+        weights_only: bool = True,
+        verify: bool = True,
+    ) -> tuple[Any, list[str]]:
+        """Load a checkpoint; returns (state dict, missing keys).
+
+        Without `state_dict`: the whole checkpoint. With one: only its keys are read, copied in
+        place into its tensors (a shape or dtype mismatch raises ValueError naming the key),
+        and only the bytes of those tensors are read. `strict=True` raises KeyError on keys
+        of `state_dict` that the checkpoint lacks.
+        """
+        file_path = resolve_checkpoint_file(path, self._rank_info.global_rank)
+        ckpt = CheckpointFile(file_path)
+        storages = _LazyStorages()
+        loaded = self._unpickle(ckpt, storages, weights_only, verify)
+        if state_dict is None:
+            self._fill(ckpt, storages, set(storages.by_key), loaded, verify)
+            device = _map_location_device(map_location)
+            if device is not None and device.type != "cpu":
+                loaded = _to_device(loaded, device, {})
+            return loaded, []
+        return self._read_into(ckpt, storages, loaded, state_dict, strict, verify)
+
+    def _unpickle(self, ckpt: CheckpointFile, storages: _LazyStorages, weights_only: bool, verify: bool) -> Any:
+        data = ckpt.data_pkl(verify=verify)
+        unpickler: Any
+        if weights_only:
+            unpickler = WeightsOnlyUnpickler(io.BytesIO(data), encoding="utf-8")
+        else:
+            unpickler = pickle.Unpickler(io.BytesIO(data))
+        unpickler.persistent_load = storages.persistent_load
+        try:
+            return unpickler.load()
+        except (pickle.UnpicklingError, AttributeError, ImportError) as exc:
+            if weights_only and isinstance(exc, pickle.UnpicklingError):
+                raise pickle.UnpicklingError(
+                    f"checkpoint {ckpt.path!r} holds objects that weights_only loading refuses ({exc}). "
+                    "Allow the types with torch.serialization.add_safe_globals([...]), or pass "
+                    "weights_only=False if, and only if, you trust the file"
+                ) from None
+            raise NotACheckpointError(f"checkpoint {ckpt.path!r}: its object structure cannot be read ({exc})") from None
+
+    def _fill(
+        self, ckpt: CheckpointFile, storages: _LazyStorages, keys: set[str], loaded: Any, verify: bool
+    ) -> None:
+        fd = os.open(ckpt.path, os.O_RDONLY)
+        try:
+
+            def fill(key: str) -> str | None:
+                dest = torch.empty(0, dtype=torch.uint8).set_(storages.by_key[key])
+                return None if ckpt.read_storage(fd, key, dest, verify=verify) else key
+
+            ordered = sorted(keys, key=lambda k: -storages.by_key[k].nbytes())
+            with ThreadPoolExecutor(self._io_threads) as pool:
+                damaged = [k for k in pool.map(fill, ordered) if k is not None]
+        finally:
+            os.close(fd)
+        if damaged:
+            users = [
+                name for name, t in _walk_tensors(loaded) if storages.key_of.get(t.untyped_storage()._cdata) in damaged
+            ]
+            raise CorruptCheckpointError(
+                f"checkpoint {ckpt.path!r} is damaged: record(s) {', '.join('data/' + k for k in sorted(damaged))} "
+                f"fail their checksum; affected tensors: {users or 'unknown'}. Use an earlier checkpoint"
+            )
+
+    def _read_into(
+        self,
+        ckpt: CheckpointFile,
+        storages: _LazyStorages,
+        loaded: Any,
+        target: STATE_DICT,
+        strict: bool,
+        verify: bool,
+    ) -> tuple[STATE_DICT, list[str]]:
+        missing: list[str] = []
+        pairs: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        replaced: list[Any] = []
+        self._match(loaded, target, "", missing, pairs, replaced)
+        if strict and missing:
+            raise KeyError(f"checkpoint {ckpt.path!r} lacks keys the state dict asks for: {missing}")
+        sources = [source for _, _, source in pairs] + [t for value in replaced for _, t in _walk_tensors(value)]
+        needed = {storages.key_of[source.untyped_storage()._cdata] for source in sources}
+        self._fill(ckpt, storages, needed, loaded, verify)
+        with torch.no_grad():
+            for _, dest, source in pairs:
+                dest.copy_(source)
+        return target, missing
+
+    def _match(
+        self,
+        loaded: Any,
+        target: dict,
+        prefix: str,
+        missing: list[str],
+        pairs: list[tuple[str, torch.Tensor, torch.Tensor]],
+        replaced: list[Any],
+    ) -> None:
+        """Pair each tensor of `target` with the checkpoint's; other values are replaced by the checkpoint's."""
+        for key, want in target.items():
+            name = f"{prefix}{key}"
+            if not isinstance(loaded, dict) or key not in loaded:
+                missing.append(name)
+                continue
+            have = loaded[key]
+            if isinstance(want, torch.Tensor):
+                if not isinstance(have, torch.Tensor):
+                    raise ValueError(f"key {name!r}: the checkpoint holds a {type(have).__name__}, not a tensor")
+                if have.shape != want.shape or have.dtype != want.dtype:
+                    raise ValueError(
+                        f"key {name!r}: the checkpoint holds shape {tuple(have.shape)} dtype {have.dtype}, "
+                        f"the state dict expects shape {tuple(want.shape)} dtype {want.dtype}"
+                    )
+                pairs.append((name, want, have))
+            elif isinstance(want, dict) and isinstance(have, dict):
+                self._match(have, want, f"{name}.", missing, pairs, replaced)
+            else:
+                target[key] = have
+                replaced.append(have)

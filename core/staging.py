@@ -1,0 +1,127 @@
+"""Staging: the snapshot of a state dict into a reusable shared-memory slab."""
+
+from __future__ import annotations
+
+import abc
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import CheckpointStagerConfig
+from .plan import CapturedState, CheckpointPlan, capture
+from .slab import Slab, SlabPool
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StagedCheckpoint:
+    """A snapshot: the plan and the slab holding its bytes. release() hands the slab back."""
+
+    plan: CheckpointPlan
+    slab: Slab
+    _pool: SlabPool
+
+    def storage_bytes(self) -> list[torch.Tensor]:
+        return [self.slab.view(s.slab_offset, s.nbytes) for s in self.plan.storages]
+
+    def release(self) -> None:
+        self._pool.release(self.slab)
+
+
+class CheckpointStager(abc.ABC):
+    """Takes a snapshot of a state dict that later changes to the live state cannot reach."""
+
+    @abc.abstractmethod
+    def stage(self, state_dict: Any, **kwargs: Any) -> Future[StagedCheckpoint]:
+        """Begin the snapshot; the future completes when the caller may mutate `state_dict`."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release every buffer; idempotent."""
+
+
+def _copy_into(slab: Slab, captured: CapturedState, non_blocking: bool) -> None:
+    destinations, sources = [], []
+    for meta, source in zip(captured.plan.storages, captured.sources):
+        if meta.nbytes:
+            destinations.append(slab.view(meta.slab_offset, meta.nbytes))
+            sources.append(source)
+    if not sources:
+        return
+    if all(s.device.type == "cpu" for s in sources):
+        torch._foreach_copy_(destinations, sources)
+    else:
+        for destination, source in zip(destinations, sources):
+            destination.copy_(source, non_blocking=non_blocking and source.device.type == "cuda")
+
+
+class DefaultStager(CheckpointStager):
+    """Copies tensors (CPU or CUDA) into one page-aligned shared slab per state dict shape.
+
+    A later save of the same shape reuses the same slab, already faulted in, so it costs only
+    the copy. Non-tensor values are deep-copied (pickled) during stage(). CPU copies finish
+    before stage() returns; CUDA copies run on a side stream into pinned memory, and the
+    future completes once they have, when `use_async_staging` is on.
+    """
+
+    def __init__(self, config: CheckpointStagerConfig | None = None) -> None:
+        self._config = config or CheckpointStagerConfig()
+        self.pool = SlabPool(self._config.max_in_flight, pin=self._config.pin)
+        self._stream: Any = None
+        self._waiter: ThreadPoolExecutor | None = None
+
+    def stage(self, state_dict: Any, **kwargs: Any) -> Future[StagedCheckpoint]:
+        captured = capture(state_dict)
+        slab = self.pool.acquire(captured.plan.slab_nbytes)
+        staged = StagedCheckpoint(captured.plan, slab, self.pool)
+        future: Future[StagedCheckpoint] = Future()
+        try:
+            if "cuda" not in {d.type for d in captured.devices}:
+                _copy_into(slab, captured, non_blocking=False)
+                future.set_result(staged)
+                return future
+            self._stage_cuda(captured, staged, future)
+        except BaseException:
+            staged.release()
+            raise
+        return future
+
+    def _stage_cuda(self, captured: CapturedState, staged: StagedCheckpoint, future: Future) -> None:
+        non_blocking = self._config.use_non_blocking_copy
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            _copy_into(staged.slab, captured, non_blocking=non_blocking)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        if not self._config.async_staging:
+            done.synchronize()
+            future.set_result(staged)
+            return
+        if self._waiter is None:
+            self._waiter = ThreadPoolExecutor(1, thread_name_prefix="async-ckpt-stage")
+        # The live tensors must outlive the copies that read them.
+        sources = captured.sources
+
+        def finish() -> None:
+            try:
+                done.synchronize()
+                future.set_result(staged)
+            except BaseException as exc:  # surfaced on the future
+                staged.release()
+                future.set_exception(exc)
+            finally:
+                del sources[:]
+
+        self._waiter.submit(finish)
+
+    def close(self) -> None:
+        if self._waiter is not None:
+            self._waiter.shutdown(wait=True)
+            self._waiter = None
+        self.pool.close()

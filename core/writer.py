@@ -1,0 +1,130 @@
+"""CheckpointWriter: turns a captured state into a committed, durable checkpoint file."""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+import torch
+
+from .barriers import Barrier
+from .config import CheckpointWriterConfig
+from .file_format import fsync_directory, write_checkpoint_file
+from .plan import CheckpointPlan, capture
+from .types import RankInfo, WriteResult
+
+logger = logging.getLogger(__name__)
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class WriterHook(abc.ABC):
+    """Actions around a commit: pre_commit runs once the files are durable, before they take
+    their final names; post_commit after they have."""
+
+    def pre_commit(self, path: str, **kwargs: Any) -> None:  # noqa: B027 - optional hook
+        """Called with the checkpoint path before the commit."""
+
+    def post_commit(self, path: str, **kwargs: Any) -> None:  # noqa: B027 - optional hook
+        """Called with the checkpoint path after the commit."""
+
+
+def checkpoint_file_path(path: str, layout: str, rank: int) -> str:
+    """The file one rank's checkpoint lives in for a layout."""
+    return os.path.join(path, f"checkpoint_{rank}.pt") if layout == "directory" else path
+
+
+class CheckpointWriter:
+    """Writes checkpoints atomically: temporary file, fsync, barrier, rename, directory fsync.
+
+    Nothing exists under the final name until the whole file is durable, so an interrupted
+    write leaves the previous checkpoint at that path intact.
+    """
+
+    def __init__(
+        self,
+        config: CheckpointWriterConfig,
+        rank_info: RankInfo,
+        barrier: Barrier | None = None,
+        commit_hook: WriterHook | None = None,
+    ) -> None:
+        self._config = config
+        self._rank_info = rank_info
+        self._barrier = barrier
+        self._commit_hook = commit_hook
+        self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
+            config.threads, thread_name_prefix="async-ckpt-io"
+        )
+
+    @property
+    def config(self) -> CheckpointWriterConfig:
+        return self._config
+
+    def write(self, path: str, state_dict: Any, **kwargs: Any) -> WriteResult:
+        """Write a live state dict (copied first where it is not on the CPU) and commit it."""
+        captured = capture(state_dict)
+        storage_bytes = [s if s.device.type == "cpu" else s.cpu() for s in captured.sources]
+        return self.write_staged(path, captured.plan, storage_bytes, **kwargs)
+
+    def write_staged(
+        self, path: str, plan: CheckpointPlan, storage_bytes: Sequence[torch.Tensor], **kwargs: Any
+    ) -> WriteResult:
+        """Write a planned checkpoint whose storage bytes are `storage_bytes` (CPU uint8) and commit it."""
+        if self._executor is None:
+            raise RuntimeError("CheckpointWriter is closed")
+        start = time.perf_counter()
+        final = checkpoint_file_path(os.fspath(path), self._config.layout, self._rank_info.global_rank)
+        directory = os.path.dirname(os.path.abspath(final))
+        os.makedirs(directory, exist_ok=True)
+        temporary = os.path.join(directory, f".{os.path.basename(final)}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            # Created private; given the usual permissions only when it takes its final name.
+            os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            nbytes = write_checkpoint_file(
+                temporary,
+                plan.data_pkl,
+                storage_bytes,
+                executor=self._executor,
+                use_direct_io=self._config.use_direct_io,
+                chunk_bytes=self._config.chunk_bytes,
+                checksums=self._config.checksums,
+                extra_metadata={
+                    "rank": self._rank_info.global_rank,
+                    "world_size": self._rank_info.global_world_size,
+                },
+            )
+            self._commit(path, temporary, final, directory, **kwargs)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+            raise
+        seconds = time.perf_counter() - start
+        logger.info(
+            "checkpoint %s committed: %.1f MB in %.3f s (%.2f GB/s)",
+            final, nbytes / 1e6, seconds, nbytes / max(seconds, 1e-9) / 1e9,
+        )
+        return WriteResult(path=os.fspath(path), files=(final,), nbytes=nbytes, write_seconds=seconds)
+
+    def _commit(self, path: str, temporary: str, final: str, directory: str, **kwargs: Any) -> None:
+        if self._commit_hook is not None:
+            self._commit_hook.pre_commit(path, **kwargs)
+        if self._barrier is not None:
+            self._barrier.execute_barrier()
+        os.chmod(temporary, 0o666 & ~_UMASK)
+        os.replace(temporary, final)
+        fsync_directory(directory)
+        if self._commit_hook is not None:
+            self._commit_hook.post_commit(path, **kwargs)
+
+    def close(self) -> None:
+        """Stop the I/O threads; idempotent."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
