@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import zipfile
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -207,6 +208,10 @@ class CheckpointFile:
         try:
             self._zip = torch._C.PyTorchFileReader(path)
         except RuntimeError as exc:
+            if zipfile.is_zipfile(path):
+                raise NotACheckpointError(
+                    f"{path!r} is a zip file but not a PyTorch checkpoint ({exc})"
+                ) from None
             raise CorruptCheckpointError(
                 f"checkpoint {path!r} is truncated or damaged: its zip directory cannot be read ({exc}). "
                 "Use an earlier checkpoint"

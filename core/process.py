@@ -152,6 +152,7 @@ class _Worker:
     attached: set[str] = field(default_factory=set)
     pending: dict[int, Future] = field(default_factory=dict)
     alive: bool = True
+    receiver: threading.Thread | None = None
 
 
 class CheckpointProcess:
@@ -250,9 +251,10 @@ class CheckpointProcess:
         if worker is not None and worker.alive:
             return worker
         self._worker = worker = self._spawn()
-        threading.Thread(
+        worker.receiver = threading.Thread(
             target=self._receive_loop, args=(worker,), name="async-ckpt-receiver", daemon=True
-        ).start()
+        )
+        worker.receiver.start()
         return worker
 
     def _spawn(self) -> _Worker:
@@ -330,6 +332,8 @@ class CheckpointProcess:
             logger.warning("checkpoint writer process did not stop in time; killing it")
             worker.process.kill()
             worker.process.wait()
+        if worker.receiver is not None:
+            worker.receiver.join()
         worker.conn.close()
 
     def close(self) -> None:

@@ -1,0 +1,101 @@
+"""State dicts and comparisons shared by the tests."""
+
+import collections
+import dataclasses
+
+import torch
+
+Point = collections.namedtuple("Point", ["x", "y"])
+
+
+@dataclasses.dataclass
+class Box:
+    size: int
+    weights: torch.Tensor
+
+
+def every_dtype_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 5, generator=g)
+    out = {
+        "float32": base,
+        "float64": base.double(),
+        "float16": base.half(),
+        "bfloat16": base.bfloat16(),
+        "complex64": torch.complex(base, base.flip(0)),
+        "complex128": torch.complex(base, base).to(torch.complex128),
+        "bool": base > 0,
+        "int8": (base * 10).to(torch.int8),
+        "uint8": (base * 10).to(torch.uint8),
+        "int16": (base * 100).to(torch.int16),
+        "int32": (base * 1000).to(torch.int32),
+        "int64": (base * 1e6).to(torch.int64),
+        "uint16": (base.abs() * 100).to(torch.uint16),
+        "float8_e4m3fn": base.to(torch.float8_e4m3fn),
+        "float8_e5m2": base.to(torch.float8_e5m2),
+        "nan_payload": torch.tensor([0x7FC00001, 0x7F800001], dtype=torch.int32).view(torch.float32),
+        "zero_dim": torch.tensor(3.5),
+        "empty": torch.empty(0, 7),
+        "non_contiguous": base.t(),
+        "strided_slice": base[::2, 1:4],
+    }
+    return out
+
+
+def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    return torch.equal(a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8))
+
+
+def assert_same(a, b, path="root"):
+    """Deep equality: same container types, bit-identical tensors."""
+    assert type(a) is type(b), f"{path}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert bit_equal(a, b), f"{path}: tensors differ"
+    elif isinstance(a, dict):
+        assert list(a) == list(b), f"{path}: keys {list(a)} != {list(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif dataclasses.is_dataclass(a):
+        for f in dataclasses.fields(a):
+            assert_same(getattr(a, f.name), getattr(b, f.name), f"{path}.{f.name}")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def clone_tree(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone() if not isinstance(obj, torch.nn.Parameter) else torch.nn.Parameter(obj.detach().clone(), obj.requires_grad)
+    if isinstance(obj, dict):
+        return type(obj)((k, clone_tree(v)) for k, v in obj.items())
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(clone_tree(v) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(clone_tree(v) for v in obj)
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.replace(obj, **{f.name: clone_tree(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+    return obj
+
+
+def small_training_state(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(5, 8)).pow(2).mean().backward()
+        optimizer.step()
+    return model, optimizer
+
+
+def train_step(model, optimizer):
+    optimizer.zero_grad()
+    model(torch.randn(5, 8)).pow(2).mean().backward()
+    optimizer.step()

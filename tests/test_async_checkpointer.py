@@ -1,0 +1,201 @@
+"""AsyncCheckpointer: the snapshot guarantee, buffer reuse, errors that are never lost, cleanup."""
+
+import os
+import signal
+import stat
+import threading
+import time
+
+import pytest
+import torch
+
+from core import (
+    CheckpointerClosedError,
+    CheckpointWriteError,
+    UnsupportedStateError,
+    WriterProcessDiedError,
+    make_async_checkpointer,
+)
+from tests.helpers import assert_same, clone_tree, small_training_state, train_step
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_snapshot_holds_values_at_save_time(tmp_path, no_leaks):
+    model, optimizer = small_training_state()
+    history = [1.0, 2.0]
+    config = {"lr": 0.1, "schedule": history}
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config, "step": 7}
+    expected = clone_tree(state)
+    with make_async_checkpointer() as ckpt:
+        staged, written = ckpt.save(tmp_path / "ck", state)
+        staged.result()
+        # Everything the caller passed changes right after the snapshot.
+        for _ in range(3):
+            train_step(model, optimizer)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(-1)
+        history.append(3.0)
+        config["lr"] = 99.0
+        state["step"] = 8
+        written.result()
+        loaded = ckpt.load(tmp_path / "ck")
+    assert_same(loaded, expected)
+
+
+def test_slab_is_reused_across_saves_of_one_shape(tmp_path, no_leaks):
+    model, optimizer = small_training_state()
+    big = {"weights": torch.randn(8 << 20), "model": model.state_dict()}  # 32 MiB
+    with make_async_checkpointer() as ckpt:
+        for i in range(3):  # warm up: the first saves fault the slab in
+            ckpt.save(tmp_path / f"warm{i}", big)[1].result()
+        slabs_before = dict(ckpt._stager.pool._all)
+        rss_before = _rss_bytes()
+        for i in range(20):
+            big["weights"].add_(1)
+            ckpt.save(tmp_path / "ck", big)[1].result()
+        assert dict(ckpt._stager.pool._all) == slabs_before, "a new staging slab was allocated"
+        assert len(slabs_before) == 1
+        growth = _rss_bytes() - rss_before
+        assert growth < big["weights"].nbytes, f"RSS grew by {growth} bytes over 20 saves"
+
+
+def test_saves_in_flight_are_bounded_and_ordered(tmp_path, no_leaks):
+    from core import CheckpointerConfig, CheckpointStagerConfig
+
+    config = CheckpointerConfig(staging_config=CheckpointStagerConfig(max_in_flight=2))
+    value = torch.zeros(1 << 16)
+    with make_async_checkpointer(config) as ckpt:
+        futures = []
+        for i in range(6):
+            value.fill_(i)
+            staged, written = ckpt.save(tmp_path / "same", {"v": value, "i": i})
+            staged.result()
+            futures.append(written)
+        assert len(ckpt._stager.pool._all) <= 2
+        ckpt.wait()
+        assert all(f.done() and f.exception() is None for f in futures)
+        loaded = ckpt.load(tmp_path / "same")
+    assert loaded["i"] == 5 and torch.all(loaded["v"] == 5)
+
+
+def test_unsupported_values_fail_at_save_before_writing(tmp_path, no_leaks):
+    bad_values = {
+        "lambda": lambda x: x,
+        "open file": open(__file__),
+        "grad graph": torch.ones(2, requires_grad=True) * 2,
+        "meta tensor": torch.empty(3, device="meta"),
+        "lock": threading.Lock(),
+    }
+    try:
+        with make_async_checkpointer() as ckpt:
+            for name, value in bad_values.items():
+                with pytest.raises(UnsupportedStateError) as info:
+                    ckpt.save(tmp_path / name, {"ok": torch.ones(1), "bad": value})
+                assert "cannot checkpoint" in str(info.value)
+                assert not (tmp_path / name).exists(), f"{name}: something was written"
+            ckpt.save(tmp_path / "fine", {"ok": torch.ones(1)})[1].result()
+    finally:
+        bad_values["open file"].close()
+
+
+def test_write_error_surfaces_on_future_next_save_wait_and_close(tmp_path, no_leaks):
+    blocked = tmp_path / "read_only"
+    blocked.mkdir()
+    blocked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    if os.access(blocked, os.W_OK):  # root ignores permissions: block the path with a file instead
+        blocked.chmod(0o755)
+        blocked = tmp_path / "a_file"
+        blocked.write_text("not a directory")
+    ckpt = make_async_checkpointer()
+    try:
+        _, written = ckpt.save(blocked / "ck", {"w": torch.ones(3)})
+        with pytest.raises(CheckpointWriteError) as info:
+            written.result()
+        assert "Writer traceback" in str(info.value)
+        with pytest.raises(CheckpointWriteError):  # raised again, once, by the next save
+            ckpt.save(tmp_path / "ok", {"w": torch.ones(3)})
+        ckpt.save(tmp_path / "ok", {"w": torch.ones(3)})[1].result()  # and then saving works again
+
+        ckpt.save(blocked / "again", {"w": torch.ones(3)})
+        with pytest.raises(CheckpointWriteError):
+            ckpt.wait()
+        ckpt.wait()  # reported once
+
+        ckpt.save(blocked / "third", {"w": torch.ones(3)})
+        with pytest.raises(CheckpointWriteError):
+            ckpt.close()
+    finally:
+        ckpt.close()
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+def test_killed_writer_fails_the_future_and_keeps_the_previous_checkpoint(tmp_path, no_leaks):
+    with make_async_checkpointer() as ckpt:
+        ckpt.save(tmp_path / "ck", {"w": torch.zeros(4), "version": 1})[1].result()
+        big = {"w": torch.ones(64 << 20), "version": 2}  # 256 MiB: the write takes a while
+        pid = ckpt._process.pid
+        _, written = ckpt.save(tmp_path / "ck", big)
+        time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(WriterProcessDiedError) as info:
+            written.result(timeout=60)
+        assert "SIGKILL" in str(info.value)
+        with pytest.raises(WriterProcessDiedError):
+            ckpt.wait()
+        previous = ckpt.load(tmp_path / "ck")
+        assert previous["version"] == 1 and torch.equal(previous["w"], torch.zeros(4))
+        assert sorted(os.listdir(tmp_path / "ck")) == ["checkpoint_0.pt"], "temporary files left behind"
+        ckpt.save(tmp_path / "ck", {"w": torch.full((4,), 3.0), "version": 3})[1].result()  # new worker
+        assert ckpt._process.pid != pid
+        assert ckpt.load(tmp_path / "ck")["version"] == 3
+
+
+def test_close_is_idempotent_and_releases_everything(tmp_path, no_leaks):
+    ckpt = make_async_checkpointer()
+    ckpt.save(tmp_path / "ck", {"w": torch.ones(1 << 20)})
+    pid = ckpt._process.pid
+    ckpt.close()
+    ckpt.close()
+    ckpt.wait()
+    with pytest.raises(CheckpointerClosedError):
+        ckpt.save(tmp_path / "again", {"w": torch.ones(1)})
+    assert (tmp_path / "ck" / "checkpoint_0.pt").exists(), "close() did not drain the pending save"
+    if pid is not None:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not any(name.startswith("memfd:async-ckpt") for name in _open_fd_targets())
+
+
+def _open_fd_targets() -> list[str]:
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return targets
+
+
+def test_writer_does_not_rerun_the_main_module(tmp_path):
+    """A training script without an `if __name__ == "__main__"` guard still works."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    marker = tmp_path / "runs.txt"
+    script.write_text(
+        "import torch\n"
+        "from core import make_async_checkpointer\n"
+        f"open({str(marker)!r}, 'a').write('run\\n')\n"
+        "ckpt = make_async_checkpointer()\n"
+        f"ckpt.save({str(tmp_path / 'ck')!r}, {{'w': torch.ones(2)}})\n"
+        # no wait(): interpreter exit drains the pending save
+    )
+    subprocess.run([sys.executable, str(script)], check=True, timeout=120, cwd=os.getcwd())
+    assert marker.read_text() == "run\n"
+    assert torch.equal(torch.load(tmp_path / "ck" / "checkpoint_0.pt", weights_only=True)["w"], torch.ones(2))
