@@ -93,8 +93,7 @@ _open_checkpointers: "weakref.WeakSet[AsyncCheckpointer]" = weakref.WeakSet()
 
 @atexit.register
 def _drain_at_exit() -> None:
-    # Registered after multiprocessing's own exit handler, so it runs first: writers are
-    # drained before daemonic worker processes would be terminated.
+    # Saves still queued in this process would be lost with it: drain them before exit.
     for checkpointer in list(_open_checkpointers):
         try:
             checkpointer.close()

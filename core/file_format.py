@@ -256,11 +256,6 @@ class CheckpointFile:
     def storage_offset(self, key: str) -> int:
         return self._zip.get_record_offset(f"data/{key}")
 
-    def storage_nbytes(self, key: str) -> int | None:
-        if self.manifest is None:
-            return None
-        return self.manifest["storages"][key]["nbytes"]
-
     def read_storage(self, fd: int, key: str, dest: torch.Tensor, verify: bool = True) -> bool:
         """Fill `dest` (CPU uint8) with storage `key`; False when verified bytes fail their checksum."""
         offset = self.storage_offset(key)
@@ -277,22 +272,3 @@ class CheckpointFile:
             if digests is not None and _digest(part) != digests[n]:
                 return False
         return True
-
-    def verify_all(self) -> list[str]:
-        """Names of damaged records (empty when the file checks out or has no manifest)."""
-        if not self.verifiable:
-            return []
-        damaged: list[str] = []
-        try:
-            self.data_pkl(verify=True)
-        except CorruptCheckpointError:
-            damaged.append("data.pkl")
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            for key, entry in self.manifest["storages"].items():
-                dest = torch.empty(entry["nbytes"], dtype=torch.uint8)
-                if not self.read_storage(fd, key, dest):
-                    damaged.append(f"data/{key}")
-        finally:
-            os.close(fd)
-        return damaged

@@ -231,11 +231,16 @@ class CheckpointProcess:
             worker.conn.send(("detach", slab_id))
 
     def _send_write(self, path: str, staged: StagedCheckpoint, kwargs: dict, future: Future) -> None:
-        worker = self._ensure_worker()
-        slab = staged.slab
         request_id = next(self._ids)
-        with self._lock:
-            worker.pending[request_id] = future
+        for _attempt in range(2):  # a worker found dead here is replaced once
+            worker = self._ensure_worker()
+            with self._lock:
+                if worker.alive:  # checked under the lock the receiver marks deaths under
+                    worker.pending[request_id] = future
+                    break
+        else:
+            raise WriterProcessDiedError("the checkpoint writer process died twice while starting a write")
+        slab = staged.slab
         try:
             if slab.slab_id not in worker.attached:
                 worker.conn.send(("attach", slab.slab_id, slab.nbytes))
@@ -303,9 +308,9 @@ class CheckpointProcess:
                 future.set_result(payload)
             else:
                 future.set_exception(CheckpointWriteError(payload))
-        worker.alive = False
         _wait(worker.process, 5)
         with self._lock:
+            worker.alive = False
             orphans = list(worker.pending.values())
             worker.pending.clear()
         if orphans:
