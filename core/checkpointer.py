@@ -209,10 +209,17 @@ class AsyncCheckpointer(Checkpointer):
         self._wait_for()
         self._raise_error()
 
+    def wait_for_path(self, path: str) -> None:
+        """Block until every save issued so far to `path` has finished (committed or failed).
+
+        Unlike wait(), it does not raise a failure; that still surfaces as documented above.
+        """
+        self._wait_for({os.fspath(path)})
+
     def load(self, path: str, state_dict: STATE_DICT | None = None, *, default_map_location: Any = None,
              strict: bool = False, **kwargs: Any) -> STATE_DICT:
         """Load `path` after any pending write to it has finished (see Checkpointer.load)."""
-        self._wait_for({os.fspath(path)})
+        self.wait_for_path(path)
         return _load(self._reader, path, state_dict, default_map_location, strict, **kwargs)
 
     def close(self) -> None:

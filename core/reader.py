@@ -7,7 +7,7 @@ import logging
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch._weights_only_unpickler import Unpickler as WeightsOnlyUnpickler
@@ -73,45 +73,72 @@ def _walk_tensors(obj: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
     return found
 
 
-def _map_location_device(map_location: Any) -> torch.device | None:
+StorageMap = Callable[[torch.UntypedStorage], torch.UntypedStorage]
+
+
+def _storage_map(map_location: Any) -> StorageMap | None:
+    """How each loaded (CPU) storage is remapped; None when they stay where they are."""
     if map_location is None:
         return None
+    if callable(map_location) and not isinstance(map_location, (str, torch.device)):
+        # torch.load's convention: fn(storage, location) -> storage; files are saved from CPU.
+        def call(storage: torch.UntypedStorage) -> torch.UntypedStorage:
+            result = map_location(storage, "cpu")
+            return result.untyped_storage() if hasattr(result, "untyped_storage") else result
+
+        return call
     if isinstance(map_location, dict):
         target = map_location.get("cpu")
-        return torch.device(target) if target is not None else None
-    if isinstance(map_location, (str, torch.device)):
-        return torch.device(map_location)
-    raise TypeError(
-        f"map_location must be None, a device, a device string or a dict, got {type(map_location).__name__}; "
-        "checkpoints are saved from CPU memory, so a callable map_location has nothing to remap"
-    )
+        if target is None:
+            return None
+        map_location = target
+    if not isinstance(map_location, (str, torch.device)):
+        raise TypeError(
+            f"map_location must be None, a device, a device string, a dict or a callable, got {type(map_location).__name__}"
+        )
+    device = torch.device(map_location)
+    if device.type == "cpu":
+        return None
+
+    def move(storage: torch.UntypedStorage) -> torch.UntypedStorage:
+        moved = torch.UntypedStorage(storage.nbytes(), device=device)
+        moved.copy_(storage)
+        return moved
+
+    return move
 
 
-def _to_device(obj: Any, device: torch.device, memo: dict[int, torch.UntypedStorage]) -> Any:
-    """Move every tensor under `obj` to `device`, keeping tensors that shared a storage sharing one."""
+def _remap(obj: Any, mapped: dict[int, torch.UntypedStorage]) -> Any:
+    """`obj` with every tensor rebuilt on its remapped storage, so shared storages stay shared."""
     if isinstance(obj, torch.Tensor):
-        source = obj.untyped_storage()
-        if source._cdata not in memo:
-            target = torch.UntypedStorage(source.nbytes(), device=device)
-            target.copy_(source)
-            memo[source._cdata] = target
-        moved = torch.empty(0, dtype=obj.dtype, device=device).set_(
-            memo[source._cdata], obj.storage_offset(), obj.shape, obj.stride()
+        storage = mapped[obj.untyped_storage()._cdata]
+        moved = torch.empty(0, dtype=obj.dtype, device=storage.device).set_(
+            storage, obj.storage_offset(), obj.shape, obj.stride()
         )
         if isinstance(obj, torch.nn.Parameter):
             return torch.nn.Parameter(moved, requires_grad=obj.requires_grad)
         return moved.requires_grad_(obj.requires_grad) if obj.requires_grad else moved
     if isinstance(obj, dict):
-        moved_dict = obj.copy()
+        remapped = obj.copy()
         for key, value in obj.items():
-            moved_dict[key] = _to_device(value, device, memo)
-        return moved_dict
+            remapped[key] = _remap(value, mapped)
+        return remapped
     if isinstance(obj, list):
-        return [_to_device(v, device, memo) for v in obj]
+        return [_remap(v, mapped) for v in obj]
     if isinstance(obj, tuple):
-        items = [_to_device(v, device, memo) for v in obj]
+        items = [_remap(v, mapped) for v in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     return obj
+
+
+def _apply_map_location(loaded: Any, storages: dict[str, torch.UntypedStorage], map_location: Any) -> Any:
+    storage_map = _storage_map(map_location)
+    if storage_map is None:
+        return loaded
+    mapped = {s._cdata: storage_map(s) for s in storages.values()}
+    if all(mapped[s._cdata] is s for s in storages.values()):
+        return loaded
+    return _remap(loaded, mapped)
 
 
 class CheckpointReader:
@@ -150,10 +177,7 @@ class CheckpointReader:
         loaded = self._unpickle(ckpt, storages, weights_only, verify)
         if state_dict is None:
             self._fill(ckpt, storages, set(storages.by_key), loaded, verify)
-            device = _map_location_device(map_location)
-            if device is not None and device.type != "cpu":
-                loaded = _to_device(loaded, device, {})
-            return loaded, []
+            return _apply_map_location(loaded, storages.by_key, map_location), []
         return self._read_into(ckpt, storages, loaded, state_dict, strict, verify)
 
     def _unpickle(self, ckpt: CheckpointFile, storages: _LazyStorages, weights_only: bool, verify: bool) -> Any:
