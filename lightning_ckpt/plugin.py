@@ -19,6 +19,7 @@ from core import (
     CheckpointStagerConfig,
     CheckpointWriterConfig,
     RankInfo,
+    WriterHook,
     make_async_checkpointer,
 )
 
@@ -54,6 +55,7 @@ class AsyncCheckpointIO(CheckpointIO):
         use_direct_io: write with O_DIRECT where the filesystem supports it.
         io_threads: parallel writes per checkpoint (0: chosen from the CPU count).
         config: a full CheckpointerConfig instead of the options above.
+        commit_hook: a picklable WriterHook run in the writer process around each commit.
 
     Guarantees: save_checkpoint returns once the snapshot is taken; load_checkpoint and
     remove_checkpoint first wait for pending writes to that path; writes issued before an
@@ -70,6 +72,7 @@ class AsyncCheckpointIO(CheckpointIO):
         use_direct_io: bool = True,
         io_threads: int = 0,
         config: CheckpointerConfig | None = None,
+        commit_hook: WriterHook | None = None,
     ) -> None:
         super().__init__()
         if config is None:
@@ -84,6 +87,7 @@ class AsyncCheckpointIO(CheckpointIO):
             )
         config.writer_config.layout = "file"
         self._config = config
+        self._commit_hook = commit_hook
         self._checkpointer: AsyncCheckpointer | None = None
         self._reader = CheckpointReader(RankInfo(0, 1))
         self._drain_callback = _DrainAtEpochEnd(self)
@@ -93,7 +97,9 @@ class AsyncCheckpointIO(CheckpointIO):
         """The core checkpointer, started on first use and again after teardown."""
         if self._checkpointer is None:
             # Lightning's strategies call save_checkpoint on global rank 0 only: one writer, one file.
-            self._checkpointer = make_async_checkpointer(self._config, rank_info=RankInfo(0, 1))
+            self._checkpointer = make_async_checkpointer(
+                self._config, rank_info=RankInfo(0, 1), commit_hook=self._commit_hook
+            )
         return self._checkpointer
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:

@@ -99,3 +99,18 @@ def train_step(model, optimizer):
     optimizer.zero_grad()
     model(torch.randn(5, 8)).pow(2).mean().backward()
     optimizer.step()
+
+
+class SlowCommit:
+    """A picklable WriterHook that makes every commit take `seconds` longer."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def pre_commit(self, path, **kwargs):
+        import time
+
+        time.sleep(self.seconds)
+
+    def post_commit(self, path, **kwargs):
+        pass

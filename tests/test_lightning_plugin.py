@@ -1,0 +1,156 @@
+"""AsyncCheckpointIO in real Lightning Trainer runs on CPU."""
+
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from core import CheckpointWriteError
+from lightning_ckpt import AsyncCheckpointIO
+from tests.helpers import SlowCommit, assert_same
+from tests.lightning_helpers import TinyClassifier, tiny_data, trainer
+from tests.unwritable import unwritable
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _fit(dirpath, plugins, save_last, max_epochs=3, ckpt_path=None, model=None, **checkpoint_kwargs):
+    L.seed_everything(0)
+    model = model or TinyClassifier()
+    checkpoint = ModelCheckpoint(
+        dirpath=dirpath, save_top_k=2, monitor="train_loss", every_n_train_steps=3, save_last=save_last,
+        **checkpoint_kwargs,
+    )
+    t = trainer(max_epochs=max_epochs, plugins=plugins, callbacks=[checkpoint])
+    t.fit(model, tiny_data(), ckpt_path=ckpt_path)
+    return t, model, checkpoint
+
+
+def _listing(directory):
+    return sorted((name, os.path.islink(directory / name) and os.readlink(directory / name)) for name in os.listdir(directory))
+
+
+@pytest.mark.parametrize("save_last", [True, "link"])
+def test_files_match_the_default_plugin_and_hold_the_saving_step(tmp_path, save_last):
+    _fit(tmp_path / "sync", [], save_last)
+    _fit(tmp_path / "async", [AsyncCheckpointIO()], save_last)
+    assert _listing(tmp_path / "async") == _listing(tmp_path / "sync")
+    for name in os.listdir(tmp_path / "sync"):
+        expected = torch.load(tmp_path / "sync" / name, weights_only=True)
+        actual = torch.load(tmp_path / "async" / name, weights_only=True)
+        # Same model and optimizer state as the synchronous save of that very step,
+        # although training went on mutating them while the file was written.
+        assert actual["global_step"] == expected["global_step"]
+        assert_same(actual["state_dict"], expected["state_dict"])
+        assert_same(actual["optimizer_states"], expected["optimizer_states"])
+        loaded = TinyClassifier.load_from_checkpoint(tmp_path / "async" / name)
+        assert_same(loaded.state_dict(), expected["state_dict"])
+
+
+def test_resume_matches_a_synchronous_resume_and_plugin_rearms(tmp_path):
+    _fit(tmp_path / "sync", [], True, max_epochs=2)
+    plugin = AsyncCheckpointIO()
+    _fit(tmp_path / "async", [plugin], True, max_epochs=2)
+    assert plugin._checkpointer is None, "teardown did not drain and release the writer"
+
+    sync_trainer, sync_model, _ = _fit(tmp_path / "sync", [], True, max_epochs=4, ckpt_path="last")
+    async_trainer, async_model, _ = _fit(tmp_path / "async", [plugin], True, max_epochs=4, ckpt_path="last")
+    assert async_trainer.global_step == sync_trainer.global_step
+    assert async_trainer.current_epoch == sync_trainer.current_epoch
+    assert_same(async_model.state_dict(), sync_model.state_dict())
+    assert_same(
+        async_trainer.optimizers[0].state_dict()["state"], sync_trainer.optimizers[0].state_dict()["state"]
+    )
+    assert _listing(tmp_path / "async") == _listing(tmp_path / "sync")
+
+
+class _CheckEarlierCheckpointsAreDurable(Callback):
+    def __init__(self, dirpath):
+        self.dirpath = dirpath
+        self.checked = 0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 0:
+            return
+        steps_per_epoch = trainer.num_training_batches
+        previous_end = trainer.current_epoch * steps_per_epoch
+        for step in range(3, previous_end, 3):
+            if step % steps_per_epoch == 0:
+                continue  # saved at the epoch end itself: may still be writing
+            files = [f for f in os.listdir(self.dirpath) if f.endswith(f"step={step}.ckpt")]
+            assert files, f"checkpoint of step {step} not durable at epoch {trainer.current_epoch} start"
+            torch.load(os.path.join(self.dirpath, files[0]), weights_only=True)
+            self.checked += 1
+
+
+def test_writes_issued_before_an_epoch_end_are_durable_when_the_next_epoch_starts(tmp_path):
+    checker = _CheckEarlierCheckpointsAreDurable(tmp_path)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=3)
+    # Slow commits: without the epoch-end drain, the next epoch would start before they land.
+    plugin = AsyncCheckpointIO(max_in_flight=3, commit_hook=SlowCommit(0.5))
+    t = trainer(max_epochs=3, plugins=[plugin], callbacks=[checker, checkpoint])
+    t.fit(TinyClassifier(), tiny_data())
+    assert checker.checked > 0
+    assert type(t.callbacks[0]).__name__ == "_DrainAtEpochEnd", "the drain callback was not attached first"
+
+
+def test_load_and_remove_wait_for_the_pending_write(tmp_path):
+    plugin = AsyncCheckpointIO()
+    try:
+        big = {"state_dict": {"w": torch.randn(16 << 20)}, "epoch": 1}
+        path = tmp_path / "a.ckpt"
+        plugin.save_checkpoint(big, path)
+        loaded = plugin.load_checkpoint(path)
+        assert torch.equal(loaded["state_dict"]["w"], big["state_dict"]["w"])
+
+        plugin.save_checkpoint(big, tmp_path / "b.ckpt")
+        plugin.remove_checkpoint(tmp_path / "b.ckpt")
+        plugin.wait()
+        assert sorted(os.listdir(tmp_path)) == ["a.ckpt"]
+        plugin.remove_checkpoint(tmp_path / "never-written.ckpt")  # quiet
+    finally:
+        plugin.teardown()
+
+
+def test_failing_write_fails_the_fit_with_the_writers_message(tmp_path):
+    dirpath = tmp_path / "ckpts"
+    dirpath.mkdir()
+    with unwritable(dirpath):
+        with pytest.raises(CheckpointWriteError) as info:
+            _fit(dirpath, [AsyncCheckpointIO()], True)
+    assert "ckpts" in str(info.value) and "Writer traceback" in str(info.value)
+
+
+def test_bad_options_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="max_in_flight"):
+        AsyncCheckpointIO(max_in_flight=0)
+    with pytest.raises(TypeError, match="checksums"):
+        AsyncCheckpointIO(checksums="yes")
+    with pytest.raises(ValueError, match="io_threads"):
+        AsyncCheckpointIO(io_threads=-1)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            AsyncCheckpointIO(pin_memory=True)
+    plugin = AsyncCheckpointIO()
+    with pytest.raises(TypeError, match="storage_options"):
+        plugin.save_checkpoint({"a": 1}, tmp_path / "x.ckpt", storage_options={"compress": True})
+    with pytest.raises(ValueError, match="remote"):
+        plugin.save_checkpoint({"a": 1}, "s3://bucket/x.ckpt")
+    plugin.teardown()
+
+
+def test_ddp_two_processes_rank_zero_writes_and_all_ranks_resume(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tests", "lightning_ddp_script.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    saves = {rank: int((tmp_path / f"saves_rank{rank}.txt").read_text()) for rank in (0, 1)}
+    assert saves[0] > 0 and saves[1] == 0, saves
+    resumed = [torch.load(tmp_path / f"resumed_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert resumed[0]["global_step"] == resumed[1]["global_step"] > 0
+    assert_same(resumed[0]["state_dict"], resumed[1]["state_dict"])
