@@ -49,7 +49,8 @@ class AsyncCheckpointIO(CheckpointIO):
 
     Args:
         max_in_flight: how many checkpoints may be staged or writing at once (each holds a host
-            copy of the checkpoint); a further save waits for the oldest.
+            copy of the checkpoint); a further save waits for the oldest. The default, 2, lets
+            ModelCheckpoint save a top-k file and last.ckpt in the same step without waiting.
         pin_memory: stage into pinned memory for fast GPU copies (None: when CUDA is available).
         checksums: store checksums so that loads verify the bytes.
         use_direct_io: write with O_DIRECT where the filesystem supports it.
@@ -66,7 +67,7 @@ class AsyncCheckpointIO(CheckpointIO):
 
     def __init__(
         self,
-        max_in_flight: int = 1,
+        max_in_flight: int = 2,
         pin_memory: bool | None = None,
         checksums: bool = True,
         use_direct_io: bool = True,

@@ -73,7 +73,7 @@ def test_cuda_tensors_stage_through_pinned_memory(tmp_path):
     assert torch.equal(loaded["w"], expected["w"]) and torch.equal(loaded["cpu"], expected["cpu"])
 
 
-def test_main_job_example_runs(tmp_path):
+def test_core_example_runs(tmp_path):
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "examples", "finetune_core.py"),
          "--steps", "4", "--every", "2", "--width", "64", "--out", str(tmp_path)],
@@ -82,3 +82,14 @@ def test_main_job_example_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "weights identical to the live model: True" in result.stdout
     assert "async" in result.stdout and "sync" in result.stdout
+
+
+def test_lightning_main_job_example_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "examples", "finetune_lightning.py"),
+         "--epochs", "1", "--width", "32", "--samples", "128", "--every", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "median block" in result.stdout and "resumed from last.ckpt" in result.stdout
+    assert "last.ckpt" in os.listdir(tmp_path / "async")

@@ -1,0 +1,141 @@
+"""Fine-tune a small transformer with Lightning and asynchronous checkpoints, then resume.
+
+Copy this file to start. It builds a small transformer text classifier, "pretrains" it on a
+synthetic language-modelling-like task, then fine-tunes it on a synthetic classification set,
+with ``ModelCheckpoint(save_top_k=2, save_last=True)`` saving every few steps. The
+fine-tuning runs twice, with Lightning's default (synchronous) checkpointing and with
+``AsyncCheckpointIO``, and prints how long each checkpoint blocked training and the total fit
+time. Finally it resumes from ``last`` with the async plugin and trains one more epoch.
+
+    python examples/finetune_lightning.py [--epochs 2] [--width 256] [--out runs/lightning]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import time
+
+import lightning as L
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_ckpt import AsyncCheckpointIO
+
+VOCAB, SEQ, CLASSES = 1000, 32, 4
+
+
+class TextClassifier(L.LightningModule):
+    def __init__(self, width: int = 256, layers: int = 4, lr: float = 3e-4) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.embed = nn.Embedding(VOCAB, width)
+        layer = nn.TransformerEncoderLayer(width, nhead=8, dim_feedforward=4 * width, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers)
+        self.head = nn.Linear(width, CLASSES)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens)).mean(dim=1))
+
+    def training_step(self, batch, batch_idx):
+        tokens, labels = batch
+        loss = nn.functional.cross_entropy(self(tokens), labels)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+
+
+def make_dataset(n: int, seed: int) -> TensorDataset:
+    """Token sequences whose class is which quarter of the vocabulary dominates them."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, CLASSES, (n,), generator=g)
+    noise = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+    signal = labels[:, None] * (VOCAB // CLASSES) + torch.randint(0, VOCAB // CLASSES, (n, SEQ), generator=g)
+    tokens = torch.where(torch.rand(n, SEQ, generator=g) < 0.6, signal, noise)
+    return TensorDataset(tokens, labels)
+
+
+def pretrained_model(width: int, cache: str) -> TextClassifier:
+    """A model "pretrained" once on a different split, cached on disk like downloaded weights."""
+    path = os.path.join(cache, f"pretrained_w{width}.pt")
+    model = TextClassifier(width)
+    if os.path.exists(path):
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model
+    L.seed_everything(1)
+    quick = L.Trainer(max_steps=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False)
+    quick.fit(model, DataLoader(make_dataset(640, seed=1), batch_size=32, shuffle=True))
+    os.makedirs(cache, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model
+
+
+class Timed:
+    """Records how long each save_checkpoint call blocked the training loop."""
+
+    def __init__(self) -> None:
+        self.blocked: list[float] = []
+
+    def wrap(self, plugin):
+        original = plugin.save_checkpoint
+
+        def save_checkpoint(*args, **kwargs):
+            start = time.perf_counter()
+            original(*args, **kwargs)
+            self.blocked.append(time.perf_counter() - start)
+
+        plugin.save_checkpoint = save_checkpoint
+        return plugin
+
+
+def fine_tune(mode: str, args: argparse.Namespace, epochs: int, ckpt_path: str | None = None) -> tuple[Timed, float]:
+    L.seed_everything(0)
+    model = pretrained_model(args.width, os.path.join(args.out, "pretrained"))
+    timer = Timed()
+    plugin = timer.wrap(AsyncCheckpointIO() if mode == "async" else TorchCheckpointIO())
+    checkpoint = ModelCheckpoint(
+        dirpath=os.path.join(args.out, mode), save_top_k=2, save_last=True, monitor="train_loss",
+        every_n_train_steps=args.every,
+    )
+    trainer = L.Trainer(max_epochs=epochs, plugins=[plugin], callbacks=[checkpoint], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    data = DataLoader(make_dataset(args.samples, seed=0), batch_size=32, shuffle=True)
+    start = time.perf_counter()
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return timer, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--samples", type=int, default=1280)
+    parser.add_argument("--every", type=int, default=5, help="checkpoint every N training steps")
+    parser.add_argument("--out", default="runs/lightning")
+    args = parser.parse_args()
+    for mode in ("sync", "async"):
+        shutil.rmtree(os.path.join(args.out, mode), ignore_errors=True)
+
+    results = {mode: fine_tune(mode, args, args.epochs) for mode in ("sync", "async")}
+    print(f"\ncheckpoint blocking time and fit time ({len(results['sync'][0].blocked)} checkpoints each)")
+    print(f"{'mode':<6} {'median block (ms)':>18} {'max block (ms)':>15} {'fit total (s)':>14}")
+    for mode, (timer, total) in results.items():
+        print(f"{mode:<6} {1e3 * statistics.median(timer.blocked):>18.1f} {1e3 * max(timer.blocked):>15.1f} {total:>14.2f}")
+    print("files:", sorted(os.listdir(os.path.join(args.out, "async"))))
+
+    last = os.path.join(args.out, "async", "last.ckpt")
+    step = torch.load(last, weights_only=True)["global_step"]
+    _, total = fine_tune("async", args, args.epochs + 1, ckpt_path="last")
+    print(f"resumed from last.ckpt (global step {step}) and trained one more epoch in {total:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
