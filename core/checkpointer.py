@@ -72,11 +72,11 @@ class SyncCheckpointer(Checkpointer):
         self._reader = reader
         self._closed = False
 
-    def save(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> None:
+    def save(self, path: str, state_dict: STATE_DICT, *, file_format: str = "torch", **kwargs: Any) -> None:
         """Write and commit `state_dict` at `path`; on error nothing is left under the final name."""
         if self._closed:
             raise CheckpointerClosedError("save() on a closed SyncCheckpointer; create a new one")
-        self._writer.write(path, state_dict, **kwargs)
+        self._writer.write(path, state_dict, file_format, **kwargs)
 
     def load(self, path: str, state_dict: STATE_DICT | None = None, *, default_map_location: Any = None,
              strict: bool = False, **kwargs: Any) -> STATE_DICT:
@@ -132,7 +132,14 @@ class AsyncCheckpointer(Checkpointer):
             checkpoint_stager.pool.on_discard.append(checkpoint_process.forget_slab)
         _open_checkpointers.add(self)
 
-    def save(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> tuple[Future[StagedCheckpoint], Future[WriteResult]]:
+    def save(
+        self, path: str, state_dict: STATE_DICT, *, file_format: str = "torch", **kwargs: Any
+    ) -> tuple[Future[StagedCheckpoint], Future[WriteResult]]:
+        """Snapshot `state_dict` and write it to `path` in the background.
+
+        file_format: "torch" (torch.save's zip, the default) or "safetensors" (a flat dict of
+        tensors). Other keyword arguments reach the commit hooks.
+        """
         if self._closed:
             raise CheckpointerClosedError("save() on a closed AsyncCheckpointer; create a new one")
         self._raise_error()
@@ -142,7 +149,7 @@ class AsyncCheckpointer(Checkpointer):
             self._outstanding[write_future] = path
         write_future.add_done_callback(self._on_written)
         try:
-            stage_future = self._stager.stage(state_dict, **kwargs)
+            stage_future = self._stager.stage(state_dict, file_format=file_format)
         except BaseException as exc:
             write_future.set_exception(exc)
             self._clear_error(exc)

@@ -181,6 +181,34 @@ def write_checkpoint_file(
     return sum(b.numel() for b in storage_bytes)
 
 
+def write_safetensors_file(
+    path: str,
+    header: bytes,
+    storage_bytes: Sequence[torch.Tensor],
+    *,
+    executor: Executor | None,
+    use_direct_io: bool = True,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> int:
+    """Write a safetensors file: `header` (length prefix included), then the tensors back to back."""
+    with open(path, "wb") as f:
+        f.write(header)
+    chunks = []
+    offset = len(header)
+    for data in storage_bytes:
+        for start, size in _chunks(data.numel(), chunk_bytes):
+            chunks.append(_Chunk("", 0, offset + start, data[start : start + size]))
+        offset += data.numel()
+    out = _DirectIO(path, use_direct_io)
+    try:
+        write = lambda chunk: out.pwrite(chunk.data, chunk.file_offset)  # noqa: E731
+        list(executor.map(write, chunks) if executor else map(write, chunks))
+        os.fsync(out.buffered)
+    finally:
+        out.close()
+    return offset - len(header)
+
+
 def fsync_directory(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:

@@ -16,7 +16,9 @@ from __future__ import annotations
 import copyreg
 import ctypes
 import io
+import json
 import pickle
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -42,11 +44,16 @@ class StorageMeta:
 
 @dataclass
 class CheckpointPlan:
-    """Everything the writer needs besides the bytes: torch's data.pkl and the storage sizes."""
+    """Everything the writer needs besides the bytes.
 
-    data_pkl: bytes
+    For format "torch", `structure` is torch.save's data.pkl; for "safetensors", the file's
+    JSON header. `storages` lists the byte ranges, in the order the file holds them.
+    """
+
+    structure: bytes
     storages: list[StorageMeta]
     slab_nbytes: int
+    format: str = "torch"
 
     @property
     def tensor_nbytes(self) -> int:
@@ -149,7 +156,16 @@ class _CapturePickler(pickle.Pickler):
         return None
 
 
-def capture(state_dict: Any) -> CapturedState:
+def capture(state_dict: Any, file_format: str = "torch", **options: Any) -> CapturedState:
+    """Plan a checkpoint of `state_dict` in `file_format` ("torch" or "safetensors")."""
+    if file_format == "safetensors":
+        return capture_safetensors(state_dict, **options)
+    if file_format != "torch":
+        raise ValueError(f"unknown checkpoint format {file_format!r}; use 'torch' or 'safetensors'")
+    return capture_torch(state_dict)
+
+
+def capture_torch(state_dict: Any) -> CapturedState:
     """Pickle `state_dict` as torch.save would and plan the copy of its tensor bytes.
 
     Non-tensor values are deep-copied by the pickling, so later changes to them do not reach
@@ -168,16 +184,51 @@ def capture(state_dict: Any) -> CapturedState:
             "Checkpoints may hold tensors, numbers, strings, containers and picklable objects; "
             "remove open files, lambdas, locks and similar values before saving"
         ) from exc
+    sources = [_bytes_of(storage, 0, storage.nbytes()) for storage in pickler.storages]
+    return _captured(buffer.getvalue(), sources, "torch")
+
+
+def _bytes_of(storage: torch.UntypedStorage, start: int, nbytes: int) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, start, (nbytes,), (1,))
+
+
+def _captured(structure: bytes, sources: list[torch.Tensor], file_format: str) -> CapturedState:
     storages: list[StorageMeta] = []
-    sources: list[torch.Tensor] = []
     slab_offset = 0
-    for storage in pickler.storages:
-        nbytes = storage.nbytes()
-        storages.append(StorageMeta(slab_offset=slab_offset, nbytes=nbytes))
-        sources.append(torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (nbytes,), (1,)))
-        slab_offset += round_up(nbytes)
-    plan = CheckpointPlan(data_pkl=buffer.getvalue(), storages=storages, slab_nbytes=max(slab_offset, PAGE_SIZE))
+    for source in sources:
+        storages.append(StorageMeta(slab_offset=slab_offset, nbytes=source.numel()))
+        slab_offset += round_up(source.numel())
+    plan = CheckpointPlan(structure, storages, max(slab_offset, PAGE_SIZE), file_format)
     return CapturedState(plan=plan, sources=sources)
+
+
+def capture_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> CapturedState:
+    """Plan a safetensors file of the flat dict `tensors` (names to tensors, no shared storage).
+
+    Non-contiguous tensors are made contiguous here, on the calling thread, as
+    safetensors.torch.save_file does. The header is padded so that the data starts on a page.
+    """
+    from safetensors.torch import _TYPES
+
+    codes = {dtype: code for code, dtype in _TYPES.items()}
+    header: dict[str, Any] = {"__metadata__": metadata or {}}
+    sources: list[torch.Tensor] = []
+    offset = 0
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise UnsupportedStateError(f"safetensors holds only tensors; {name!r} is a {type(tensor).__name__}")
+        _check_tensor(tensor)
+        if tensor.dtype not in codes:
+            raise UnsupportedStateError(f"safetensors cannot store {name!r} of dtype {tensor.dtype}")
+        tensor = tensor.detach().contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": codes[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        sources.append(_bytes_of(tensor.untyped_storage(), tensor.storage_offset() * tensor.element_size(), nbytes))
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    padded = round_up(8 + len(text)) - 8
+    structure = struct.pack("<Q", padded) + text + b" " * (padded - len(text))
+    return _captured(structure, sources, "safetensors")
 
 
 def buffer_of(byte_view: torch.Tensor) -> memoryview:

@@ -74,8 +74,9 @@ class DefaultStager(CheckpointStager):
         self._stream: Any = None
         self._waiter: ThreadPoolExecutor | None = None
 
-    def stage(self, state_dict: Any, **kwargs: Any) -> Future[StagedCheckpoint]:
-        captured = capture(state_dict)
+    def stage(self, state_dict: Any, file_format: str = "torch", **kwargs: Any) -> Future[StagedCheckpoint]:
+        """Snapshot `state_dict` for a file of `file_format` ("torch" or "safetensors")."""
+        captured = capture(state_dict, file_format)
         slab = self.pool.acquire(captured.plan.slab_nbytes)
         staged = StagedCheckpoint(captured.plan, slab, self.pool)
         future: Future[StagedCheckpoint] = Future()

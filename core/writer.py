@@ -14,7 +14,7 @@ import torch
 
 from .barriers import Barrier
 from .config import CheckpointWriterConfig
-from .file_format import fsync_directory, write_checkpoint_file
+from .file_format import fsync_directory, write_checkpoint_file, write_safetensors_file
 from .plan import CheckpointPlan, capture
 from .types import RankInfo, WriteResult
 
@@ -66,9 +66,9 @@ class CheckpointWriter:
     def config(self) -> CheckpointWriterConfig:
         return self._config
 
-    def write(self, path: str, state_dict: Any, **kwargs: Any) -> WriteResult:
+    def write(self, path: str, state_dict: Any, file_format: str = "torch", **kwargs: Any) -> WriteResult:
         """Write a live state dict (copied first where it is not on the CPU) and commit it."""
-        captured = capture(state_dict)
+        captured = capture(state_dict, file_format)
         storage_bytes = [s if s.device.type == "cpu" else s.cpu() for s in captured.sources]
         return self.write_staged(path, captured.plan, storage_bytes, **kwargs)
 
@@ -86,19 +86,7 @@ class CheckpointWriter:
         try:
             # Created private; given the usual permissions only when it takes its final name.
             os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-            nbytes = write_checkpoint_file(
-                temporary,
-                plan.data_pkl,
-                storage_bytes,
-                executor=self._executor,
-                use_direct_io=self._config.use_direct_io,
-                chunk_bytes=self._config.chunk_bytes,
-                checksums=self._config.checksums,
-                extra_metadata={
-                    "rank": self._rank_info.global_rank,
-                    "world_size": self._rank_info.global_world_size,
-                },
-            )
+            nbytes = self._write_file(temporary, plan, storage_bytes)
             self._commit(path, temporary, final, directory, **kwargs)
         except BaseException:
             if os.path.exists(temporary):
@@ -110,6 +98,21 @@ class CheckpointWriter:
             final, nbytes / 1e6, seconds, nbytes / max(seconds, 1e-9) / 1e9,
         )
         return WriteResult(path=os.fspath(path), files=(final,), nbytes=nbytes, write_seconds=seconds)
+
+    def _write_file(self, path: str, plan: CheckpointPlan, storage_bytes: Sequence[torch.Tensor]) -> int:
+        io_options = dict(
+            executor=self._executor, use_direct_io=self._config.use_direct_io, chunk_bytes=self._config.chunk_bytes
+        )
+        if plan.format == "safetensors":
+            return write_safetensors_file(path, plan.structure, storage_bytes, **io_options)
+        return write_checkpoint_file(
+            path,
+            plan.structure,
+            storage_bytes,
+            checksums=self._config.checksums,
+            extra_metadata={"rank": self._rank_info.global_rank, "world_size": self._rank_info.global_world_size},
+            **io_options,
+        )
 
     def _commit(self, path: str, temporary: str, final: str, directory: str, **kwargs: Any) -> None:
         if self._commit_hook is not None:

@@ -113,3 +113,29 @@ def test_map_location_moves_tensors_and_keeps_sharing(tmp_path, async_ckpt):
     loaded = async_ckpt.load(tmp_path / "ck", default_map_location="cpu")
     assert loaded["a"].device.type == "cpu"
     assert loaded["b"].untyped_storage().data_ptr() == loaded["a"].untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_safetensors_files_load_with_safetensors(tmp_path, async_ckpt, mode):
+    from safetensors.torch import load_file
+
+    state = {k: v for k, v in every_dtype_tensors().items() if not k.startswith("complex") and k != "nan_payload"}
+    target = tmp_path / "model.safetensors"
+    config = CheckpointerConfig(writer_config=CheckpointWriterConfig(layout="file"))
+    if mode == "async":
+        with make_async_checkpointer(config) as ckpt:
+            ckpt.save(target, state, file_format="safetensors")[1].result()
+    else:
+        with make_sync_checkpointer(config) as ckpt:
+            ckpt.save(target, state, file_format="safetensors")
+    loaded = load_file(target)
+    assert list(loaded) == list(state)
+    for name, tensor in state.items():
+        assert torch.equal(loaded[name].reshape(-1).view(torch.uint8), tensor.contiguous().reshape(-1).view(torch.uint8)), name
+
+
+def test_callable_map_location_is_applied(tmp_path, async_ckpt):
+    async_ckpt.save(tmp_path / "ck", {"a": torch.ones(2)})[1].result()
+    seen = []
+    loaded = async_ckpt.load(tmp_path / "ck", default_map_location=lambda storage, loc: seen.append(loc) or storage)
+    assert seen == ["cpu"] and torch.equal(loaded["a"], torch.ones(2))
