@@ -133,12 +133,20 @@ class AsyncCheckpointer(Checkpointer):
         _open_checkpointers.add(self)
 
     def save(
-        self, path: str, state_dict: STATE_DICT, *, file_format: str = "torch", **kwargs: Any
+        self,
+        path: str,
+        state_dict: STATE_DICT,
+        *,
+        file_format: str = "torch",
+        report_errors: bool = True,
+        **kwargs: Any,
     ) -> tuple[Future[StagedCheckpoint], Future[WriteResult]]:
         """Snapshot `state_dict` and write it to `path` in the background.
 
         file_format: "torch" (torch.save's zip, the default) or "safetensors" (a flat dict of
-        tensors). Other keyword arguments reach the commit hooks.
+        tensors). report_errors=False: a failure of this save is reported on its write
+        future only, for callers that handle it themselves (not again by save/wait/close).
+        Other keyword arguments reach the commit hooks.
         """
         if self._closed:
             raise CheckpointerClosedError("save() on a closed AsyncCheckpointer; create a new one")
@@ -147,7 +155,7 @@ class AsyncCheckpointer(Checkpointer):
         write_future: Future[WriteResult] = Future()
         with self._lock:
             self._outstanding[write_future] = path
-        write_future.add_done_callback(self._on_written)
+        write_future.add_done_callback(lambda f: self._on_written(f, report_errors))
         try:
             stage_future = self._stager.stage(state_dict, file_format=file_format)
         except BaseException as exc:
@@ -190,10 +198,10 @@ class AsyncCheckpointer(Checkpointer):
             except FileNotFoundError:
                 pass
 
-    def _on_written(self, future: Future) -> None:
+    def _on_written(self, future: Future, report_errors: bool) -> None:
         with self._lock:
             self._outstanding.pop(future, None)
-            if future.exception() is not None and self._error is None:
+            if report_errors and future.exception() is not None and self._error is None:
                 self._error = future.exception()
 
     def _clear_error(self, exc: BaseException) -> None:

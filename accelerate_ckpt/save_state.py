@@ -1,0 +1,374 @@
+"""An asynchronous `accelerator.save_state()` that writes Accelerate's own files.
+
+save_state() snapshots every object Accelerate would save (models, optimizers, schedulers,
+samplers, scaler, RNG states, registered custom objects) into shared memory and returns. The
+files, with Accelerate's names and formats, are written by a core writer process into a
+hidden staging folder; once every rank's files are durable, the folder is renamed to the
+checkpoint's name in one step. `accelerator.load_state()` therefore never sees a partial
+checkpoint, and `total_limit` pruning runs only after a newer checkpoint is committed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import random
+import re
+import shutil
+import threading
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from accelerate.utils.constants import (
+    OPTIMIZER_NAME,
+    RNG_STATE_NAME,
+    SAFE_WEIGHTS_NAME,
+    SAMPLER_NAME,
+    SCALER_NAME,
+    SCHEDULER_NAME,
+    WEIGHTS_NAME,
+)
+from accelerate.utils.other import clean_state_dict_for_safetensors
+
+from core import (
+    AsyncCheckpointer,
+    CheckpointerConfig,
+    CheckpointStagerConfig,
+    CheckpointWriteError,
+    CheckpointWriterConfig,
+    RankInfo,
+    WriterHook,
+    make_async_checkpointer,
+)
+from core.file_format import fsync_directory
+
+from .commit import CommitVote
+
+logger = logging.getLogger(__name__)
+
+PENDING_DIR = ".async_ckpt_pending"
+_UNSUPPORTED = {
+    DistributedType.FSDP: "FSDP",
+    DistributedType.DEEPSPEED: "DeepSpeed",
+    DistributedType.MEGATRON_LM: "Megatron-LM",
+    DistributedType.XLA: "XLA",
+}
+
+
+def unsupported_reason(accelerator: Accelerator) -> str | None:
+    """Why this accelerator's saves must stay Accelerate's own, or None when they can be async."""
+    name = _UNSUPPORTED.get(accelerator.distributed_type)
+    if name is not None:
+        return f"{name} checkpoints are written by {name} itself"
+    if accelerator.device.type not in ("cpu", "cuda"):
+        return f"RNG states of {accelerator.device.type} devices are saved by Accelerate only"
+    return None
+
+
+@dataclass
+class _File:
+    name: str
+    state: Any
+    file_format: str = "torch"
+
+
+def _indexed(name: str, index: int) -> str:
+    """Accelerate's naming of the i-th object's file: optimizer.bin, optimizer_1.bin, ..."""
+    if index == 0:
+        return name
+    stem, dot, suffix = name.partition(".")
+    return f"{stem}_{index}{dot}{suffix}"
+
+
+def _rng_states(accelerator: Accelerator) -> dict[str, Any]:
+    states: dict[str, Any] = {
+        "step": accelerator.step,
+        "random_state": random.getstate(),
+        "numpy_random_seed": np.random.get_state(),
+        "torch_manual_seed": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["torch_cuda_manual_seed"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _shared_files(accelerator: Accelerator, weights: list[dict], safe_serialization: bool) -> list[_File]:
+    """The files one process writes for everyone, named as save_accelerator_state names them."""
+    files = []
+    weights_name = SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+    for i, state in enumerate(weights):
+        if safe_serialization:
+            files.append(_File(_indexed(weights_name, i), clean_state_dict_for_safetensors(state), "safetensors"))
+        else:
+            files.append(_File(_indexed(weights_name, i), state))
+    for i, optimizer in enumerate(accelerator._optimizers):
+        files.append(_File(_indexed(f"{OPTIMIZER_NAME}.bin", i), optimizer.state_dict()))
+    for i, scheduler in enumerate(accelerator._schedulers):
+        files.append(_File(_indexed(f"{SCHEDULER_NAME}.bin", i), scheduler.state_dict()))
+    for i, dataloader in enumerate(accelerator._dataloaders):
+        files.extend(_dataloader_files(dataloader, i))
+    if accelerator.scaler is not None:
+        files.append(_File(SCALER_NAME, accelerator.scaler.state_dict()))
+    for i, obj in enumerate(accelerator._custom_objects):
+        files.append(_File(f"custom_checkpoint_{i}.pkl", obj.state_dict()))
+    return files
+
+
+def _dataloader_files(dataloader: Any, index: int) -> list[_File]:
+    from accelerate.data_loader import IterableDatasetShard, SeedableRandomSampler
+
+    files = []
+    if isinstance(dataloader.dataset, IterableDatasetShard):
+        sampler = dataloader.get_sampler()
+        if isinstance(sampler, SeedableRandomSampler):
+            files.append(_File(_indexed(f"{SAMPLER_NAME}.bin", index), sampler))
+    if getattr(dataloader, "use_stateful_dataloader", False):
+        files.append(_File(_indexed("dl_state_dict.bin", index), dataloader.state_dict()))
+    return files
+
+
+_open_handles: "weakref.WeakSet[AsyncSaveState]" = weakref.WeakSet()
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    for handle in list(_open_handles):
+        try:
+            handle.close()
+        except Exception:
+            logger.exception("an Accelerate checkpoint failed while draining at interpreter exit")
+
+
+class AsyncSaveState:
+    """Makes one Accelerator's save_state() asynchronous; see the module docstring.
+
+    While active, `accelerator.save_state`, `load_state` and `end_training` are this
+    handle's; `load_state` and `end_training` first wait for every pending checkpoint.
+    wait() blocks until all checkpoints saved so far are committed and raises the first
+    failure; close() also stops the writer process and restores Accelerate's own methods.
+    """
+
+    def __init__(self, accelerator: Accelerator, config: CheckpointerConfig, commit_hook: WriterHook | None) -> None:
+        self._accelerator = accelerator
+        self._config = config
+        self._commit_hook = commit_hook
+        self._checkpointer: AsyncCheckpointer | None = None
+        self._committer: ThreadPoolExecutor | None = None
+        self._commits: list[Future] = []
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._originals = {name: getattr(accelerator, name) for name in ("save_state", "load_state", "end_training")}
+        self._overridden = {name for name in self._originals if name in vars(accelerator)}
+        accelerator.save_state = self.save_state
+        accelerator.load_state = self._draining(self._originals["load_state"])
+        accelerator.end_training = self._draining(self._originals["end_training"], close=True)
+        _open_handles.add(self)
+
+    # -- the replacement methods
+
+    def save_state(self, output_dir: str | None = None, safe_serialization: bool = True, **save_model_func_kwargs: Any) -> Path:
+        """Snapshot everything accelerator.save_state() saves and return; the files follow."""
+        self._raise_error()
+        accelerator = self._accelerator
+        final = self._final_dir(output_dir)
+        staging = self._staging_dir(final)
+        if self._is_committer():
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging)
+        accelerator.wait_for_everyone()
+
+        weights = [accelerator.get_state_dict(model, unwrap=False) for model in accelerator._models]
+        for hook in accelerator._save_model_state_pre_hook.values():
+            hook(accelerator._models, weights, staging)
+        files = [_File(f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl", _rng_states(accelerator))]
+        if self._is_committer():
+            files = _shared_files(accelerator, weights, safe_serialization) + files
+
+        checkpointer = self._ensure_checkpointer(len(files))
+        writes = []
+        for file in files:
+            staged, written = checkpointer.save(
+                os.path.join(staging, file.name), file.state, file_format=file.file_format, report_errors=False
+            )
+            staged.result()
+            writes.append(written)
+        self._generation += 1
+        commit = CommitVote(accelerator.process_index, accelerator.num_processes, f"{final}#{self._generation}",
+                            self._config.writer_config.write_barrier_timeout_secs)
+        self._submit_commit(writes, commit, staging, final)
+        accelerator.project_configuration.iteration += 1
+        return Path(final)
+
+    def _draining(self, original: Callable[..., Any], close: bool = False) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if close:
+                self._release()
+            else:
+                self.wait()
+            return original(*args, **kwargs)
+
+        call.__doc__ = original.__doc__
+        return call
+
+    # -- where files go
+
+    def _final_dir(self, output_dir: str | None) -> str:
+        accelerator = self._accelerator
+        if accelerator.project_configuration.automatic_checkpoint_naming:
+            base = os.path.join(accelerator.project_dir, "checkpoints")
+            os.makedirs(base, exist_ok=True)
+            final = os.path.join(base, f"checkpoint_{accelerator.save_iteration}")
+            if os.path.exists(final):
+                raise ValueError(
+                    f"Checkpoint directory {final} ({accelerator.save_iteration}) already exists. Please manually "
+                    "override `self.save_iteration` with what iteration to start with."
+                )
+            return final
+        if output_dir is None:
+            raise ValueError(
+                "save_state() needs output_dir unless ProjectConfiguration(automatic_checkpoint_naming=True) is set"
+            )
+        return os.path.abspath(os.path.expanduser(os.fspath(output_dir)))
+
+    def _staging_dir(self, final: str) -> str:
+        """Outside the folder Accelerate lists for its latest checkpoint, on the same filesystem."""
+        accelerator = self._accelerator
+        if accelerator.project_configuration.automatic_checkpoint_naming:
+            root = accelerator.project_dir
+        else:
+            root = os.path.dirname(final)
+        return os.path.join(root, PENDING_DIR, os.path.basename(final))
+
+    def _is_committer(self) -> bool:
+        accelerator = self._accelerator
+        if accelerator.project_configuration.save_on_each_node:
+            return accelerator.is_local_main_process
+        return accelerator.is_main_process
+
+    # -- background commit
+
+    def _ensure_checkpointer(self, files_per_checkpoint: int) -> AsyncCheckpointer:
+        if self._checkpointer is None:
+            staging = self._config.staging_config
+            config = CheckpointerConfig(
+                writer_config=self._config.writer_config,
+                staging_config=CheckpointStagerConfig(
+                    use_pinned_memory=staging.use_pinned_memory,
+                    # one slab per file, for `max_in_flight` whole checkpoints
+                    max_in_flight=staging.max_in_flight * max(files_per_checkpoint, 1),
+                ),
+                process_config=self._config.process_config,
+            )
+            self._checkpointer = make_async_checkpointer(config, RankInfo(0, 1), commit_hook=self._commit_hook)
+            self._committer = ThreadPoolExecutor(1, thread_name_prefix="async-ckpt-accelerate-commit")
+        return self._checkpointer
+
+    def _submit_commit(self, writes: list[Future], vote: CommitVote, staging: str, final: str) -> None:
+        assert self._committer is not None
+        commit = self._committer.submit(self._commit, writes, vote, staging, final)
+        commit.add_done_callback(self._record_error)
+        with self._lock:
+            self._commits.append(commit)
+
+    def _commit(self, writes: list[Future], vote: CommitVote, staging: str, final: str) -> None:
+        failure = next((f.exception() for f in writes if f.exception() is not None), None)
+        all_ok = vote.cast(failure is None)
+        if self._is_committer():
+            if all_ok:
+                self._publish(staging, final)
+            else:
+                shutil.rmtree(staging, ignore_errors=True)
+        vote.wait_published(self._is_committer(), all_ok)
+        if failure is not None:
+            raise failure
+        if not all_ok:
+            raise CheckpointWriteError(f"checkpoint {final} was not committed: another rank failed to write its files")
+        logger.info("checkpoint %s committed", final)
+
+    def _publish(self, staging: str, final: str) -> None:
+        replaced = None
+        if os.path.exists(final):
+            replaced = f"{staging}.replaced"
+            os.replace(final, replaced)
+        os.replace(staging, final)
+        fsync_directory(os.path.dirname(final))
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+        pending_root = os.path.dirname(staging)
+        if not os.listdir(pending_root):
+            os.rmdir(pending_root)
+        self._prune(final)
+
+    def _prune(self, final: str) -> None:
+        configuration = self._accelerator.project_configuration
+        if not configuration.automatic_checkpoint_naming or configuration.total_limit is None:
+            return
+        base = os.path.dirname(final)
+        numbered = [(int(m.group(1)), name) for name in os.listdir(base) if (m := re.fullmatch(r"checkpoint_(\d+)", name))]
+        numbered.sort()
+        for _, name in numbered[: max(len(numbered) - configuration.total_limit, 0)]:
+            logger.info("deleting checkpoint %s (total_limit=%d)", name, configuration.total_limit)
+            shutil.rmtree(os.path.join(base, name))
+
+    # -- errors, draining, closing
+
+    def _record_error(self, commit: Future) -> None:
+        with self._lock:
+            self._commits.remove(commit)
+            if commit.exception() is not None and self._error is None:
+                self._error = commit.exception()
+
+    def _raise_error(self) -> None:
+        with self._lock:
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def wait(self) -> None:
+        """Block until every checkpoint saved so far is committed; raise the first failure."""
+        with self._lock:
+            commits = list(self._commits)
+        for commit in commits:
+            commit.exception()
+        self._raise_error()
+
+    def _release(self) -> None:
+        """Drain, then stop the writer process; the next save starts a new one."""
+        try:
+            self.wait()
+        finally:
+            checkpointer, self._checkpointer = self._checkpointer, None
+            committer, self._committer = self._committer, None
+            if committer is not None:
+                committer.shutdown(wait=True)
+            if checkpointer is not None:
+                checkpointer.close()
+
+    def close(self) -> None:
+        """Drain, stop the writer process and give the accelerator its own methods back; idempotent."""
+        if self not in _open_handles:
+            return
+        _open_handles.discard(self)
+        try:
+            self._release()
+        finally:
+            for name, method in self._originals.items():
+                if name in self._overridden:
+                    setattr(self._accelerator, name, method)
+                else:
+                    delattr(self._accelerator, name)  # back to the class's own method
+
+    def __enter__(self) -> "AsyncSaveState":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
