@@ -135,6 +135,13 @@ def _dataloader_files(dataloader: Any, index: int) -> list[_File]:
     return files
 
 
+def _remove_if_empty(directory: str) -> None:
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass  # not empty (another checkpoint is pending) or already gone
+
+
 _open_handles: "weakref.WeakSet[AsyncSaveState]" = weakref.WeakSet()
 
 
@@ -287,6 +294,7 @@ class AsyncSaveState:
                 self._publish(staging, final)
             else:
                 shutil.rmtree(staging, ignore_errors=True)
+            _remove_if_empty(os.path.dirname(staging))
         vote.wait_published(self._is_committer(), all_ok)
         if failure is not None:
             raise failure
@@ -303,9 +311,6 @@ class AsyncSaveState:
         fsync_directory(os.path.dirname(final))
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
-        pending_root = os.path.dirname(staging)
-        if not os.listdir(pending_root):
-            os.rmdir(pending_root)
         self._prune(final)
 
     def _prune(self, final: str) -> None:
