@@ -93,3 +93,14 @@ def test_lightning_main_job_example_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "median block" in result.stdout and "resumed from last.ckpt" in result.stdout
     assert "last.ckpt" in os.listdir(tmp_path / "async")
+
+
+def test_accelerate_example_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "examples", "finetune_accelerate.py"),
+         "--epochs", "1", "--width", "32", "--samples", "128", "--every", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "median block" in result.stdout and "resumed with load_state()" in result.stdout
+    assert len(os.listdir(tmp_path / "on" / "checkpoints")) == 3
