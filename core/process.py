@@ -176,13 +176,15 @@ class CheckpointProcess:
             checkpoint_writer_init_args or {},
         )
         self._ids = itertools.count()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards pending requests, worker liveness and the queue count
+        self._send_lock = threading.Lock()  # one message at a time on the connection
         self._worker: _Worker | None = None
         self._requests: queue.Queue = queue.Queue()
+        self._queued = 0  # requests put on the queue and not yet handled by the sender thread
         self._closed = False
         self._sender = threading.Thread(target=self._send_loop, name="async-ckpt-sender", daemon=True)
         self._sender.start()
-        self._requests.put(("start",))  # spawn now, so the first save finds the worker ready
+        self._enqueue(("start",))  # spawn now, so the first save finds the worker ready
 
     @property
     def pid(self) -> int | None:
@@ -190,17 +192,42 @@ class CheckpointProcess:
         return worker.process.pid if worker is not None and worker.alive else None
 
     def write(self, path: str, staged: StagedCheckpoint, **kwargs: Any) -> Future[WriteResult]:
-        """Queue a write of `staged` to `path`; the future resolves once it is committed."""
+        """Hand a write of `staged` to `path` to the worker; the future resolves once it is committed.
+
+        When the worker is running and nothing is queued before it, the request is sent before
+        this returns, so the worker commits it even if this process dies right after. Otherwise
+        (the worker is starting) it is queued and sent by the sender thread.
+        """
         if self._closed:
             raise RuntimeError("CheckpointProcess is closed")
         future: Future[WriteResult] = Future()
-        self._requests.put(("write", path, staged, kwargs, future))
+        with self._lock:
+            worker = self._worker
+            direct = self._queued == 0 and worker is not None and worker.alive
+            if direct:
+                request_id = self._register(worker, future)
+            else:
+                self._queued += 1
+                self._requests.put(("write", path, staged, kwargs, future))
+        if direct:
+            self._send_request(worker, request_id, path, staged, kwargs)
         return future
 
     def forget_slab(self, slab_id: str) -> None:
         """Tell the worker to unmap a slab that the trainer discarded."""
         if not self._closed:
-            self._requests.put(("detach", slab_id))
+            self._enqueue(("detach", slab_id))
+
+    def _enqueue(self, item: tuple) -> None:
+        with self._lock:
+            self._queued += 1
+            self._requests.put(item)
+
+    def _register(self, worker: _Worker, future: Future) -> int:
+        """Record a pending request of a live worker; call with self._lock held."""
+        request_id = next(self._ids)
+        worker.pending[request_id] = future
+        return request_id
 
     # -- sender thread
 
@@ -223,32 +250,39 @@ class CheckpointProcess:
                     item[4].set_exception(exc)
                 else:
                     logger.warning("checkpoint writer process: %s", exc)
+            finally:
+                with self._lock:
+                    self._queued -= 1
 
     def _send_detach(self, slab_id: str) -> None:
         worker = self._worker
         if worker is not None and worker.alive and slab_id in worker.attached:
             worker.attached.discard(slab_id)
-            worker.conn.send(("detach", slab_id))
+            with self._send_lock:
+                worker.conn.send(("detach", slab_id))
 
     def _send_write(self, path: str, staged: StagedCheckpoint, kwargs: dict, future: Future) -> None:
-        request_id = next(self._ids)
         for _attempt in range(2):  # a worker found dead here is replaced once
             worker = self._ensure_worker()
             with self._lock:
                 if worker.alive:  # checked under the lock the receiver marks deaths under
-                    worker.pending[request_id] = future
+                    request_id = self._register(worker, future)
                     break
         else:
             raise WriterProcessDiedError("the checkpoint writer process died twice while starting a write")
+        self._send_request(worker, request_id, path, staged, kwargs)
+
+    def _send_request(self, worker: _Worker, request_id: int, path: str, staged: StagedCheckpoint, kwargs: dict) -> None:
         slab = staged.slab
         try:
-            if slab.slab_id not in worker.attached:
-                worker.conn.send(("attach", slab.slab_id, slab.nbytes))
-                send_handle(worker.conn, slab.fd, worker.process.pid)
-                worker.attached.add(slab.slab_id)
-            worker.conn.send(("write", request_id, os.fspath(path), staged.plan, slab.slab_id, kwargs))
+            with self._send_lock:
+                if slab.slab_id not in worker.attached:
+                    worker.conn.send(("attach", slab.slab_id, slab.nbytes))
+                    send_handle(worker.conn, slab.fd, worker.process.pid)
+                    worker.attached.add(slab.slab_id)
+                worker.conn.send(("write", request_id, os.fspath(path), staged.plan, slab.slab_id, kwargs))
         except OSError:
-            # The worker died; the receiver thread fails this future with how it died.
+            # The worker died; the receiver thread fails this request with how it died.
             logger.debug("send to checkpoint writer failed; it died")
 
     def _ensure_worker(self) -> _Worker:
@@ -330,7 +364,8 @@ class CheckpointProcess:
             return
         if worker.alive:
             try:
-                worker.conn.send(("shutdown",))
+                with self._send_lock:
+                    worker.conn.send(("shutdown",))
             except OSError:
                 pass
         if not _wait(worker.process, self._config.subprocess_shutdown_timeout_secs):
@@ -346,5 +381,5 @@ class CheckpointProcess:
         if self._closed:
             return
         self._closed = True
-        self._requests.put(("stop",))
+        self._enqueue(("stop",))
         self._sender.join()
