@@ -70,4 +70,5 @@ def make_async_checkpointer(
         CheckpointReader(rank_info),
         layout=config.writer_config.layout,
         rank=rank_info.global_rank,
+        sigterm_drain_secs=config.process_config.sigterm_drain_secs,
     )

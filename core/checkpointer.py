@@ -7,6 +7,7 @@ import atexit
 import glob
 import logging
 import os
+import signal
 import threading
 import weakref
 from concurrent.futures import Future
@@ -101,6 +102,32 @@ def _drain_at_exit() -> None:
             logger.exception("a checkpoint failed while draining at interpreter exit")
 
 
+_sigterm_previous: Any = None
+_sigterm_installed = False
+
+
+def _install_sigterm_drain() -> None:
+    """On SIGTERM, finish pending writes (within each checkpointer's deadline), then run the
+    handler that was there before: the user's, Lightning's, or the default (exit)."""
+    global _sigterm_previous, _sigterm_installed
+    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+        return
+    _sigterm_previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    _sigterm_installed = True
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    for checkpointer in list(_open_checkpointers):
+        checkpointer._drain_for_signal()
+    previous = _sigterm_previous
+    if callable(previous):
+        previous(signum, frame)
+    elif previous != signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class AsyncCheckpointer(Checkpointer):
     """Saves cost the caller only the snapshot; a writer process persists them.
 
@@ -118,6 +145,7 @@ class AsyncCheckpointer(Checkpointer):
         reader: CheckpointReader,
         layout: str = "directory",
         rank: int = 0,
+        sigterm_drain_secs: float = 120,
     ) -> None:
         self._stager = checkpoint_stager
         self._process = checkpoint_process
@@ -128,9 +156,12 @@ class AsyncCheckpointer(Checkpointer):
         self._outstanding: dict[Future, str] = {}
         self._error: BaseException | None = None
         self._closed = False
+        self._sigterm_drain_secs = sigterm_drain_secs
         if isinstance(checkpoint_stager, DefaultStager):
             checkpoint_stager.pool.on_discard.append(checkpoint_process.forget_slab)
         _open_checkpointers.add(self)
+        if sigterm_drain_secs > 0:
+            _install_sigterm_drain()
 
     def save(
         self,
@@ -223,6 +254,15 @@ class AsyncCheckpointer(Checkpointer):
     def wait(self) -> None:
         self._wait_for()
         self._raise_error()
+
+    def _drain_for_signal(self) -> None:
+        # In a signal handler: no locks (the interrupted code may hold them), bounded wait.
+        pending = list(self._outstanding)
+        if pending and self._sigterm_drain_secs > 0:
+            logger.warning("SIGTERM: waiting up to %.0f s for %d checkpoint write(s)", self._sigterm_drain_secs, len(pending))
+            done, not_done = wait_futures(pending, timeout=self._sigterm_drain_secs)
+            if not_done:
+                logger.error("SIGTERM: %d checkpoint write(s) did not finish in time", len(not_done))
 
     def wait_for_path(self, path: str) -> None:
         """Block until every save issued so far to `path` has finished (committed or failed).

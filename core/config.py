@@ -98,14 +98,20 @@ class CheckpointWriterConfig:
 
 @dataclass
 class CheckpointProcessConfig:
-    """The writer process: how long its start may take, and how long close() waits for it."""
+    """The writer process: how long its start may take, and how long close() waits for it.
+
+    sigterm_drain_secs: on SIGTERM (preemption) the trainer first waits up to this long for
+    pending writes, then runs the handler that was installed before (0: do not wait).
+    """
 
     subprocess_init_timeout_secs: float = 60
     subprocess_shutdown_timeout_secs: float = 60
+    sigterm_drain_secs: float = 120
 
     def __post_init__(self) -> None:
         _require(self.subprocess_init_timeout_secs > 0, "subprocess_init_timeout_secs must be > 0")
         _require(self.subprocess_shutdown_timeout_secs > 0, "subprocess_shutdown_timeout_secs must be > 0")
+        _require(self.sigterm_drain_secs >= 0, "sigterm_drain_secs must be >= 0")
 
 
 @dataclass
