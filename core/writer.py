@@ -88,9 +88,12 @@ class CheckpointWriter:
             os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
             nbytes = self._write_file(temporary, plan, storage_bytes)
             self._commit(path, temporary, final, directory, **kwargs)
-        except BaseException:
+        except BaseException as exc:
             if os.path.exists(temporary):
                 os.unlink(temporary)
+            if isinstance(exc, OSError) and exc.filename is None:
+                # e.g. ENOSPC from a write: say which checkpoint it was
+                raise OSError(exc.errno, f"{exc.strerror} while writing checkpoint {final}") from exc
             raise
         seconds = time.perf_counter() - start
         logger.info(
