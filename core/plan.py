@@ -14,6 +14,7 @@ strides and offsets, so the saved file has exactly the aliasing of the live stat
 from __future__ import annotations
 
 import copyreg
+import functools
 import ctypes
 import io
 import json
@@ -81,6 +82,7 @@ class _StorageRef:
         self.key, self.storage_type, self.numel = key, storage_type, numel
 
 
+@functools.lru_cache(maxsize=None)
 def _legacy_storage_type(dtype: torch.dtype) -> Any:
     """The storage class torch.save names for `dtype` (UntypedStorage for newer dtypes)."""
     if dtype in torch.storage._new_dtypes():
@@ -103,6 +105,12 @@ def _check_tensor(tensor: torch.Tensor) -> None:
             f"cannot checkpoint a {kind} that is part of an autograd graph (grad_fn="
             f"{type(tensor.grad_fn).__name__}); save tensor.detach() instead"
         )
+
+
+_PLAIN_TYPES = frozenset(
+    {str, int, float, bool, type(None), tuple, list, dict, OrderedDict, bytes, torch.Tensor, torch.nn.Parameter,
+     torch.dtype, torch.device, torch.Size}
+)
 
 
 class _CapturePickler(pickle.Pickler):
@@ -144,7 +152,11 @@ class _CapturePickler(pickle.Pickler):
         return torch._utils._rebuild_parameter, (parameter.data, parameter.requires_grad, OrderedDict())
 
     def persistent_id(self, obj: Any) -> Any:
-        if type(obj) is _StorageRef:
+        # Called for every object pickled: the common types leave after one set lookup.
+        kind = type(obj)
+        if kind in _PLAIN_TYPES:
+            return None
+        if kind is _StorageRef:
             return ("storage", obj.storage_type, obj.key, "cpu", obj.numel)
         if isinstance(obj, torch.Tensor) and type(obj) not in (torch.Tensor, torch.nn.Parameter):
             raise UnsupportedStateError(
