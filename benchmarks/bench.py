@@ -213,9 +213,13 @@ def _done_future(future: Future) -> Callable[[], bool]:
 class SnapshotFloor(Method):
     name, kind, asynchronous = "floor: copy_ into preallocated", "floor", False
 
+    def setup(self, model, optimizer, workdir):
+        super().setup(model, optimizer, workdir)
+        self.buffers = None
+
     def save(self, state, path):
         sources = tensors_of(state)
-        if not hasattr(self, "buffers"):
+        if self.buffers is None:
             self.buffers = [torch.empty_like(t) for t in sources]
         torch._foreach_copy_(self.buffers, sources)
         return lambda: True
@@ -406,7 +410,19 @@ def run_method(method: Method, shape: str, scale: float, reps: int, workdir: str
         before_setup = MemorySampler()._sample()
         method.setup(model, optimizer, workdir)
         blocks, persists, loads, slowdowns = [], [], [], []
-        for rep in range(reps):
+        for rep in range(reps + 1):
+            if rep == 1:
+                # Memory in a save of its own (sampling page tables would distort the step timings),
+                # counted from before the method set anything up: writer processes and buffers
+                # included, and before any load has grown the heap.
+                path = os.path.join(workdir, f"{shape}-memory")
+                with MemorySampler() as memory:
+                    memory.baseline = before_setup
+                    done = method.save(state, path)
+                    while not done():
+                        time.sleep(0.002)
+                    method.finish(path)
+                _remove(path)
             path = os.path.join(workdir, f"{shape}-{rep}")
             gc.collect()
             start = time.perf_counter()
@@ -419,28 +435,18 @@ def run_method(method: Method, shape: str, scale: float, reps: int, workdir: str
             method.finish(path)
             persists.append(time.perf_counter() - start)
             blocks.append(block)
-            if len(steps) >= 3:
+            if len(steps) >= 3 and rep > 0:
                 slowdowns.append(statistics.mean(steps) / base_step - 1)
-            if method.kind != "floor" or isinstance(method, PersistFloor):
+            if rep > 0 and (method.kind != "floor" or isinstance(method, PersistFloor)):
                 drop_cache(path)
                 start = time.perf_counter()
                 method.load(path, state)
                 loads.append(time.perf_counter() - start)
             _remove(path)
-        # Memory in a save of its own (sampling page tables would distort the step timings),
-        # counted from before the method set anything up: writer processes and buffers included.
-        path = os.path.join(workdir, f"{shape}-memory")
-        with MemorySampler() as memory:
-            memory.baseline = before_setup
-            done = method.save(state, path)
-            while not done():
-                time.sleep(0.002)
-            method.finish(path)
-        _remove(path)
         result.update(
             first=blocks[0],
-            block=statistics.median(blocks[1:] or blocks),
-            persist=statistics.median(persists[1:] or persists),
+            block=statistics.median(blocks[1:]),
+            persist=statistics.median(persists[1:]),
             load=statistics.median(loads) if loads else None,
             mem=memory.extra,
             slowdown=statistics.median(slowdowns) if slowdowns else None,
@@ -535,7 +541,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="1gib64,transformer")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the state dict sizes")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=3, help="repeated saves measured after the first one")
     parser.add_argument("--methods", default="", help="comma-separated substrings of method names to run")
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary folder under the repo)")
     parser.add_argument("--json", default="benchmarks/results/latest.json")
