@@ -73,34 +73,32 @@ def test_cuda_tensors_stage_through_pinned_memory(tmp_path):
     assert torch.equal(loaded["w"], expected["w"]) and torch.equal(loaded["cpu"], expected["cpu"])
 
 
-def test_core_example_runs(tmp_path):
+def _run_example(script, tmp_path, *args):
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "examples", "finetune_core.py"),
-         "--steps", "4", "--every", "2", "--width", "64", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "weights identical to the live model: True" in result.stdout
-    assert "async" in result.stdout and "sync" in result.stdout
-
-
-def test_lightning_main_job_example_runs(tmp_path):
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "examples", "finetune_lightning.py"),
-         "--epochs", "1", "--width", "32", "--samples", "128", "--every", "2", "--out", str(tmp_path)],
+        [sys.executable, os.path.join(REPO, "examples", script), *args, "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "median block" in result.stdout and "resumed from last.ckpt" in result.stdout
+    return result.stdout
+
+
+def test_core_example_runs(tmp_path):
+    out = _run_example("finetune_core.py", tmp_path, "--steps", "4", "--every", "2", "--width", "64")
+    assert "weights identical to the live model: True" in out
+    assert "async" in out and "sync" in out
+
+
+def test_lightning_main_job_example_runs(tmp_path):
+    out = _run_example(
+        "finetune_lightning.py", tmp_path, "--epochs", "1", "--width", "32", "--samples", "128", "--every", "2"
+    )
+    assert "median block" in out and "resumed from last.ckpt" in out
     assert "last.ckpt" in os.listdir(tmp_path / "async")
 
 
 def test_accelerate_example_runs(tmp_path):
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "examples", "finetune_accelerate.py"),
-         "--epochs", "1", "--width", "32", "--samples", "128", "--every", "2", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
+    out = _run_example(
+        "finetune_accelerate.py", tmp_path, "--epochs", "1", "--width", "32", "--samples", "128", "--every", "2"
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "median block" in result.stdout and "resumed with load_state()" in result.stdout
+    assert "median block" in out and "resumed with load_state()" in out
     assert len(os.listdir(tmp_path / "on" / "checkpoints")) == 3
