@@ -287,7 +287,8 @@ class AsyncSaveState:
             self._commits.append(commit)
 
     def _commit(self, writes: list[Future], vote: CommitVote, staging: str, final: str) -> None:
-        failure = next((f.exception() for f in writes if f.exception() is not None), None)
+        errors = [f.exception() for f in writes]  # every file finished, not just up to the first failure
+        failure = next((e for e in errors if e is not None), None)
         all_ok = vote.cast(failure is None)
         if self._is_committer():
             if all_ok:
