@@ -350,6 +350,14 @@ class OursCore(Method):
         self.ckpt.close()
 
 
+class OursCorePrepared(OursCore):
+    name = "async-ckpt core, prepare() first"
+
+    def setup(self, model, optimizer, workdir):
+        super().setup(model, optimizer, workdir)
+        self.ckpt.prepare(training_state(model, optimizer)).result()
+
+
 class OursLightning(Method):
     name = "async-ckpt Lightning plugin"
 
@@ -393,7 +401,7 @@ class OursAccelerate(AccelerateSaveState):
 def all_methods() -> list[Method]:
     return [
         SnapshotFloor(), PersistFloor(), TorchSave(), LightningAsyncPeer(), DCPAsync("thread"),
-        DCPAsync("process"), AccelerateSaveState(), OursCore(), OursLightning(), OursAccelerate(),
+        DCPAsync("process"), AccelerateSaveState(), OursCore(), OursCorePrepared(), OursLightning(), OursAccelerate(),
     ]
 
 

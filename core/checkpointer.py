@@ -196,6 +196,18 @@ class AsyncCheckpointer(Checkpointer):
         stage_future.add_done_callback(lambda f: self._write_staged(f, path, kwargs, write_future))
         return stage_future, write_future
 
+    def prepare(self, state_dict: STATE_DICT, *, file_format: str = "torch") -> Future[None]:
+        """Get the staging memory for saves of `state_dict`'s shape ready in the background.
+
+        Optional: call it once (e.g. after building the model and optimizer) so that the first
+        save costs only the copy. The future completes when the memory is ready.
+        """
+        if isinstance(self._stager, DefaultStager):
+            return self._stager.prepare(state_dict, file_format)
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
     def _write_staged(self, stage_future: Future, path: str, kwargs: dict, write_future: Future) -> None:
         error = stage_future.exception()
         if error is not None:

@@ -72,7 +72,28 @@ class DefaultStager(CheckpointStager):
         self._config = config or CheckpointStagerConfig()
         self.pool = SlabPool(self._config.max_in_flight, pin=self._config.pin)
         self._stream: Any = None
-        self._waiter: ThreadPoolExecutor | None = None
+        self._helper: ThreadPoolExecutor | None = None  # CUDA completion waits and prepare()
+
+    def _helper_thread(self) -> ThreadPoolExecutor:
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="async-ckpt-stage")
+        return self._helper
+
+    def prepare(self, state_dict: Any, file_format: str = "torch") -> Future[None]:
+        """Allocate and fault in, off the calling thread, the slab a save of `state_dict` will use.
+
+        The first save of a shape otherwise pays for fresh shared memory (page faults) on the
+        training thread. The future completes when the slab is ready.
+        """
+        nbytes = capture(state_dict, file_format).plan.slab_nbytes
+        return self._helper_thread().submit(self._warm_slab, nbytes)
+
+    def _warm_slab(self, nbytes: int) -> None:
+        slab = self.pool.acquire(nbytes)
+        try:
+            slab.tensor.zero_()  # touches every page; runs without the GIL
+        finally:
+            self.pool.release(slab)
 
     def stage(self, state_dict: Any, file_format: str = "torch", **kwargs: Any) -> Future[StagedCheckpoint]:
         """Snapshot `state_dict` for a file of `file_format` ("torch" or "safetensors")."""
@@ -104,8 +125,6 @@ class DefaultStager(CheckpointStager):
             done.synchronize()
             future.set_result(staged)
             return
-        if self._waiter is None:
-            self._waiter = ThreadPoolExecutor(1, thread_name_prefix="async-ckpt-stage")
         # The live tensors must outlive the copies that read them.
         sources = captured.sources
 
@@ -119,10 +138,10 @@ class DefaultStager(CheckpointStager):
             finally:
                 del sources[:]
 
-        self._waiter.submit(finish)
+        self._helper_thread().submit(finish)
 
     def close(self) -> None:
-        if self._waiter is not None:
-            self._waiter.shutdown(wait=True)
-            self._waiter = None
+        if self._helper is not None:
+            self._helper.shutdown(wait=True)
+            self._helper = None
         self.pool.close()

@@ -199,3 +199,14 @@ def test_writer_does_not_rerun_the_main_module(tmp_path):
     subprocess.run([sys.executable, str(script)], check=True, timeout=120, cwd=os.getcwd())
     assert marker.read_text() == "run\n"
     assert torch.equal(torch.load(tmp_path / "ck" / "checkpoint_0.pt", weights_only=True)["w"], torch.ones(2))
+
+
+def test_prepare_readies_the_slab_the_first_save_uses(tmp_path, no_leaks):
+    state = {"w": torch.randn(1 << 20), "step": 1}
+    with make_async_checkpointer() as ckpt:
+        ckpt.prepare(state).result()
+        prepared = dict(ckpt._stager.pool._all)
+        assert len(prepared) == 1
+        ckpt.save(tmp_path / "ck", state)[1].result()
+        assert dict(ckpt._stager.pool._all) == prepared, "the first save allocated a new slab"
+        assert torch.equal(ckpt.load(tmp_path / "ck")["w"], state["w"])
