@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -86,8 +87,8 @@ class AsyncCheckpointIO(CheckpointIO):
                 ),
                 staging_config=CheckpointStagerConfig(max_in_flight=max_in_flight, use_pinned_memory=pin_memory),
             )
-        config.writer_config.layout = "file"
-        self._config = config
+        # The plugin writes exactly the path Lightning gives; the caller's config is left as it was.
+        self._config = dataclasses.replace(config, writer_config=dataclasses.replace(config.writer_config, layout="file"))
         self._commit_hook = commit_hook
         self._checkpointer: AsyncCheckpointer | None = None
         self._reader = CheckpointReader(RankInfo(0, 1))
@@ -126,10 +127,9 @@ class AsyncCheckpointIO(CheckpointIO):
     ) -> dict[str, Any]:
         if self._checkpointer is not None:
             self._checkpointer.wait_for_path(os.fspath(path))
-        # None means torch.load's default, safe loading, as with Lightning's TorchCheckpointIO.
-        loaded, _missing = self._reader.read(
-            path, map_location=map_location, weights_only=True if weights_only is None else weights_only, **kwargs
-        )
+        if weights_only is None:  # torch.load's default, as with Lightning's TorchCheckpointIO
+            weights_only = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() not in ("1", "true", "yes")
+        loaded, _missing = self._reader.read(path, map_location=map_location, weights_only=weights_only, **kwargs)
         return loaded
 
     def remove_checkpoint(self, path: _PATH) -> None:
