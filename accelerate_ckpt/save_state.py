@@ -321,9 +321,14 @@ class AsyncSaveState:
         base = os.path.dirname(final)
         numbered = [(int(m.group(1)), name) for name in os.listdir(base) if (m := re.fullmatch(r"checkpoint_(\d+)", name))]
         numbered.sort()
+        trash_root = os.path.dirname(self._staging_dir(final))
         for _, name in numbered[: max(len(numbered) - configuration.total_limit, 0)]:
             logger.info("deleting checkpoint %s (total_limit=%d)", name, configuration.total_limit)
-            shutil.rmtree(os.path.join(base, name))
+            # Out of sight in one rename, then deleted: nobody lists a half-deleted checkpoint.
+            os.makedirs(trash_root, exist_ok=True)
+            trash = os.path.join(trash_root, f"{name}.deleting")
+            os.replace(os.path.join(base, name), trash)
+            shutil.rmtree(trash)
 
     # -- errors, draining, closing
 
