@@ -10,15 +10,14 @@ checkpoint, and `total_limit` pruning runs only after a newer checkpoint is comm
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import random
 import re
 import shutil
 import threading
-import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -48,6 +47,7 @@ from core import (
     WriterHook,
     make_async_checkpointer,
 )
+from core import drain
 from core.file_format import fsync_directory
 
 from .commit import CommitVote
@@ -142,18 +142,6 @@ def _remove_if_empty(directory: str) -> None:
         pass  # not empty (another checkpoint is pending) or already gone
 
 
-_open_handles: "weakref.WeakSet[AsyncSaveState]" = weakref.WeakSet()
-
-
-@atexit.register
-def _drain_at_exit() -> None:
-    for handle in list(_open_handles):
-        try:
-            handle.close()
-        except Exception:
-            logger.exception("an Accelerate checkpoint failed while draining at interpreter exit")
-
-
 class AsyncSaveState:
     """Makes one Accelerator's save_state() asynchronous; see the module docstring.
 
@@ -178,7 +166,8 @@ class AsyncSaveState:
         accelerator.save_state = self.save_state
         accelerator.load_state = self._draining(self._originals["load_state"])
         accelerator.end_training = self._draining(self._originals["end_training"], close=True)
-        _open_handles.add(self)
+        self._open = True
+        drain.register(self, drain_on_sigterm=config.process_config.sigterm_drain_secs > 0)
 
     # -- the replacement methods
 
@@ -352,6 +341,12 @@ class AsyncSaveState:
             commit.exception()
         self._raise_error()
 
+    def drain_for_signal(self) -> None:
+        """Wait up to sigterm_drain_secs for pending commits; called from the SIGTERM handler."""
+        pending = list(self._commits)
+        if pending:
+            wait_futures(pending, timeout=self._config.process_config.sigterm_drain_secs)
+
     def _release(self) -> None:
         """Drain, then stop the writer process; the next save starts a new one."""
         try:
@@ -366,9 +361,10 @@ class AsyncSaveState:
 
     def close(self) -> None:
         """Drain, stop the writer process and give the accelerator its own methods back; idempotent."""
-        if self not in _open_handles:
+        if not self._open:
             return
-        _open_handles.discard(self)
+        self._open = False
+        drain.unregister(self)
         try:
             self._release()
         finally:

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import abc
-import atexit
 import glob
 import logging
 import os
-import signal
 import threading
-import weakref
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from typing import Any
 
+from . import drain
 from .errors import CheckpointerClosedError, WriterProcessDiedError
 from .process import CheckpointProcess
 from .reader import CheckpointReader
@@ -89,45 +87,6 @@ class SyncCheckpointer(Checkpointer):
             self._writer.close()
 
 
-_open_checkpointers: "weakref.WeakSet[AsyncCheckpointer]" = weakref.WeakSet()
-
-
-@atexit.register
-def _drain_at_exit() -> None:
-    # Saves still queued in this process would be lost with it: drain them before exit.
-    for checkpointer in list(_open_checkpointers):
-        try:
-            checkpointer.close()
-        except Exception:
-            logger.exception("a checkpoint failed while draining at interpreter exit")
-
-
-_sigterm_previous: Any = None
-_sigterm_installed = False
-
-
-def _install_sigterm_drain() -> None:
-    """On SIGTERM, finish pending writes (within each checkpointer's deadline), then run the
-    handler that was there before: the user's, Lightning's, or the default (exit)."""
-    global _sigterm_previous, _sigterm_installed
-    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
-        return
-    _sigterm_previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    _sigterm_installed = True
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    for checkpointer in list(_open_checkpointers):
-        checkpointer._drain_for_signal()
-    previous = _sigterm_previous
-    if callable(previous):
-        previous(signum, frame)
-    elif previous != signal.SIG_IGN:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 class AsyncCheckpointer(Checkpointer):
     """Saves cost the caller only the snapshot; a writer process persists them.
 
@@ -159,9 +118,7 @@ class AsyncCheckpointer(Checkpointer):
         self._sigterm_drain_secs = sigterm_drain_secs
         if isinstance(checkpoint_stager, DefaultStager):
             checkpoint_stager.pool.on_discard.append(checkpoint_process.forget_slab)
-        _open_checkpointers.add(self)
-        if sigterm_drain_secs > 0:
-            _install_sigterm_drain()
+        drain.register(self, drain_on_sigterm=sigterm_drain_secs > 0)
 
     def save(
         self,
@@ -267,8 +224,9 @@ class AsyncCheckpointer(Checkpointer):
         self._wait_for()
         self._raise_error()
 
-    def _drain_for_signal(self) -> None:
-        # In a signal handler: no locks (the interrupted code may hold them), bounded wait.
+    def drain_for_signal(self) -> None:
+        """Wait up to sigterm_drain_secs for pending writes; called from the SIGTERM handler."""
+        # No locks: the code the signal interrupted may hold them.
         pending = list(self._outstanding)
         if pending and self._sigterm_drain_secs > 0:
             logger.warning("SIGTERM: waiting up to %.0f s for %d checkpoint write(s)", self._sigterm_drain_secs, len(pending))
@@ -297,7 +255,7 @@ class AsyncCheckpointer(Checkpointer):
             self._wait_for()
         finally:
             self._closed = True
-            _open_checkpointers.discard(self)
+            drain.unregister(self)
             self._process.close()
             self._stager.close()
         self._raise_error()
