@@ -36,5 +36,23 @@ def sigterm(out: str) -> None:
     time.sleep(60)
 
 
+def accelerate_sigterm(out: str) -> None:
+    """As sigterm(), for an Accelerate checkpoint folder that is published after its files."""
+    from accelerate_ckpt import enable_async_checkpointing
+    from tests.accelerate_helpers import setup
+
+    def user_handler(signum, frame):
+        with open(os.path.join(out, "user_handler_ran"), "w") as f:
+            f.write(str(sorted(os.listdir(os.path.join(out, "ckpt"))) if os.path.isdir(os.path.join(out, "ckpt")) else []))
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, user_handler)
+    accelerator, *_ = setup()
+    enable_async_checkpointing(accelerator, commit_hook=SlowCommit(0.5))
+    accelerator.save_state(os.path.join(out, "ckpt"))
+    print("saved", flush=True)
+    time.sleep(60)
+
+
 if __name__ == "__main__":
-    {"orphan": orphan, "sigterm": sigterm}[sys.argv[1]](sys.argv[2])
+    {"orphan": orphan, "sigterm": sigterm, "accelerate_sigterm": accelerate_sigterm}[sys.argv[1]](sys.argv[2])

@@ -57,6 +57,15 @@ def test_sigterm_drains_pending_writes_then_runs_the_previous_handler(tmp_path):
     assert torch.all(torch.load(tmp_path / "ck" / "checkpoint_0.pt", weights_only=True)["w"] == 3.0)
 
 
+def test_sigterm_publishes_a_pending_accelerate_checkpoint_first(tmp_path):
+    trainer = _start("accelerate_sigterm", tmp_path)
+    assert trainer.stdout.readline().startswith("saved"), trainer.stderr.read()
+    trainer.send_signal(signal.SIGTERM)
+    assert trainer.wait(timeout=120) == 0, trainer.stderr.read()
+    seen = (tmp_path / "user_handler_ran").read_text()
+    assert "random_states_0.pkl" in seen and "model.safetensors" in seen, seen
+
+
 @pytest.fixture
 def tiny_filesystem(tmp_path):
     mount_point = tmp_path / "small"
