@@ -103,6 +103,21 @@ def _write_all(fd: int, view: memoryview, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
+def _write_chunks(
+    out: _DirectIO, chunks: list[_Chunk], executor: Executor | None, checksums: bool
+) -> list[tuple[_Chunk, str | None]]:
+    """Write every chunk at its offset, in parallel; each chunk with its digest (None without checksums)."""
+
+    def write_chunk(chunk: _Chunk) -> str | None:
+        out.pwrite(chunk.data, chunk.file_offset)
+        return _digest(buffer_of(chunk.data)) if checksums else None
+
+    # Largest first, so that one big tensor does not start last and finish alone.
+    by_size = sorted(chunks, key=lambda c: -c.data.numel())
+    digests = executor.map(write_chunk, by_size) if executor else map(write_chunk, by_size)
+    return list(zip(by_size, digests))
+
+
 def write_checkpoint_file(
     path: str,
     data_pkl: bytes,
@@ -161,15 +176,7 @@ def write_checkpoint_file(
 
     out = _DirectIO(path, use_direct_io)
     try:
-
-        def write_chunk(chunk: _Chunk) -> str | None:
-            out.pwrite(chunk.data, chunk.file_offset)
-            return _digest(buffer_of(chunk.data)) if checksums else None
-
-        # Largest first, so that one big tensor does not start last and finish alone.
-        by_size = sorted(chunks, key=lambda c: -c.data.numel())
-        digests = executor.map(write_chunk, by_size) if executor else map(write_chunk, by_size)
-        for chunk, digest in zip(by_size, digests):
+        for chunk, digest in _write_chunks(out, chunks, executor, checksums):
             if digest is not None:
                 manifest["storages"][chunk.key]["digests"][chunk.index] = digest
         final = json.dumps(manifest).encode()
@@ -201,8 +208,7 @@ def write_safetensors_file(
         offset += data.numel()
     out = _DirectIO(path, use_direct_io)
     try:
-        write = lambda chunk: out.pwrite(chunk.data, chunk.file_offset)  # noqa: E731
-        list(executor.map(write, chunks) if executor else map(write, chunks))
+        _write_chunks(out, chunks, executor, checksums=False)
         os.fsync(out.buffered)
     finally:
         out.close()
