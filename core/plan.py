@@ -56,10 +56,6 @@ class CheckpointPlan:
     slab_nbytes: int
     format: str = "torch"
 
-    @property
-    def tensor_nbytes(self) -> int:
-        return sum(s.nbytes for s in self.storages)
-
 
 @dataclass
 class CapturedState:

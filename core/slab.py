@@ -120,10 +120,6 @@ class SlabPool:
             callback(slab.slab_id)
         slab.close()
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(s.nbytes for s in self._all.values())
-
     def close(self) -> None:
         with self._changed:
             for slab in list(self._all.values()):

@@ -25,9 +25,6 @@ class StagedCheckpoint:
     slab: Slab
     _pool: SlabPool
 
-    def storage_bytes(self) -> list[torch.Tensor]:
-        return [self.slab.view(s.slab_offset, s.nbytes) for s in self.plan.storages]
-
     def release(self) -> None:
         self._pool.release(self.slab)
 
