@@ -17,7 +17,9 @@ from .config import (
     CheckpointStagerConfig,
     CheckpointWriterConfig,
 )
+from .commit import COMMIT_RECORD, CommitRecord, RankFile, read_commit_record
 from .errors import (
+    CheckpointCommitError,
     CheckpointError,
     CheckpointerClosedError,
     CheckpointNotFoundError,
@@ -25,7 +27,9 @@ from .errors import (
     CorruptCheckpointError,
     NotACheckpointError,
     UnsupportedFormatVersionError,
+    UncommittedCheckpointError,
     UnsupportedStateError,
+    WorldSizeMismatchError,
     WriterProcessDiedError,
 )
 from .process import CheckpointProcess
@@ -35,7 +39,8 @@ from .types import STATE_DICT, RankInfo, WriteResult
 from .writer import CheckpointWriter, WriterHook
 
 __all__ = [
-    "AsyncCheckpointer", "Barrier", "BarrierConfig", "BarrierTimeoutError", "CheckpointError",
+    "AsyncCheckpointer", "Barrier", "COMMIT_RECORD", "CheckpointCommitError", "CommitRecord", "RankFile",
+    "UncommittedCheckpointError", "WorldSizeMismatchError", "read_commit_record", "BarrierConfig", "BarrierTimeoutError", "CheckpointError",
     "CheckpointNotFoundError", "CheckpointProcess", "CheckpointProcessConfig", "CheckpointReader",
     "CheckpointStager", "CheckpointStagerConfig", "CheckpointWriteError", "CheckpointWriter",
     "CheckpointWriterConfig", "Checkpointer", "CheckpointerClosedError", "CheckpointerConfig",

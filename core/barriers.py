@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import abc
 import datetime
+import json
 import logging
 import os
 from typing import Any, Callable
 
 from .config import BarrierConfig
-from .errors import CheckpointError
+from .errors import BarrierTimeoutError
+from .types import RankInfo
 
 logger = logging.getLogger(__name__)
 
 BARRIER_REGISTRY: dict[str, Callable[..., "Barrier"]] = {}
-
-
-class BarrierTimeoutError(CheckpointError, TimeoutError):
-    """Not every rank reached the checkpoint barrier in time."""
 
 
 def register_barrier(name: str) -> Callable[[type], type]:
@@ -28,39 +26,63 @@ def register_barrier(name: str) -> Callable[[type], type]:
     return register
 
 
-def create_barrier_from_config(config: BarrierConfig) -> "Barrier | None":
-    """The barrier `config` names, built with its arguments, or None for no barrier."""
-    if config.barrier_type is None:
+def create_barrier_from_config(
+    config: BarrierConfig, rank_info: RankInfo, *, in_writer_process: bool, timeout_secs: float = 600
+) -> "Barrier | None":
+    """The barrier `config` names, built with its arguments, or None for no barrier.
+
+    "auto" resolves as BarrierConfig says; rank, world size and timeout default to the job's.
+    """
+    kind = config.barrier_type
+    if kind == "auto":
+        if rank_info.global_world_size == 1:
+            return None
+        kind = "tcp_store" if in_writer_process else "dist_barrier"
+    if kind is None:
         return None
-    if config.barrier_type not in BARRIER_REGISTRY:
-        raise ValueError(
-            f"unknown barrier_type {config.barrier_type!r}; choose one of {sorted(BARRIER_REGISTRY)} or None"
-        )
-    return BARRIER_REGISTRY[config.barrier_type](**config.barrier_args)
+    if kind not in BARRIER_REGISTRY:
+        raise ValueError(f"unknown barrier_type {kind!r}; choose one of {sorted(BARRIER_REGISTRY)}, 'auto' or None")
+    args = {"timeout_secs": timeout_secs, **config.barrier_args}
+    if kind == "tcp_store":
+        args = {"global_rank": rank_info.global_rank, "global_world_size": rank_info.global_world_size, **args}
+    return BARRIER_REGISTRY[kind](**args)
 
 
 class Barrier(abc.ABC):
-    """Blocks until every rank has called execute_barrier() for the same checkpoint."""
+    """Blocks until every rank has arrived for the same checkpoint, and shares one small value per rank."""
 
     @abc.abstractmethod
+    def exchange(self, payload: Any = None) -> list[Any]:
+        """Publish this rank's JSON-serialisable `payload`, wait for every rank's, return them by rank.
+
+        Raises BarrierTimeoutError naming the ranks that did not arrive within the timeout.
+        """
+
     def execute_barrier(self) -> None:
-        """Return once all ranks arrived; raise BarrierTimeoutError naming the missing ones otherwise."""
+        """Return once all ranks arrived (an exchange of nothing)."""
+        self.exchange(None)
 
 
 @register_barrier("dist_barrier")
 class DistBarrier(Barrier):
-    """torch.distributed barrier on `group` (default: the default process group).
+    """A barrier over torch.distributed, run by the process that owns the process group.
 
-    On a gloo group it uses monitored_barrier, which names the ranks that did not arrive.
-    Runs in the process that owns the group, so it suits SyncCheckpointer; the async writer
-    process uses TCPStoreBarrier.
+    group: the group to use; None uses the default group when its backend is gloo, and
+    otherwise a gloo group created here for checkpointing (every rank must build its
+    DistBarrier at the same point, as with any new group), so checkpoint traffic never
+    shares a group with training collectives and missing ranks can be named. Suits
+    SyncCheckpointer; the async writer process uses TCPStoreBarrier.
     """
 
     def __init__(self, group: Any = None, timeout_secs: float = 600) -> None:
-        self._group = group
-        self._timeout = datetime.timedelta(seconds=timeout_secs)
+        import torch.distributed as dist
 
-    def execute_barrier(self) -> None:
+        self._timeout = datetime.timedelta(seconds=timeout_secs)
+        if group is None and dist.get_backend() != "gloo":
+            group = dist.new_group(backend="gloo", timeout=self._timeout)
+        self._group = group
+
+    def exchange(self, payload: Any = None) -> list[Any]:
         import torch.distributed as dist
 
         if dist.get_backend(self._group) == "gloo":
@@ -70,6 +92,9 @@ class DistBarrier(Barrier):
                 raise BarrierTimeoutError(f"checkpoint barrier failed: {exc}") from exc
         else:
             dist.barrier(group=self._group)
+        payloads: list[Any] = [None] * dist.get_world_size(self._group)
+        dist.all_gather_object(payloads, payload, group=self._group)
+        return payloads
 
 
 @register_barrier("tcp_store")
@@ -77,8 +102,9 @@ class TCPStoreBarrier(Barrier):
     """A barrier over a TCPStore, usable from any process that can reach the store.
 
     By default it connects, as a client, to the store at MASTER_ADDR:MASTER_PORT that
-    torch.distributed already runs, under a key prefix of its own; pass `is_master=True` on
-    one rank to host a separate store.
+    torch.distributed already runs (torchrun and accelerate launch set both), under a key
+    prefix of its own; pass `is_master=True` on one rank to host a separate store. It
+    connects on first use.
     """
 
     def __init__(
@@ -91,32 +117,48 @@ class TCPStoreBarrier(Barrier):
         barrier_prefix: str = "async_ckpt/barrier",
         is_master: bool = False,
     ) -> None:
-        from torch.distributed import PrefixStore, TCPStore
-
         self._rank = global_rank
         self._world_size = global_world_size
         self._timeout = datetime.timedelta(seconds=timeout_secs)
-        store = TCPStore(
-            host or os.environ.get("MASTER_ADDR", "127.0.0.1"),
-            int(port or os.environ["MASTER_PORT"]),
-            world_size=global_world_size if is_master else None,
-            is_master=is_master,
-            timeout=self._timeout,
-            wait_for_workers=False,
-        )
-        self._store = PrefixStore(barrier_prefix, store)
+        self._host = host or os.environ.get("MASTER_ADDR", "127.0.0.1")
+        if port is None and "MASTER_PORT" not in os.environ:
+            raise ValueError(
+                "TCPStoreBarrier needs the store's port: pass port=..., or set MASTER_ADDR/MASTER_PORT "
+                "(torchrun and accelerate launch set both)"
+            )
+        self._port = int(port or os.environ["MASTER_PORT"])
+        self._is_master = is_master
+        self._prefix = barrier_prefix
+        self._store: Any = None
         self._generation = 0
 
-    def execute_barrier(self) -> None:
+    def _connect(self) -> Any:
+        if self._store is None:
+            from torch.distributed import PrefixStore, TCPStore
+
+            store = TCPStore(
+                self._host,
+                self._port,
+                world_size=self._world_size if self._is_master else None,
+                is_master=self._is_master,
+                timeout=self._timeout,
+                wait_for_workers=False,
+            )
+            self._store = PrefixStore(self._prefix, store)
+        return self._store
+
+    def exchange(self, payload: Any = None) -> list[Any]:
+        store = self._connect()
         generation = self._generation
         self._generation += 1
         keys = [f"{generation}/{rank}" for rank in range(self._world_size)]
-        self._store.set(keys[self._rank], "1")
+        store.set(keys[self._rank], json.dumps(payload))
         try:
-            self._store.wait(keys, self._timeout)
+            store.wait(keys, self._timeout)
         except Exception as exc:
-            missing = [rank for rank, key in enumerate(keys) if not self._store.check([key])]
+            missing = [rank for rank, key in enumerate(keys) if not store.check([key])]
             raise BarrierTimeoutError(
                 f"checkpoint barrier timed out after {self._timeout.total_seconds():.0f} s: "
                 f"ranks {missing} of {self._world_size} did not arrive ({exc})"
             ) from exc
+        return [json.loads(store.get(key)) for key in keys]

@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import os
 from typing import Any, Callable
 
 from .barriers import create_barrier_from_config
 from .checkpointer import AsyncCheckpointer, SyncCheckpointer
-from .config import CheckpointerConfig
+from .config import BarrierConfig, CheckpointerConfig
 from .process import CheckpointProcess, default_subprocess_init_fn, default_writer_init_fn
 from .reader import CheckpointReader
 from .staging import DefaultStager
 from .types import RankInfo, default_rank_info
 from .writer import CheckpointWriter, WriterHook
+
+
+_async_checkpointers_made = itertools.count()
+
+
+def _with_own_store_prefix(config: BarrierConfig) -> BarrierConfig:
+    """Give each async checkpointer of a job its own TCPStore keys (ranks create theirs in the same
+    order, so the n-th checkpointer of every rank gets the same prefix; a torchrun restart, new ones)."""
+    if config.barrier_type not in ("auto", "tcp_store") or "barrier_prefix" in config.barrier_args:
+        return config
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    prefix = f"async_ckpt/barrier/{attempt}/{next(_async_checkpointers_made)}"
+    return dataclasses.replace(config, barrier_args={**config.barrier_args, "barrier_prefix": prefix})
 
 
 def make_sync_checkpointer(
@@ -22,9 +38,11 @@ def make_sync_checkpointer(
     """A checkpointer that writes in the calling thread; rank from the process group by default."""
     config = config or CheckpointerConfig()
     rank_info = rank_info or default_rank_info()
-    writer = CheckpointWriter(
-        config.writer_config, rank_info, create_barrier_from_config(config.barrier_config), commit_hook
+    barrier = create_barrier_from_config(
+        config.barrier_config, rank_info, in_writer_process=False,
+        timeout_secs=config.writer_config.write_barrier_timeout_secs,
     )
+    writer = CheckpointWriter(config.writer_config, rank_info, barrier, commit_hook)
     return SyncCheckpointer(writer, CheckpointReader(rank_info))
 
 
@@ -40,8 +58,8 @@ def make_async_checkpointer(
     """A checkpointer whose saves return after the snapshot; a spawned process writes them.
 
     With the default writer factory, the worker's writer uses `config.writer_config`,
-    `config.barrier_config` (built inside the worker: use "tcp_store" there) and `commit_hook`
-    (which must be picklable).
+    `config.barrier_config` (built inside the worker: "auto" picks "tcp_store" there when
+    there are several ranks) and `commit_hook` (which must be picklable).
     """
     config = config or CheckpointerConfig()
     rank_info = rank_info or default_rank_info()
@@ -53,7 +71,7 @@ def make_async_checkpointer(
     if checkpoint_writer_init_args is None:
         checkpoint_writer_init_args = {
             "writer_config": config.writer_config,
-            "barrier_config": config.barrier_config,
+            "barrier_config": _with_own_store_prefix(config.barrier_config),
             "commit_hook": commit_hook,
         }
     process = CheckpointProcess(

@@ -41,7 +41,8 @@ class Checkpointer(abc.ABC):
     ) -> STATE_DICT:
         """Load the checkpoint at `path`: all of it, or only the keys of `state_dict`, in place.
 
-        kwargs: weights_only (default True), verify (default True).
+        kwargs: weights_only (default True), verify (default True), source_rank (load another
+        rank's file of a directory checkpoint; see CheckpointReader.read).
         """
 
     def wait(self) -> None:

@@ -67,6 +67,11 @@ class CheckpointWriterConfig:
     io_threads: parallel positioned writes (0: chosen from the CPU count).
     use_direct_io: O_DIRECT writes where the filesystem supports them (falls back silently).
     checksums: record xxh3-64 checksums in the manifest so that loads verify the bytes.
+    shared_filesystem: every rank sees the same checkpoint directory (NFS, Lustre, one machine).
+        False for per-node local disks: the first rank of each node (LOCAL_RANK 0) then writes
+        that node's commit record too.
+    write_barrier_timeout_secs: how long a rank waits for the others before a commit fails
+        (the default barrier's timeout).
     """
 
     layout: Literal["directory", "file"] = "directory"
@@ -75,6 +80,7 @@ class CheckpointWriterConfig:
     use_direct_io: bool = True
     checksums: bool = True
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    shared_filesystem: bool = True
 
     def __post_init__(self) -> None:
         _require(
@@ -116,9 +122,14 @@ class CheckpointProcessConfig:
 
 @dataclass
 class BarrierConfig:
-    """Which barrier runs before commit: None, "dist_barrier" or "tcp_store", with its arguments."""
+    """Which barrier holds the commit until every rank's files are durable, with its arguments.
 
-    barrier_type: str | None = None
+    "auto" (default): none for a single rank; with several, "tcp_store" for the async writer
+    process (a client of the MASTER_ADDR:MASTER_PORT store) and "dist_barrier" for
+    SyncCheckpointer (a gloo group of its own). None: no barrier (single rank only).
+    """
+
+    barrier_type: str | None = "auto"
     barrier_args: dict[str, Any] = field(default_factory=dict)
 
 

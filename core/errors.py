@@ -35,5 +35,21 @@ class WriterProcessDiedError(CheckpointWriteError):
     """The checkpoint writer process died while a write was pending."""
 
 
+class BarrierTimeoutError(CheckpointWriteError, TimeoutError):
+    """Not every rank reached the checkpoint barrier in time; the message names the missing ranks."""
+
+
 class CheckpointerClosedError(CheckpointError, RuntimeError):
     """The checkpointer was used after close()."""
+
+
+class UncommittedCheckpointError(CheckpointNotFoundError):
+    """The checkpoint directory was never committed (an interrupted or failed save): treat it as absent."""
+
+
+class CheckpointCommitError(CheckpointWriteError):
+    """The ranks could not agree to commit a checkpoint (a rank failed, or ranks saved to different paths)."""
+
+
+class WorldSizeMismatchError(CheckpointError):
+    """The checkpoint was written by a different number of ranks than the job loading it."""

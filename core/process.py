@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from .config import BarrierConfig, CheckpointProcessConfig, CheckpointWriterConfig
-from .errors import CheckpointWriteError, WriterProcessDiedError
+from .errors import BarrierTimeoutError, CheckpointCommitError, CheckpointWriteError, WriterProcessDiedError
 from .staging import StagedCheckpoint
 from .types import RankInfo, WriteResult
 from .writer import CheckpointWriter, WriterHook
@@ -51,8 +51,12 @@ def default_writer_init_fn(
     """Builds the worker's CheckpointWriter, with the barrier its config names."""
     from .barriers import create_barrier_from_config
 
-    barrier = create_barrier_from_config(barrier_config) if barrier_config else None
-    return CheckpointWriter(writer_config or CheckpointWriterConfig(), rank_info, barrier, commit_hook)
+    writer_config = writer_config or CheckpointWriterConfig()
+    barrier = create_barrier_from_config(
+        barrier_config or BarrierConfig(), rank_info, in_writer_process=True,
+        timeout_secs=writer_config.write_barrier_timeout_secs,
+    )
+    return CheckpointWriter(writer_config, rank_info, barrier, commit_hook)
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -130,10 +134,13 @@ def _write_one(writer: CheckpointWriter, slab: torch.Tensor, path: str, plan: An
         storage_bytes = [slab[s.slab_offset : s.slab_offset + s.nbytes] for s in plan.storages]
         return "done", writer.write_staged(path, plan, storage_bytes, **kwargs)
     except BaseException as exc:
-        return "error", f"{type(exc).__name__}: {exc}\n\nWriter traceback:\n{traceback.format_exc()}"
+        return "error", (type(exc).__name__, f"{type(exc).__name__}: {exc}\n\nWriter traceback:\n{traceback.format_exc()}")
 
 
 # ---------------------------------------------------------------- the trainer side
+
+# Writer errors that keep their type across the process boundary (others become CheckpointWriteError).
+_WRITE_ERRORS_BY_NAME = {cls.__name__: cls for cls in (BarrierTimeoutError, CheckpointCommitError)}
 
 
 def _wait(process: subprocess.Popen, timeout: float) -> bool:
@@ -341,7 +348,8 @@ class CheckpointProcess:
             if kind == "done":
                 future.set_result(payload)
             else:
-                future.set_exception(CheckpointWriteError(payload))
+                error_type, message = payload
+                future.set_exception(_WRITE_ERRORS_BY_NAME.get(error_type, CheckpointWriteError)(message))
         _wait(worker.process, 5)
         with self._lock:
             worker.alive = False

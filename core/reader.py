@@ -3,38 +3,96 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch._weights_only_unpickler import Unpickler as WeightsOnlyUnpickler
 
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError
+from .commit import CommitRecord, read_commit_record
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    NotACheckpointError,
+    UncommittedCheckpointError,
+    WorldSizeMismatchError,
+)
 from .file_format import CheckpointFile
 from .types import STATE_DICT, RankInfo
-from .writer import checkpoint_file_path
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_checkpoint_file(path: str, rank: int) -> str:
-    """The file holding `rank`'s checkpoint at `path`: the path itself, or PATH/checkpoint_<rank>.pt."""
+@dataclass(frozen=True)
+class ResolvedFile:
+    """The file one rank reads, and the write id its commit record expects in it (None: a plain file)."""
+
+    path: str
+    write_id: str | None = None
+
+
+def resolve_checkpoint_file(path: str, rank_info: RankInfo, source_rank: int | None = None) -> ResolvedFile:
+    """The file holding this rank's checkpoint at `path`: the path itself, or the directory's
+    file for this rank as its commit record lists it (see `_source_rank` for other world sizes)."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        candidate = checkpoint_file_path(path, "directory", rank)
+        record = read_commit_record(path)
+        entry = record.file_of(_source_rank(path, record, rank_info, source_rank))
+        candidate = os.path.join(path, entry.file)
         if not os.path.exists(candidate):
-            present = sorted(os.listdir(path))[:10]
             raise CheckpointNotFoundError(
-                f"no checkpoint for rank {rank} in directory {path!r}: expected {os.path.basename(candidate)}, "
-                f"found {present or 'nothing'}. Was it written with another layout or world size?"
+                f"checkpoint {path!r} is committed but rank {entry.rank}'s file {entry.file} is not here. With "
+                "per-node local disks each node holds only its own ranks' files: load on the node that wrote it"
             )
-        return candidate
+        return ResolvedFile(candidate, entry.write_id)
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"no checkpoint at {path!r}: no such file or directory")
-    return path
+    return ResolvedFile(path)
+
+
+def _source_rank(path: str, record: CommitRecord, rank_info: RankInfo, source_rank: int | None) -> int:
+    """Whose file this rank loads: its own with the same world size; rank 0's when the checkpoint
+    has one rank or every rank saved the same state (as DDP ranks do); else `source_rank`."""
+    if source_rank is not None:
+        if not 0 <= source_rank < record.world_size:
+            raise ValueError(f"source_rank={source_rank}, but checkpoint {path!r} has ranks 0..{record.world_size - 1}")
+        return source_rank
+    if record.world_size == rank_info.global_world_size:
+        return rank_info.global_rank
+    if record.world_size == 1:
+        return 0
+    if _replicated(path, record):
+        logger.info(
+            "checkpoint %s: written by %d ranks with identical state; loading rank 0's on %d ranks",
+            path, record.world_size, rank_info.global_world_size,
+        )
+        return 0
+    raise WorldSizeMismatchError(
+        f"checkpoint {path!r} was written by {record.world_size} ranks and this job has "
+        f"{rank_info.global_world_size}. Its ranks saved different state (sharded, or per-rank values), which "
+        "cannot be re-split here. Load it with the same number of ranks, or pass source_rank=k to give every "
+        "rank the state rank k saved (right when the state is replicated, e.g. a DDP model and optimizer)"
+    )
+
+
+def _replicated(path: str, record: CommitRecord) -> bool:
+    """Whether every rank's file holds the same bytes, judged from their manifests' checksums."""
+    summaries = []
+    for entry in record.files:
+        try:
+            manifest = CheckpointFile(os.path.join(path, entry.file)).manifest
+        except CheckpointError:
+            return False
+        if manifest is None or manifest.get("checksum") is None:
+            return False
+        summaries.append((manifest["data.pkl"]["digest"], json.dumps(manifest["storages"], sort_keys=True)))
+    return len(set(summaries)) == 1
 
 
 class _LazyStorages:
@@ -163,16 +221,24 @@ class CheckpointReader:
         strict: bool = False,
         weights_only: bool = True,
         verify: bool = True,
+        source_rank: int | None = None,
     ) -> tuple[Any, list[str]]:
         """Load a checkpoint; returns (state dict, missing keys).
 
         Without `state_dict`: the whole checkpoint. With one: only its keys are read, copied in
         place into its tensors (a shape or dtype mismatch raises ValueError naming the key),
         and only the bytes of those tensors are read. `strict=True` raises KeyError on keys
-        of `state_dict` that the checkpoint lacks.
+        of `state_dict` that the checkpoint lacks. A directory checkpoint must be committed;
+        each rank reads its own file, and `source_rank` picks another rank's (see
+        resolve_checkpoint_file for loads on a different number of ranks).
         """
-        file_path = resolve_checkpoint_file(path, self._rank_info.global_rank)
-        ckpt = CheckpointFile(file_path)
+        resolved = resolve_checkpoint_file(path, self._rank_info, source_rank)
+        ckpt = CheckpointFile(resolved.path)
+        if resolved.write_id is not None and (ckpt.manifest or {}).get("write_id") != resolved.write_id:
+            raise UncommittedCheckpointError(
+                f"checkpoint {os.fspath(path)!r} is not committed: {resolved.path} comes from a later save to the same "
+                "path than its commit record, which did not finish. Resume from an earlier checkpoint"
+            )
         storages = _LazyStorages()
         loaded = self._unpickle(ckpt, storages, weights_only, verify)
         if state_dict is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,10 +11,15 @@ STATE_DICT = dict[str, Any]
 
 @dataclass(frozen=True)
 class RankInfo:
-    """Where this process sits in a (possibly single-process) job."""
+    """Where this process sits in a (possibly single-process) job.
+
+    local_rank: its index among the ranks of its machine (None: unknown); with per-node local
+    disks the first rank of each node writes that node's commit record.
+    """
 
     global_rank: int
     global_world_size: int
+    local_rank: int | None = None
 
     def __post_init__(self) -> None:
         if self.global_world_size < 1:
@@ -25,12 +31,16 @@ class RankInfo:
 
 
 def default_rank_info() -> RankInfo:
-    """RankInfo of the default process group when one is initialised, else a single rank."""
+    """RankInfo of the default process group when one is initialised, else a single rank.
+
+    The local rank comes from LOCAL_RANK, which torchrun and accelerate launch set.
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        return RankInfo(global_rank=dist.get_rank(), global_world_size=dist.get_world_size())
-    return RankInfo(global_rank=0, global_world_size=1)
+        local = os.environ.get("LOCAL_RANK")
+        return RankInfo(dist.get_rank(), dist.get_world_size(), int(local) if local is not None else None)
+    return RankInfo(global_rank=0, global_world_size=1, local_rank=0)
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,15 @@ import abc
 import logging
 import os
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from typing import Any, Sequence
 
 import torch
 
-from .barriers import Barrier
+from .barriers import Barrier, BarrierTimeoutError
+from .commit import CommitRecord, RankFile, new_write_id, write_commit_record
+from .errors import CheckpointCommitError, CheckpointError
 from .config import CheckpointWriterConfig
 from .file_format import fsync_directory, write_checkpoint_file, write_safetensors_file
 from .plan import CheckpointPlan, capture
@@ -58,6 +60,17 @@ class CheckpointWriter:
         self._rank_info = rank_info
         self._barrier = barrier
         self._commit_hook = commit_hook
+        if rank_info.global_world_size > 1:
+            if config.layout != "directory":
+                raise ValueError(
+                    f"layout {config.layout!r} writes one file at the path, but this job has "
+                    f"{rank_info.global_world_size} ranks; use layout='directory' (each rank writes PATH/checkpoint_<rank>.pt)"
+                )
+            if barrier is None:
+                raise ValueError(
+                    f"a checkpoint written by {rank_info.global_world_size} ranks needs a barrier to commit it; "
+                    "leave BarrierConfig at its default ('auto') or name 'dist_barrier' or 'tcp_store'"
+                )
         self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
             config.threads, thread_name_prefix="async-ckpt-io"
         )
@@ -75,34 +88,53 @@ class CheckpointWriter:
     def write_staged(
         self, path: str, plan: CheckpointPlan, storage_bytes: Sequence[torch.Tensor], **kwargs: Any
     ) -> WriteResult:
-        """Write a planned checkpoint whose storage bytes are `storage_bytes` (CPU uint8) and commit it."""
+        """Write a planned checkpoint whose storage bytes are `storage_bytes` (CPU uint8) and commit it.
+
+        Keyword arguments reach the commit hook; those with plain values (str, int, float, bool)
+        are also recorded as the checkpoint's metadata (e.g. step=100).
+        """
         if self._executor is None:
             raise RuntimeError("CheckpointWriter is closed")
         start = time.perf_counter()
-        final = checkpoint_file_path(os.fspath(path), self._config.layout, self._rank_info.global_rank)
+        path = os.fspath(path)
+        final = checkpoint_file_path(path, self._config.layout, self._rank_info.global_rank)
         directory = os.path.dirname(os.path.abspath(final))
         os.makedirs(directory, exist_ok=True)
-        temporary = os.path.join(directory, f".{os.path.basename(final)}.{uuid.uuid4().hex[:12]}.tmp")
+        temporary = os.path.join(directory, f".{os.path.basename(final)}.{new_write_id()[:12]}.tmp")
+        write_id = new_write_id()
+        metadata = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}
         try:
-            # Created private; given the usual permissions only when it takes its final name.
-            os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-            nbytes = self._write_file(temporary, plan, storage_bytes)
-            self._commit(path, temporary, final, directory, **kwargs)
+            try:
+                # Created private; given the usual permissions only when it takes its final name.
+                os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+                nbytes = self._write_file(temporary, plan, storage_bytes, write_id, metadata)
+                if self._commit_hook is not None:
+                    self._commit_hook.pre_commit(path, **kwargs)
+            except BaseException as exc:
+                self._tell_peers_of_failure(path, exc)
+                raise
+            mine = RankFile(self._rank_info.global_rank, os.path.basename(final), nbytes, write_id)
+            files = self._agree(path, mine)
+            self._publish(temporary, final, directory, files, metadata)
         except BaseException as exc:
             if os.path.exists(temporary):
                 os.unlink(temporary)
-            if isinstance(exc, OSError) and exc.filename is None:
+            if isinstance(exc, OSError) and not isinstance(exc, CheckpointError) and exc.filename is None:
                 # e.g. ENOSPC from a write: say which checkpoint it was
                 raise OSError(exc.errno, f"{exc.strerror} while writing checkpoint {final}") from exc
             raise
+        if self._commit_hook is not None:
+            self._commit_hook.post_commit(path, **kwargs)
         seconds = time.perf_counter() - start
         logger.info(
             "checkpoint %s committed: %.1f MB in %.3f s (%.2f GB/s)",
             final, nbytes / 1e6, seconds, nbytes / max(seconds, 1e-9) / 1e9,
         )
-        return WriteResult(path=os.fspath(path), files=(final,), nbytes=nbytes, write_seconds=seconds)
+        return WriteResult(path=path, files=(final,), nbytes=nbytes, write_seconds=seconds)
 
-    def _write_file(self, path: str, plan: CheckpointPlan, storage_bytes: Sequence[torch.Tensor]) -> int:
+    def _write_file(
+        self, path: str, plan: CheckpointPlan, storage_bytes: Sequence[torch.Tensor], write_id: str, metadata: dict
+    ) -> int:
         io_options = dict(
             executor=self._executor, use_direct_io=self._config.use_direct_io, chunk_bytes=self._config.chunk_bytes
         )
@@ -113,20 +145,65 @@ class CheckpointWriter:
             plan.structure,
             storage_bytes,
             checksums=self._config.checksums,
-            extra_metadata={"rank": self._rank_info.global_rank, "world_size": self._rank_info.global_world_size},
+            extra_metadata={
+                "rank": self._rank_info.global_rank,
+                "world_size": self._rank_info.global_world_size,
+                "write_id": write_id,
+                "metadata": metadata,
+            },
             **io_options,
         )
 
-    def _commit(self, path: str, temporary: str, final: str, directory: str, **kwargs: Any) -> None:
-        if self._commit_hook is not None:
-            self._commit_hook.pre_commit(path, **kwargs)
-        if self._barrier is not None:
-            self._barrier.execute_barrier()
+    def _tell_peers_of_failure(self, path: str, exc: BaseException) -> None:
+        """Let the other ranks fail this save now, with this rank's reason, instead of at their timeout."""
+        if self._barrier is None or isinstance(exc, BarrierTimeoutError):
+            return
+        try:
+            self._barrier.exchange({"path": os.path.normpath(path), "error": f"{type(exc).__name__}: {exc}"})
+        except BarrierTimeoutError:
+            pass
+
+    def _agree(self, path: str, mine: RankFile) -> list[RankFile]:
+        """Wait until every rank's file is durable; every rank must be saving the same path."""
+        if self._barrier is None:
+            return [mine]
+        payloads = self._barrier.exchange({"path": os.path.normpath(path), "file": asdict(mine)})
+        failed = {rank: p["error"] for rank, p in enumerate(payloads) if p.get("error")}
+        if failed:
+            raise CheckpointCommitError(
+                f"checkpoint {path!r} was not committed: rank(s) {sorted(failed)} failed to write their part: {failed}"
+            )
+        paths: dict[str, list[int]] = {}
+        for rank, payload in enumerate(payloads):
+            paths.setdefault(payload["path"], []).append(rank)
+        if len(paths) > 1:
+            raise CheckpointCommitError(
+                f"ranks saved to different paths in the same save ({paths}); every rank must call save() with "
+                "the same path at the same point of training. Nothing was committed"
+            )
+        return [RankFile(**payload["file"]) for payload in payloads]
+
+    def _publish(self, temporary: str, final: str, directory: str, files: list[RankFile], metadata: dict) -> None:
+        """Give this rank's file its final name; in the directory layout, commit once every rank has."""
         os.chmod(temporary, 0o666 & ~_UMASK)
         os.replace(temporary, final)
         fsync_directory(directory)
-        if self._commit_hook is not None:
-            self._commit_hook.post_commit(path, **kwargs)
+        if self._config.layout != "directory":
+            return
+        try:
+            if self._barrier is not None:
+                self._barrier.execute_barrier()
+            if self._writes_commit_record:
+                record = CommitRecord(self._rank_info.global_world_size, tuple(files), metadata=metadata)
+                write_commit_record(directory, record)
+        except BaseException:
+            os.unlink(final)
+            raise
+
+    @property
+    def _writes_commit_record(self) -> bool:
+        info = self._rank_info
+        return info.global_rank == 0 or (not self._config.shared_filesystem and info.local_rank == 0)
 
     def close(self) -> None:
         """Stop the I/O threads; idempotent."""

@@ -114,3 +114,13 @@ class SlowCommit:
 
     def post_commit(self, path, **kwargs):
         pass
+
+
+class FailingCommit:
+    """A picklable WriterHook whose pre_commit fails, as a rank's broken write would."""
+
+    def pre_commit(self, path, **kwargs):
+        raise RuntimeError("injected failure before commit")
+
+    def post_commit(self, path, **kwargs):
+        pass

@@ -74,7 +74,7 @@ def test_missing_path(tmp_path, ckpt):
     with pytest.raises(CheckpointNotFoundError, match="does-not-exist"):
         ckpt.load(tmp_path / "does-not-exist")
     (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(CheckpointNotFoundError, match="checkpoint_0.pt"):
+    with pytest.raises(CheckpointNotFoundError, match="not committed: it has no commit.json"):
         ckpt.load(tmp_path / "empty_dir")
 
 
