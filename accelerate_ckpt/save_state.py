@@ -198,7 +198,7 @@ class AsyncSaveState:
             staged.result()
             writes.append(written)
         self._generation += 1
-        commit = CommitVote(accelerator.process_index, accelerator.num_processes, f"{final}#{self._generation}",
+        commit = CommitVote(accelerator.process_index, accelerator.num_processes, final, self._generation,
                             self._config.writer_config.write_barrier_timeout_secs)
         self._submit_commit(writes, commit, staging, final)
         accelerator.project_configuration.iteration += 1
@@ -285,7 +285,7 @@ class AsyncSaveState:
             else:
                 shutil.rmtree(staging, ignore_errors=True)
             _remove_if_empty(os.path.dirname(staging))
-        vote.wait_published(self._is_committer(), all_ok)
+        vote.wait_published(all_ok)
         if failure is not None:
             raise failure
         if not all_ok:
