@@ -16,6 +16,7 @@ import random
 import re
 import shutil
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -41,9 +42,11 @@ from core import (
     AsyncCheckpointer,
     CheckpointerConfig,
     CheckpointStagerConfig,
+    CheckpointStats,
     CheckpointWriteError,
     CheckpointWriterConfig,
     RankInfo,
+    WriteResult,
     WriterHook,
     make_async_checkpointer,
 )
@@ -135,6 +138,12 @@ def _dataloader_files(dataloader: Any, index: int) -> list[_File]:
     return files
 
 
+@dataclass
+class _Timing:
+    start: float
+    blocking_seconds: float
+
+
 def _remove_if_empty(directory: str) -> None:
     try:
         os.rmdir(directory)
@@ -161,6 +170,8 @@ class AsyncSaveState:
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._generation = 0
+        self.stats = CheckpointStats()
+        self._logged_saves = 0
         self._originals = {name: getattr(accelerator, name) for name in ("save_state", "load_state", "end_training")}
         self._overridden = {name for name in self._originals if name in vars(accelerator)}
         accelerator.save_state = self.save_state
@@ -174,6 +185,8 @@ class AsyncSaveState:
     def save_state(self, output_dir: str | None = None, safe_serialization: bool = True, **save_model_func_kwargs: Any) -> Path:
         """Snapshot everything accelerator.save_state() saves and return; the files follow."""
         self._raise_error()
+        self._log_to_trackers()
+        start = time.perf_counter()
         accelerator = self._accelerator
         final = self._final_dir(output_dir)
         staging = self._staging_dir(final)
@@ -200,7 +213,7 @@ class AsyncSaveState:
         self._generation += 1
         commit = CommitVote(accelerator.process_index, accelerator.num_processes, final, self._generation,
                             self._config.writer_config.write_barrier_timeout_secs)
-        self._submit_commit(writes, commit, staging, final)
+        self._submit_commit(writes, commit, staging, final, _Timing(start, time.perf_counter() - start))
         accelerator.project_configuration.iteration += 1
         return Path(final)
 
@@ -210,6 +223,7 @@ class AsyncSaveState:
                 self._release()
             else:
                 self.wait()
+            self._log_to_trackers()
             return original(*args, **kwargs)
 
         call.__doc__ = original.__doc__
@@ -268,14 +282,14 @@ class AsyncSaveState:
             self._committer = ThreadPoolExecutor(1, thread_name_prefix="async-ckpt-accelerate-commit")
         return self._checkpointer
 
-    def _submit_commit(self, writes: list[Future], vote: CommitVote, staging: str, final: str) -> None:
+    def _submit_commit(self, writes: list[Future], vote: CommitVote, staging: str, final: str, timing: "_Timing") -> None:
         assert self._committer is not None
-        commit = self._committer.submit(self._commit, writes, vote, staging, final)
+        commit = self._committer.submit(self._commit, writes, vote, staging, final, timing)
         commit.add_done_callback(self._record_error)
         with self._lock:
             self._commits.append(commit)
 
-    def _commit(self, writes: list[Future], vote: CommitVote, staging: str, final: str) -> None:
+    def _commit(self, writes: list[Future], vote: CommitVote, staging: str, final: str, timing: "_Timing") -> None:
         errors = [f.exception() for f in writes]  # every file finished, not just up to the first failure
         failure = next((e for e in errors if e is not None), None)
         all_ok = vote.cast(failure is None)
@@ -290,7 +304,29 @@ class AsyncSaveState:
             raise failure
         if not all_ok:
             raise CheckpointWriteError(f"checkpoint {final} was not committed: another rank failed to write its files")
-        logger.info("checkpoint %s committed", final)
+        written = [f.result() for f in writes]
+        result = WriteResult(
+            path=final,
+            files=tuple(os.path.join(final, os.path.basename(w.path)) for w in written),
+            nbytes=sum(w.nbytes for w in written),
+            write_seconds=max(w.write_seconds for w in written),
+            blocking_seconds=timing.blocking_seconds,
+            persist_seconds=time.perf_counter() - timing.start,
+        )
+        with self._lock:
+            self.stats.record(result)
+        logger.info(
+            "checkpoint %s committed: blocked %.3f s, %.1f MB durable after %.3f s",
+            final, result.blocking_seconds, result.nbytes / 1e6, result.persist_seconds,
+        )
+
+    def _log_to_trackers(self) -> None:
+        """Log the last committed checkpoint's numbers to the accelerator's trackers, once (main thread)."""
+        with self._lock:
+            last, saves = self.stats.last, self.stats.saves
+        if last is not None and saves > self._logged_saves and self._accelerator.trackers:
+            self._accelerator.log(last.metrics())
+            self._logged_saves = saves
 
     def _publish(self, staging: str, final: str) -> None:
         replaced = None

@@ -12,11 +12,13 @@ from .barriers import Barrier, BarrierConfig, BarrierTimeoutError, DistBarrier, 
 from .builder import make_async_checkpointer, make_sync_checkpointer
 from .checkpointer import AsyncCheckpointer, Checkpointer, SyncCheckpointer
 from .config import (
+    RetentionConfig,
     CheckpointerConfig,
     CheckpointProcessConfig,
     CheckpointStagerConfig,
     CheckpointWriterConfig,
 )
+from .catalog import CheckpointInfo, describe_checkpoint, find_latest, list_checkpoints, read_latest
 from .commit import COMMIT_RECORD, CommitRecord, RankFile, read_commit_record
 from .errors import (
     CheckpointCommitError,
@@ -35,11 +37,12 @@ from .errors import (
 from .process import CheckpointProcess
 from .reader import CheckpointReader
 from .staging import CheckpointStager, DefaultStager, StagedCheckpoint
-from .types import STATE_DICT, RankInfo, WriteResult
+from .types import STATE_DICT, CheckpointStats, RankInfo, WriteResult
 from .writer import CheckpointWriter, WriterHook
 
 __all__ = [
-    "AsyncCheckpointer", "Barrier", "COMMIT_RECORD", "CheckpointCommitError", "CommitRecord", "RankFile",
+    "AsyncCheckpointer", "Barrier", "CheckpointStats", "CheckpointInfo", "RetentionConfig",
+    "describe_checkpoint", "find_latest", "list_checkpoints", "read_latest", "COMMIT_RECORD", "CheckpointCommitError", "CommitRecord", "RankFile",
     "UncommittedCheckpointError", "WorldSizeMismatchError", "read_commit_record", "BarrierConfig", "BarrierTimeoutError", "CheckpointError",
     "CheckpointNotFoundError", "CheckpointProcess", "CheckpointProcessConfig", "CheckpointReader",
     "CheckpointStager", "CheckpointStagerConfig", "CheckpointWriteError", "CheckpointWriter",

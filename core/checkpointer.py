@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 import glob
 import logging
 import os
 import threading
+import time
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from typing import Any
@@ -16,7 +18,7 @@ from .errors import CheckpointerClosedError, WriterProcessDiedError
 from .process import CheckpointProcess
 from .reader import CheckpointReader
 from .staging import CheckpointStager, DefaultStager, StagedCheckpoint
-from .types import STATE_DICT, WriteResult
+from .types import STATE_DICT, CheckpointStats, WriteResult
 from .writer import CheckpointWriter, checkpoint_file_path
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,15 @@ class Checkpointer(abc.ABC):
         self.close()
 
 
+def _record(stats: CheckpointStats, result: WriteResult) -> None:
+    stats.record(result)
+    logger.info(
+        "checkpoint %s: blocked %.3f s, %.1f MB durable after %.3f s (written at %.2f GB/s%s)",
+        result.path, result.blocking_seconds, result.nbytes / 1e6, result.persist_seconds, result.throughput_gbps,
+        f", {result.reused_nbytes / 1e6:.1f} MB reused" if result.reused_nbytes else "",
+    )
+
+
 def _load(reader: CheckpointReader, path: str, state_dict: STATE_DICT | None, map_location: Any, strict: bool, **kwargs: Any) -> STATE_DICT:
     loaded, _missing = reader.read(path, state_dict, map_location=map_location, strict=strict, **kwargs)
     return loaded
@@ -71,12 +82,18 @@ class SyncCheckpointer(Checkpointer):
         self._writer = writer
         self._reader = reader
         self._closed = False
+        self.stats = CheckpointStats()
 
-    def save(self, path: str, state_dict: STATE_DICT, *, file_format: str = "torch", **kwargs: Any) -> None:
+    def save(self, path: str, state_dict: STATE_DICT, *, file_format: str = "torch", **kwargs: Any) -> WriteResult:
         """Write and commit `state_dict` at `path`; on error nothing is left under the final name."""
         if self._closed:
             raise CheckpointerClosedError("save() on a closed SyncCheckpointer; create a new one")
-        self._writer.write(path, state_dict, file_format, **kwargs)
+        start = time.perf_counter()
+        result = self._writer.write(path, state_dict, file_format, **kwargs)
+        elapsed = time.perf_counter() - start
+        result = dataclasses.replace(result, blocking_seconds=elapsed, persist_seconds=elapsed)
+        _record(self.stats, result)
+        return result
 
     def load(self, path: str, state_dict: STATE_DICT | None = None, *, default_map_location: Any = None,
              strict: bool = False, **kwargs: Any) -> STATE_DICT:
@@ -95,7 +112,8 @@ class AsyncCheckpointer(Checkpointer):
     change every tensor and container it passed; the checkpoint holds the values at the
     call. write_future resolves to a WriteResult once the checkpoint is durable and
     committed, or fails with the writer's error. A failed write is also raised, once, by the
-    next save(), wait() or close(), whichever comes first.
+    next save(), wait() or close(), whichever comes first. `stats` holds the totals of
+    committed saves; each one is logged at INFO.
     """
 
     def __init__(
@@ -117,6 +135,7 @@ class AsyncCheckpointer(Checkpointer):
         self._error: BaseException | None = None
         self._closed = False
         self._sigterm_drain_secs = sigterm_drain_secs
+        self.stats = CheckpointStats()
         if isinstance(checkpoint_stager, DefaultStager):
             checkpoint_stager.pool.on_discard.append(checkpoint_process.forget_slab)
         drain.register(self, drain_on_sigterm=sigterm_drain_secs > 0)
@@ -140,6 +159,7 @@ class AsyncCheckpointer(Checkpointer):
         if self._closed:
             raise CheckpointerClosedError("save() on a closed AsyncCheckpointer; create a new one")
         self._raise_error()
+        start = time.perf_counter()
         path = os.fspath(path)
         write_future: Future[WriteResult] = Future()
         with self._lock:
@@ -151,7 +171,7 @@ class AsyncCheckpointer(Checkpointer):
             write_future.set_exception(exc)
             self._clear_error(exc)
             raise
-        stage_future.add_done_callback(lambda f: self._write_staged(f, path, kwargs, write_future))
+        stage_future.add_done_callback(lambda f: self._write_staged(f, path, kwargs, write_future, start))
         return stage_future, write_future
 
     def prepare(self, state_dict: STATE_DICT, *, file_format: str = "torch") -> Future[None]:
@@ -166,7 +186,10 @@ class AsyncCheckpointer(Checkpointer):
         done.set_result(None)
         return done
 
-    def _write_staged(self, stage_future: Future, path: str, kwargs: dict, write_future: Future) -> None:
+    def _write_staged(
+        self, stage_future: Future, path: str, kwargs: dict, write_future: Future, start: float
+    ) -> None:
+        blocking_seconds = time.perf_counter() - start
         error = stage_future.exception()
         if error is not None:
             write_future.set_exception(error)
@@ -186,7 +209,12 @@ class AsyncCheckpointer(Checkpointer):
                     self._remove_temporaries(path)
                 write_future.set_exception(done.exception())
             else:
-                write_future.set_result(done.result())
+                result = dataclasses.replace(
+                    done.result(), blocking_seconds=blocking_seconds, persist_seconds=time.perf_counter() - start
+                )
+                with self._lock:
+                    _record(self.stats, result)
+                write_future.set_result(result)
 
         written.add_done_callback(finish)
 

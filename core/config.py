@@ -60,6 +60,26 @@ class CheckpointStagerConfig:
 
 
 @dataclass
+class RetentionConfig:
+    """What the writer does in a checkpoint's parent directory after each commit.
+
+    update_latest: point PARENT/latest at the new checkpoint. keep_last: keep the newest K
+    complete checkpoints there and delete older ones (None: keep all); keep_every: also keep
+    those whose step is a multiple of N (step from save(..., step=N) or the name). Only
+    checkpoints older than the one just committed are deleted, never an incomplete one (it may
+    still be written) and never one a reader holds (it is retried after the next commit).
+    """
+
+    keep_last: int | None = None
+    keep_every: int | None = None
+    update_latest: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.keep_last is None or self.keep_last >= 1, f"RetentionConfig.keep_last must be >= 1 or None, got {self.keep_last}")
+        _require(self.keep_every is None or self.keep_every >= 1, f"RetentionConfig.keep_every must be >= 1 or None, got {self.keep_every}")
+
+
+@dataclass
 class CheckpointWriterConfig:
     """How bytes reach the disk.
 
@@ -72,6 +92,7 @@ class CheckpointWriterConfig:
         that node's commit record too.
     write_barrier_timeout_secs: how long a rank waits for the others before a commit fails
         (the default barrier's timeout).
+    retention: the `latest` pointer and which older checkpoints to delete (None: neither).
     """
 
     layout: Literal["directory", "file"] = "directory"
@@ -81,6 +102,7 @@ class CheckpointWriterConfig:
     checksums: bool = True
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     shared_filesystem: bool = True
+    retention: RetentionConfig | None = None
 
     def __post_init__(self) -> None:
         _require(

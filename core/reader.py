@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch._weights_only_unpickler import Unpickler as WeightsOnlyUnpickler
 
+from .catalog import reading
 from .commit import CommitRecord, read_commit_record
 from .errors import (
     CheckpointError,
@@ -232,6 +233,19 @@ class CheckpointReader:
         each rank reads its own file, and `source_rank` picks another rank's (see
         resolve_checkpoint_file for loads on a different number of ranks).
         """
+        with reading(path):
+            return self._read(path, state_dict, map_location, strict, weights_only, verify, source_rank)
+
+    def _read(
+        self,
+        path: str,
+        state_dict: STATE_DICT | None,
+        map_location: Any,
+        strict: bool,
+        weights_only: bool,
+        verify: bool,
+        source_rank: int | None,
+    ) -> tuple[Any, list[str]]:
         resolved = resolve_checkpoint_file(path, self._rank_info, source_rank)
         ckpt = CheckpointFile(resolved.path)
         if resolved.write_id is not None and (ckpt.manifest or {}).get("write_id") != resolved.write_id:
@@ -245,6 +259,14 @@ class CheckpointReader:
             self._fill(ckpt, storages, set(storages.by_key), loaded, verify)
             return _apply_map_location(loaded, storages.by_key, map_location), []
         return self._read_into(ckpt, storages, loaded, state_dict, strict, verify)
+
+    def read_structure(self, path: str, *, source_rank: int | None = None, weights_only: bool = True) -> Any:
+        """The checkpoint's objects with every tensor's shape and dtype, without reading tensor bytes
+        (tensor values are undefined): what `inspect` shows."""
+        with reading(path):
+            resolved = resolve_checkpoint_file(path, self._rank_info, source_rank)
+            ckpt = CheckpointFile(resolved.path)
+            return self._unpickle(ckpt, _LazyStorages(), weights_only, verify=True)
 
     def _unpickle(self, ckpt: CheckpointFile, storages: _LazyStorages, weights_only: bool, verify: bool) -> Any:
         data = ckpt.data_pkl(verify=verify)

@@ -45,13 +45,52 @@ def default_rank_info() -> RankInfo:
 
 @dataclass(frozen=True)
 class WriteResult:
-    """What one committed save cost; the value of a completed write future."""
+    """What one committed save cost; the value of a completed write future.
+
+    nbytes: tensor bytes in the checkpoint; write_seconds: the writer's time from the first
+    byte to the commit; blocking_seconds: how long save() held the caller (the snapshot);
+    persist_seconds: from the save() call until the checkpoint was durable and committed.
+    reused_nbytes: bytes an incremental save took from the previous checkpoint instead of
+    copying and writing them again.
+    """
 
     path: str
     files: tuple[str, ...]
     nbytes: int
     write_seconds: float
+    blocking_seconds: float = 0.0
+    persist_seconds: float = 0.0
+    reused_nbytes: int = 0
 
     @property
     def throughput_gbps(self) -> float:
         return self.nbytes / self.write_seconds / 1e9 if self.write_seconds > 0 else float("inf")
+
+    def metrics(self, prefix: str = "checkpoint/") -> dict[str, float]:
+        """This save's numbers under logger-friendly names (Lightning's log_dict, Accelerate's log)."""
+        return {
+            f"{prefix}blocking_s": self.blocking_seconds,
+            f"{prefix}persist_s": self.persist_seconds,
+            f"{prefix}write_s": self.write_seconds,
+            f"{prefix}size_mb": self.nbytes / 1e6,
+            f"{prefix}write_gbps": self.throughput_gbps,
+            f"{prefix}reused_mb": self.reused_nbytes / 1e6,
+        }
+
+
+@dataclass
+class CheckpointStats:
+    """Running totals of a checkpointer's committed saves, and the last one."""
+
+    saves: int = 0
+    nbytes: int = 0
+    blocking_seconds: float = 0.0
+    persist_seconds: float = 0.0
+    last: WriteResult | None = None
+
+    def record(self, result: WriteResult) -> None:
+        self.saves += 1
+        self.nbytes += result.nbytes
+        self.blocking_seconds += result.blocking_seconds
+        self.persist_seconds += result.persist_seconds
+        self.last = result

@@ -15,6 +15,7 @@ import torch
 from .barriers import Barrier, BarrierTimeoutError
 from .commit import CommitRecord, RankFile, new_write_id, write_commit_record
 from .errors import CheckpointCommitError, CheckpointError
+from .retention import apply_retention
 from .config import CheckpointWriterConfig
 from .file_format import fsync_directory, write_checkpoint_file, write_safetensors_file
 from .plan import CheckpointPlan, capture
@@ -125,6 +126,7 @@ class CheckpointWriter:
             raise
         if self._commit_hook is not None:
             self._commit_hook.post_commit(path, **kwargs)
+        self._maintain(path)
         seconds = time.perf_counter() - start
         logger.info(
             "checkpoint %s committed: %.1f MB in %.3f s (%.2f GB/s)",
@@ -199,6 +201,16 @@ class CheckpointWriter:
         except BaseException:
             os.unlink(final)
             raise
+
+    def _maintain(self, path: str) -> None:
+        """The retention config's work after a commit, by the rank that commits for this filesystem."""
+        retention = self._config.retention
+        if retention is None or not self._writes_commit_record:
+            return
+        try:
+            apply_retention(path, retention)
+        except OSError as exc:
+            logger.warning("retention after committing %s failed (the checkpoint itself is committed): %s", path, exc)
 
     @property
     def _writes_commit_record(self) -> bool:

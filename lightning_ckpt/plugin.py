@@ -18,6 +18,7 @@ from core import (
     CheckpointerConfig,
     CheckpointReader,
     CheckpointStagerConfig,
+    CheckpointStats,
     CheckpointWriterConfig,
     RankInfo,
     WriterHook,
@@ -27,8 +28,9 @@ from core import (
 logger = logging.getLogger(__name__)
 
 
-class _DrainAtEpochEnd(Callback):
-    """Makes every checkpoint issued before an epoch ends durable before the next epoch starts.
+class _AsyncCheckpointCallback(Callback):
+    """Makes every checkpoint issued before an epoch ends durable before the next epoch starts,
+    and logs each committed checkpoint's numbers through the LightningModule's log_dict.
 
     A plain callback's epoch-end hook runs before ModelCheckpoint's (Lightning runs checkpoint
     callbacks last), so the checkpoint ModelCheckpoint saves at this epoch end may still be
@@ -37,9 +39,19 @@ class _DrainAtEpochEnd(Callback):
 
     def __init__(self, plugin: "AsyncCheckpointIO") -> None:
         self.plugin = plugin
+        self._logged: tuple[Any, int] = (None, 0)  # (stats object, saves already logged)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self.plugin.wait()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        stats = self.plugin.stats
+        if stats is None or stats.last is None:
+            return
+        logged_stats, logged_saves = self._logged
+        if stats is not logged_stats or stats.saves > logged_saves:
+            pl_module.log_dict(stats.last.metrics(), on_step=True, on_epoch=False)
+            self._logged = (stats, stats.saves)
 
 
 class AsyncCheckpointIO(CheckpointIO):
@@ -92,7 +104,8 @@ class AsyncCheckpointIO(CheckpointIO):
         self._commit_hook = commit_hook
         self._checkpointer: AsyncCheckpointer | None = None
         self._reader = CheckpointReader(RankInfo(0, 1))
-        self._drain_callback = _DrainAtEpochEnd(self)
+        self._drain_callback = _AsyncCheckpointCallback(self)
+        self._last_fit_stats: CheckpointStats | None = None
 
     @property
     def checkpointer(self) -> AsyncCheckpointer:
@@ -119,7 +132,7 @@ class AsyncCheckpointIO(CheckpointIO):
         # Now, not in the writer: ModelCheckpoint links last.ckpt into this directory right away.
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._attach_drain_callback()
-        staged, _written = self.checkpointer.save(path, checkpoint)
+        staged, _written = self.checkpointer.save(path, checkpoint, step=checkpoint.get("global_step"))
         staged.result()
 
     def load_checkpoint(
@@ -143,6 +156,15 @@ class AsyncCheckpointIO(CheckpointIO):
         else:
             logger.debug("remove_checkpoint: %s is already gone", path)
 
+    @property
+    def stats(self) -> CheckpointStats | None:
+        """Totals of this fit's committed checkpoints and the last one's numbers (None before the first save).
+
+        The plugin also logs the last one's `WriteResult.metrics()` (checkpoint/blocking_s,
+        checkpoint/persist_s, ...) with the LightningModule's log_dict at the next batch end.
+        """
+        return self._last_fit_stats if self._checkpointer is None else self._checkpointer.stats
+
     def wait(self) -> None:
         """Block until every checkpoint issued so far is durable; raise the first write error."""
         if self._checkpointer is not None:
@@ -152,6 +174,7 @@ class AsyncCheckpointIO(CheckpointIO):
         """Drain every write, stop the writer process and free staging memory; raise a write error."""
         checkpointer, self._checkpointer = self._checkpointer, None
         if checkpointer is not None:
+            self._last_fit_stats = checkpointer.stats
             checkpointer.close()
 
     def _attach_drain_callback(self) -> None:

@@ -149,7 +149,7 @@ def test_killed_writer_fails_the_future_and_keeps_the_previous_checkpoint(tmp_pa
             ckpt.wait()
         previous = ckpt.load(tmp_path / "ck")
         assert previous["version"] == 1 and torch.equal(previous["w"], torch.zeros(4))
-        assert sorted(os.listdir(tmp_path / "ck")) == ["checkpoint_0.pt"], "temporary files left behind"
+        assert sorted(os.listdir(tmp_path / "ck")) == ["checkpoint_0.pt", "commit.json"], "temporary files left behind"
         ckpt.save(tmp_path / "ck", {"w": torch.full((4,), 3.0), "version": 3})[1].result()  # new worker
         assert ckpt._process.pid != pid
         assert ckpt.load(tmp_path / "ck")["version"] == 3

@@ -44,7 +44,7 @@ def test_trainer_killed_after_save_still_gets_its_checkpoint(tmp_path):
     assert not _alive(writer_pid), "the orphaned writer did not exit"
     loaded = torch.load(tmp_path / "ck" / "checkpoint_0.pt", weights_only=True)
     assert loaded["step"] == 7 and torch.all(loaded["w"] == 7.0)
-    assert sorted(os.listdir(tmp_path / "ck")) == ["checkpoint_0.pt"]
+    assert sorted(os.listdir(tmp_path / "ck")) == ["checkpoint_0.pt", "commit.json"]
 
 
 def test_sigterm_drains_pending_writes_then_runs_the_previous_handler(tmp_path):
@@ -91,7 +91,7 @@ def test_disk_full_is_a_clear_error_and_keeps_the_previous_checkpoint(tiny_files
         with pytest.raises(CheckpointWriteError):
             ckpt.wait()
         assert ckpt.load(tiny_filesystem / "ck")["version"] == 1
-        assert sorted(os.listdir(tiny_filesystem / "ck")) == ["checkpoint_0.pt"], "temporary files left behind"
+        assert sorted(os.listdir(tiny_filesystem / "ck")) == ["checkpoint_0.pt", "commit.json"], "temporary files left behind"
 
 
 class _CheckTemporaryIsPrivate:
@@ -160,5 +160,5 @@ def test_keys_never_become_paths(tmp_path):
     with make_sync_checkpointer() as ckpt:
         ckpt.save(target, {"../../escape": torch.ones(2), "/abs/path": torch.zeros(1), "a/../../b": 3})
         loaded = ckpt.load(target)
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoint_0.pt", "ck", "run"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoint_0.pt", "ck", "commit.json", "run"]
     assert torch.equal(loaded["../../escape"], torch.ones(2)) and loaded["a/../../b"] == 3

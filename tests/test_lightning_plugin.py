@@ -95,7 +95,7 @@ def test_writes_issued_before_an_epoch_end_are_durable_when_the_next_epoch_start
     t = trainer(max_epochs=3, plugins=[plugin], callbacks=[checker, checkpoint])
     t.fit(TinyClassifier(), tiny_data())
     assert checker.checked > 0
-    assert type(t.callbacks[0]).__name__ == "_DrainAtEpochEnd", "the drain callback was not attached first"
+    assert type(t.callbacks[0]).__name__ == "_AsyncCheckpointCallback", "the drain callback was not attached first"
 
 
 def test_load_and_remove_wait_for_the_pending_write(tmp_path):

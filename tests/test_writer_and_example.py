@@ -38,7 +38,8 @@ def test_committed_file_has_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert os.stat(tmp_path / "ck" / "checkpoint_0.pt").st_mode & 0o777 == 0o644
-    assert os.listdir(tmp_path / "ck") == ["checkpoint_0.pt"]
+    assert sorted(os.listdir(tmp_path / "ck")) == ["checkpoint_0.pt", "commit.json"]
+    assert os.stat(tmp_path / "ck" / "commit.json").st_mode & 0o777 == 0o644
 
 
 def test_checksums_can_be_turned_off(tmp_path):

@@ -1,0 +1,206 @@
+"""What a directory of checkpoints holds: which are complete, which is newest, which are in use.
+
+A checkpoint is a directory with a commit record (the core's layout) or a single checkpoint
+file (the adapters', and plain torch.save files). `find_latest` picks the newest complete one
+for a resume, skipping incomplete and damaged ones with a logged reason. Readers hold a shared
+lock on a checkpoint while they read it; retention only deletes what it can lock exclusively.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from .commit import COMMIT_RECORD, read_commit_record
+from .errors import CheckpointError, NotACheckpointError
+from .file_format import CheckpointFile
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+_STEP_IN_NAME = re.compile(r"step[=_-]?(\d+)", re.IGNORECASE)
+_LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
+
+
+@dataclass
+class CheckpointInfo:
+    """One checkpoint as `ls` shows it; `reason` says why it is not complete."""
+
+    path: str
+    kind: str  # "directory" or "file"
+    complete: bool
+    reason: str | None
+    nbytes: int
+    committed_at: float | None
+    step: int | None = None
+    world_size: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+def step_from_name(name: str) -> int | None:
+    """The training step a checkpoint's name carries: `step=120`, `step_000120`, or its last number."""
+    match = _STEP_IN_NAME.search(name) or _LAST_NUMBER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def describe_checkpoint(path: str, deep: bool = False) -> CheckpointInfo:
+    """Whether the checkpoint at `path` is complete; `deep` also reads every byte against its checksums.
+
+    Raises NotACheckpointError for a file that is not a checkpoint at all.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return _describe_directory(path, deep)
+    return _describe_file(path, deep)
+
+
+def _describe_directory(path: str, deep: bool) -> CheckpointInfo:
+    sizes = {name: os.path.getsize(os.path.join(path, name)) for name in os.listdir(path)
+             if os.path.isfile(os.path.join(path, name)) and not name.startswith(".")}
+    info = CheckpointInfo(path, "directory", False, None, sum(sizes.values()), None, step_from_name(os.path.basename(path)))
+    try:
+        record = read_commit_record(path)
+    except CheckpointError as exc:
+        info.reason = f"not committed (no valid {COMMIT_RECORD})" if not os.path.exists(
+            os.path.join(path, COMMIT_RECORD)) else str(exc)
+        return info
+    info.committed_at, info.world_size, info.metadata = record.committed_at, record.world_size, record.metadata
+    info.step = record.metadata.get("step", info.step)
+    for entry in record.files:
+        problem = _file_problem(os.path.join(path, entry.file), deep, entry.write_id)
+        if problem is not None:
+            info.reason = f"rank {entry.rank}: {problem}"
+            return info
+    info.complete = True
+    return info
+
+
+def _describe_file(path: str, deep: bool) -> CheckpointInfo:
+    info = CheckpointInfo(path, "file", False, None, os.path.getsize(path), None, step_from_name(os.path.basename(path)))
+    info.reason = _file_problem(path, deep, None)
+    info.complete = info.reason is None
+    if info.complete:
+        info.committed_at = os.path.getmtime(path)
+        manifest = CheckpointFile(path).manifest or {}
+        info.metadata = manifest.get("metadata") or {}
+        info.step = info.metadata.get("step", info.step)
+    return info
+
+
+def _file_problem(path: str, deep: bool, write_id: str | None) -> str | None:
+    """Why the checkpoint file at `path` cannot be used, or None when it can."""
+    if not os.path.exists(path):
+        return f"{os.path.basename(path)} is missing"
+    try:
+        ckpt = CheckpointFile(path)
+        if write_id is not None and (ckpt.manifest or {}).get("write_id") != write_id:
+            return f"{os.path.basename(path)} comes from another save than the commit record (unfinished overwrite)"
+        damaged = ckpt.damaged_records() if deep else ([] if _structure_ok(ckpt) else ["data.pkl"])
+    except NotACheckpointError:
+        raise
+    except CheckpointError as exc:
+        return str(exc)
+    if damaged:
+        return f"{os.path.basename(path)} is damaged: {', '.join(damaged)} fail their checksums"
+    return None
+
+
+def _structure_ok(ckpt: CheckpointFile) -> bool:
+    try:
+        ckpt.data_pkl(verify=True)
+        return True
+    except CheckpointError:
+        return False
+
+
+def list_checkpoints(root: str, deep: bool = False) -> list[CheckpointInfo]:
+    """Every checkpoint directly under `root`, complete or not, oldest first (by commit time)."""
+    root = os.fspath(root)
+    found = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name.startswith(".") or os.path.islink(path):
+            continue
+        if os.path.isfile(path):
+            try:
+                found.append(describe_checkpoint(path, deep))
+            except NotACheckpointError:
+                continue  # hparams.yaml, logs and the like
+        elif os.path.isdir(path) and _looks_like_checkpoint_dir(path):
+            found.append(describe_checkpoint(path, deep))
+    return sorted(found, key=lambda info: (info.committed_at is not None, info.committed_at or os.path.getmtime(info.path)))
+
+
+def _looks_like_checkpoint_dir(path: str) -> bool:
+    names = os.listdir(path)
+    return COMMIT_RECORD in names or any(name.startswith(("checkpoint_", ".checkpoint_")) for name in names)
+
+
+def find_latest(root: str, deep: bool = False) -> str | None:
+    """The newest complete checkpoint under `root` (None when there is none).
+
+    Incomplete (uncommitted) and damaged checkpoints are skipped, each with a logged reason,
+    so a resume after a crash picks the last one that was committed whole. `deep=True` reads
+    every byte against its checksums instead of checking structure, sizes and commit records.
+    """
+    for info in reversed(list_checkpoints(root, deep)):
+        if info.complete:
+            return info.path
+        logger.warning("skipping checkpoint %s: %s", info.path, info.reason)
+    return None
+
+
+def update_latest(root: str, name: str) -> None:
+    """Point `root/latest` at `name` (a symlink, replaced atomically)."""
+    temporary = os.path.join(root, f".{LATEST}.{os.getpid()}.tmp")
+    if os.path.lexists(temporary):
+        os.unlink(temporary)
+    os.symlink(name, temporary)
+    os.replace(temporary, os.path.join(root, LATEST))
+
+
+def read_latest(root: str) -> str | None:
+    """The checkpoint `root/latest` points at, or None when there is no pointer."""
+    pointer = os.path.join(root, LATEST)
+    if not os.path.islink(pointer):
+        return None
+    return os.path.join(root, os.readlink(pointer))
+
+
+@contextlib.contextmanager
+def reading(path: str) -> Iterator[None]:
+    """Hold a shared lock on the checkpoint at `path` while it is read, so retention leaves it alone."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        yield  # missing paths are reported by the reader itself
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def unless_in_use(path: str) -> Iterator[bool]:
+    """Yield True with an exclusive lock on the checkpoint, or False when a reader holds it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
