@@ -123,7 +123,8 @@ def _structure_ok(ckpt: CheckpointFile) -> bool:
 
 
 def list_checkpoints(root: str, deep: bool = False) -> list[CheckpointInfo]:
-    """Every checkpoint directly under `root`, complete or not, oldest first (by commit time)."""
+    """Every checkpoint directly under `root`, complete or not, oldest first (by commit time, or
+    modification time for incomplete ones)."""
     root = os.fspath(root)
     found = []
     for name in sorted(os.listdir(root)):
@@ -137,7 +138,7 @@ def list_checkpoints(root: str, deep: bool = False) -> list[CheckpointInfo]:
                 continue  # hparams.yaml, logs and the like
         elif os.path.isdir(path) and _looks_like_checkpoint_dir(path):
             found.append(describe_checkpoint(path, deep))
-    return sorted(found, key=lambda info: (info.committed_at is not None, info.committed_at or os.path.getmtime(info.path)))
+    return sorted(found, key=lambda info: info.committed_at or os.path.getmtime(info.path))
 
 
 def _looks_like_checkpoint_dir(path: str) -> bool:

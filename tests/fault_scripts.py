@@ -54,5 +54,22 @@ def accelerate_sigterm(out: str) -> None:
     time.sleep(60)
 
 
+def crash_before_commit(out: str) -> None:
+    """Two committed checkpoints with retention's latest pointer, then a third whose commit is
+    pending (its file written and fsynced) when the test kills trainer and writer together."""
+    from core import CheckpointerConfig, CheckpointWriterConfig, RetentionConfig
+
+    config = CheckpointerConfig(writer_config=CheckpointWriterConfig(retention=RetentionConfig()))
+    with make_async_checkpointer(config) as ckpt:
+        for step in (1, 2):
+            ckpt.save(os.path.join(out, f"step_{step}"), {"w": torch.full((1000,), float(step))}, step=step)
+    ckpt = make_async_checkpointer(config, commit_hook=SlowCommit(60))
+    ckpt.save(os.path.join(out, "step_3"), {"w": torch.full((1000,), 3.0)}, step=3)[0].result()
+    print("pending", flush=True)  # the test waits for the written temporary file, then kills us
+    time.sleep(60)
+
+
 if __name__ == "__main__":
-    {"orphan": orphan, "sigterm": sigterm, "accelerate_sigterm": accelerate_sigterm}[sys.argv[1]](sys.argv[2])
+    scenarios = {"orphan": orphan, "sigterm": sigterm, "accelerate_sigterm": accelerate_sigterm,
+                 "crash_before_commit": crash_before_commit}
+    scenarios[sys.argv[1]](sys.argv[2])

@@ -124,3 +124,13 @@ class FailingCommit:
 
     def post_commit(self, path, **kwargs):
         pass
+
+
+def flip_byte(path, record: str, at: int = 0) -> None:
+    """Invert one byte of a checkpoint file, `at` bytes into its zip record `record` (e.g. "data/0")."""
+    offset = torch._C.PyTorchFileReader(str(path)).get_record_offset(record) + at
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))

@@ -15,6 +15,7 @@ from core import (
     make_sync_checkpointer,
 )
 import core.file_format
+from tests.helpers import flip_byte
 
 
 @pytest.fixture
@@ -86,19 +87,10 @@ def test_truncated_file(tmp_path, ckpt):
         ckpt.load(tmp_path / "ck")
 
 
-def _flip_byte(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
-
-
 def test_flipped_byte_in_tensor_data_names_the_tensor(tmp_path, ckpt):
     ckpt.save(tmp_path / "ck", _state(4))
     path = tmp_path / "ck" / "checkpoint_0.pt"
-    offset = torch._C.PyTorchFileReader(str(path)).get_record_offset("data/2")
-    _flip_byte(path, offset + 100)
+    flip_byte(path, "data/2", at=100)
     with pytest.raises(CorruptCheckpointError) as info:
         ckpt.load(tmp_path / "ck")
     assert "data/2" in str(info.value) and "model.layer2.weight" in str(info.value)
@@ -112,8 +104,7 @@ def test_flipped_byte_in_tensor_data_names_the_tensor(tmp_path, ckpt):
 def test_flipped_byte_in_structure(tmp_path, ckpt):
     ckpt.save(tmp_path / "ck", _state(2))
     path = tmp_path / "ck" / "checkpoint_0.pt"
-    offset = torch._C.PyTorchFileReader(str(path)).get_record_offset("data.pkl")
-    _flip_byte(path, offset + 10)
+    flip_byte(path, "data.pkl", at=10)
     with pytest.raises(CorruptCheckpointError, match="data.pkl"):
         ckpt.load(tmp_path / "ck")
 

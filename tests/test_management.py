@@ -1,0 +1,156 @@
+"""Checkpoint management: find_latest after a crash, retention, the latest pointer, the CLI, telemetry."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from core import (
+    CheckpointerConfig,
+    CheckpointWriterConfig,
+    RetentionConfig,
+    find_latest,
+    list_checkpoints,
+    make_async_checkpointer,
+    make_sync_checkpointer,
+    read_latest,
+)
+from core.catalog import reading
+from tests.helpers import flip_byte
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "core", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+
+
+def _state(step, frozen=None):
+    return {
+        "model": {"w": torch.full((1000,), float(step)), "frozen": frozen if frozen is not None else torch.ones(64)},
+        "optimizer": {"lr": 0.1, "exp_avg": torch.full((1000,), step / 10)},
+        "step": step,
+    }
+
+
+def _retaining(**retention):
+    return CheckpointerConfig(writer_config=CheckpointWriterConfig(retention=RetentionConfig(**retention)))
+
+
+def test_find_latest_skips_a_checkpoint_whose_commit_a_crash_interrupted(tmp_path, caplog):
+    trainer = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "fault_scripts.py"), "crash_before_commit",
+                                str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": REPO}, start_new_session=True)
+    assert trainer.stdout.readline().startswith("pending"), trainer.stderr.read()
+    deadline = time.time() + 60
+    while not list(tmp_path.glob("step_3/.checkpoint_0.pt.*.tmp")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the 4 KB file is written and fsynced before the commit hook that now sleeps
+    os.killpg(trainer.pid, signal.SIGKILL)  # trainer and writer die together, mid-commit
+    trainer.wait()
+
+    with caplog.at_level(logging.WARNING, logger="core.catalog"):
+        assert find_latest(tmp_path) == str(tmp_path / "step_2")
+    assert "skipping checkpoint" in caplog.text and "step_3: not committed" in caplog.text
+    assert read_latest(tmp_path) == str(tmp_path / "step_2"), "latest moved before a commit"
+    with make_sync_checkpointer() as ckpt:
+        assert torch.equal(ckpt.load(find_latest(tmp_path))["w"], torch.full((1000,), 2.0))
+
+    listing = json.loads(_cli("ls", tmp_path, "--json").stdout)
+    assert [(r["name"], r["step"], r["complete"], r["latest"]) for r in listing] == [
+        ("step_1", 1, True, False), ("step_2", 2, True, True), ("step_3", 3, False, False)]
+    verify = _cli("verify", tmp_path / "step_2", tmp_path / "step_3")
+    assert verify.returncode == 1 and "DAMAGED " + str(tmp_path / "step_3") + ": not committed" in verify.stdout
+
+
+def test_find_latest_skips_damaged_checkpoints(tmp_path):
+    with make_async_checkpointer() as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(tmp_path / f"step_{step}", _state(step), step=step)
+    # step 3: one flipped byte in tensor data, found only by reading every byte
+    flip_byte(tmp_path / "step_3" / "checkpoint_0.pt", "data/1", at=10)
+    assert find_latest(tmp_path, deep=True) == str(tmp_path / "step_2")
+    # step 2 truncated: found from the structure alone
+    os.truncate(tmp_path / "step_2" / "checkpoint_0.pt", 5000)
+    assert find_latest(tmp_path, deep=True) == str(tmp_path / "step_1")
+    assert find_latest(tmp_path) == str(tmp_path / "step_3")  # shallow: tensor bytes are not read
+    (tmp_path / "empty").mkdir()
+    assert find_latest(tmp_path / "empty") is None
+
+
+def test_retention_keeps_the_last_k_and_every_nth_and_spares_checkpoints_being_read(tmp_path):
+    with make_async_checkpointer(_retaining(keep_last=2, keep_every=3)) as ckpt:
+        for step in range(1, 5):
+            ckpt.save(tmp_path / f"step_{step}", _state(step), step=step)[1].result()
+        assert sorted(os.listdir(tmp_path)) == ["latest", "step_3", "step_4"], "step 3 kept (every 3rd), last 2 kept"
+        with reading(tmp_path / "step_4"):  # a reader holds step 4 while newer ones commit
+            for step in (5, 7):
+                ckpt.save(tmp_path / f"step_{step}", _state(step), step=step)[1].result()
+            assert sorted(os.listdir(tmp_path)) == ["latest", "step_3", "step_4", "step_5", "step_7"]
+        ckpt.save(tmp_path / "step_8", _state(8), step=8)[1].result()
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step_3", "step_7", "step_8"]
+    assert read_latest(tmp_path) == str(tmp_path / "step_8")
+    assert [info.step for info in list_checkpoints(tmp_path)] == [3, 7, 8]
+
+
+def test_cli_inspect_verify_and_diff(tmp_path):
+    with make_async_checkpointer() as ckpt:
+        ckpt.save(tmp_path / "a", _state(1), step=1)
+        ckpt.save(tmp_path / "b", _state(2), step=2)
+        ckpt.save(tmp_path / "a_again", _state(1), step=1)
+
+    inspect = _cli("inspect", tmp_path / "a", "--json")
+    assert inspect.returncode == 0, inspect.stderr
+    report = json.loads(inspect.stdout)
+    assert report["step"] == 1 and report["complete"]
+    assert {t["key"]: (t["shape"], t["dtype"], t["nbytes"]) for t in report["tensors"]} == {
+        "model.w": ([1000], "float32", 4000), "model.frozen": ([64], "float32", 256),
+        "optimizer.exp_avg": ([1000], "float32", 4000)}
+    assert report["groups"] == {"model": {"tensors": 2, "nbytes": 4256}, "optimizer": {"tensors": 1, "nbytes": 4000}}
+    assert report["values"] == {"optimizer.lr": "0.1", "step": "1"}
+    table = _cli("inspect", tmp_path / "a").stdout
+    assert "model.w" in table and "(1000,)" in table and "optimizer" in table
+
+    same = _cli("diff", tmp_path / "a", tmp_path / "a_again", "--json")
+    assert same.returncode == 0 and json.loads(same.stdout)["changed"] == []
+    different = _cli("diff", tmp_path / "a", tmp_path / "b", "--json")
+    assert different.returncode == 1
+    changed = {c["key"]: c for c in json.loads(different.stdout)["changed"]}
+    assert set(changed) == {"model.w", "optimizer.exp_avg", "step"}
+    assert changed["model.w"]["max_abs_diff"] == 1.0 and changed["model.w"]["relative_change"] == pytest.approx(1.0)
+    assert "model.w" in _cli("diff", tmp_path / "a", tmp_path / "b").stdout
+
+    assert _cli("verify", tmp_path / "a", tmp_path / "b").returncode == 0
+    flip_byte(tmp_path / "b" / "checkpoint_0.pt", "data/0", at=10)
+    damaged = _cli("verify", tmp_path / "a", tmp_path / "b", "--json")
+    assert damaged.returncode == 1
+    results = {os.path.basename(r["path"]): r for r in json.loads(damaged.stdout)}
+    assert results["a"]["ok"] and not results["b"]["ok"] and "fail their checksums" in results["b"]["reason"]
+
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    for command in (("verify", tmp_path / "missing"), ("inspect", tmp_path / "notes.txt")):
+        result = _cli(*command)
+        assert result.returncode == 2 and result.stderr.strip(), result
+    console = os.path.join(os.path.dirname(sys.executable), "async-ckpt")
+    assert subprocess.run([console, "ls", str(tmp_path)], capture_output=True, text=True).returncode == 0
+
+
+def test_every_save_reports_its_costs(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="core.checkpointer"):
+        with make_async_checkpointer() as ckpt:
+            result = ckpt.save(tmp_path / "ck", _state(1))[1].result()
+            assert ckpt.stats.saves == 1 and ckpt.stats.last is result
+        with make_sync_checkpointer() as sync:
+            sync_result = sync.save(tmp_path / "sync", _state(1))
+    assert result.nbytes == sync_result.nbytes == 8256
+    assert 0 < result.blocking_seconds <= result.persist_seconds and result.write_seconds > 0
+    assert sync_result.blocking_seconds == sync_result.persist_seconds > 0
+    assert set(result.metrics()) >= {"checkpoint/blocking_s", "checkpoint/persist_s", "checkpoint/write_gbps"}
+    assert caplog.text.count("MB durable after") == 2
