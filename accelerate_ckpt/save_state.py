@@ -171,7 +171,7 @@ class AsyncSaveState:
         self._lock = threading.Lock()
         self._generation = 0
         self.stats = CheckpointStats()
-        self._logged_saves = 0
+        self._unlogged: list[WriteResult] = []
         self._originals = {name: getattr(accelerator, name) for name in ("save_state", "load_state", "end_training")}
         self._overridden = {name for name in self._originals if name in vars(accelerator)}
         accelerator.save_state = self.save_state
@@ -315,18 +315,19 @@ class AsyncSaveState:
         )
         with self._lock:
             self.stats.record(result)
+            self._unlogged.append(result)
         logger.info(
             "checkpoint %s committed: blocked %.3f s, %.1f MB durable after %.3f s",
             final, result.blocking_seconds, result.nbytes / 1e6, result.persist_seconds,
         )
 
     def _log_to_trackers(self) -> None:
-        """Log the last committed checkpoint's numbers to the accelerator's trackers, once (main thread)."""
+        """Log each newly committed checkpoint's numbers to the accelerator's trackers (on the main thread)."""
         with self._lock:
-            last, saves = self.stats.last, self.stats.saves
-        if last is not None and saves > self._logged_saves and self._accelerator.trackers:
-            self._accelerator.log(last.metrics())
-            self._logged_saves = saves
+            results, self._unlogged = self._unlogged, []
+        if self._accelerator.trackers:
+            for result in results:
+                self._accelerator.log(result.metrics())
 
     def _publish(self, staging: str, final: str) -> None:
         replaced = None

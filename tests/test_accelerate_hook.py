@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
 from accelerate.utils import DistributedType
 
 from accelerate_ckpt import ENV_FLAG, async_checkpointing_enabled, enable_async_checkpointing
@@ -103,6 +104,43 @@ def test_automatic_naming_with_total_limit(tmp_path):
     assert_same(snapshot(models, optimizers, schedulers, counter), saved[-1])
     accelerator.end_training()
     handle.close()
+
+
+class _RecordingTracker(GeneralTracker):
+    """An Accelerate tracker that keeps what it is given."""
+
+    name = "recording"
+    requires_logging_directory = False
+
+    def __init__(self):
+        super().__init__()
+        self.logged = []
+
+    @property
+    def tracker(self):
+        return self.logged
+
+    def store_init_configuration(self, values):
+        pass
+
+    def log(self, values, step=None, **kwargs):
+        self.logged.append(dict(values))
+
+
+def test_checkpoint_costs_reach_the_accelerate_trackers(tmp_path):
+    tracker = _RecordingTracker()
+    accelerator = Accelerator(cpu=True, log_with=[tracker])
+    accelerator.init_trackers("test")
+    model = accelerator.prepare(torch.nn.Linear(64, 64))
+    handle = enable_async_checkpointing(accelerator)
+    for step in range(3):
+        accelerator.save_state(str(tmp_path / f"step_{step}"))
+    accelerator.end_training()  # drains, then logs the last commit before the trackers finish
+    assert handle.stats.saves == 3
+    assert [set(values) >= {"checkpoint/blocking_s", "checkpoint/persist_s"} for values in tracker.logged] == [True] * 3
+    assert tracker.logged[-1]["checkpoint/size_mb"] == handle.stats.last.nbytes / 1e6 > 0.016
+    handle.close()
+    del model
 
 
 def test_unwritable_target_is_a_clear_error_at_save(tmp_path):

@@ -98,6 +98,22 @@ def test_writes_issued_before_an_epoch_end_are_durable_when_the_next_epoch_start
     assert type(t.callbacks[0]).__name__ == "_AsyncCheckpointCallback", "the drain callback was not attached first"
 
 
+def test_checkpoint_costs_reach_the_lightning_logger(tmp_path):
+    plugin = AsyncCheckpointIO()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=3)
+    t = trainer(max_epochs=2, plugins=[plugin], callbacks=[checkpoint])
+    t.fit(TinyClassifier(), tiny_data())
+    saved = len(os.listdir(tmp_path))
+    assert plugin.stats.saves == saved > 1
+    assert plugin.stats.last.persist_seconds >= plugin.stats.last.blocking_seconds > 0
+    for name in ("checkpoint/blocking_s", "checkpoint/persist_s", "checkpoint/size_mb", "checkpoint/write_gbps"):
+        assert float(t.logged_metrics[name]) > 0, name
+    # Lightning's global_step reached the file's metadata, which `python -m core ls` shows
+    from core.file_format import CheckpointFile
+
+    assert CheckpointFile(str(tmp_path / "epoch=1-step=15.ckpt")).manifest["metadata"] == {"step": 15}
+
+
 def test_load_and_remove_wait_for_the_pending_write(tmp_path):
     plugin = AsyncCheckpointIO()
     try:
