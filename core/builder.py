@@ -83,7 +83,7 @@ def make_async_checkpointer(
         checkpoint_writer_init_args,
     )
     return AsyncCheckpointer(
-        DefaultStager(config.staging_config),
+        DefaultStager(config.staging_config, chunk_bytes=config.writer_config.chunk_bytes),
         process,
         CheckpointReader(rank_info),
         layout=config.writer_config.layout,

@@ -91,7 +91,9 @@ class SyncCheckpointer(Checkpointer):
         start = time.perf_counter()
         result = self._writer.write(path, state_dict, file_format, **kwargs)
         elapsed = time.perf_counter() - start
-        result = dataclasses.replace(result, blocking_seconds=elapsed, persist_seconds=elapsed)
+        result = dataclasses.replace(
+            result, blocking_seconds=elapsed, persist_seconds=elapsed, copied_nbytes=result.nbytes
+        )
         _record(self.stats, result)
         return result
 
@@ -210,7 +212,10 @@ class AsyncCheckpointer(Checkpointer):
                 write_future.set_exception(done.exception())
             else:
                 result = dataclasses.replace(
-                    done.result(), blocking_seconds=blocking_seconds, persist_seconds=time.perf_counter() - start
+                    done.result(),
+                    blocking_seconds=blocking_seconds,
+                    persist_seconds=time.perf_counter() - start,
+                    copied_nbytes=staged.copied_nbytes,
                 )
                 with self._lock:
                     _record(self.stats, result)

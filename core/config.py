@@ -31,6 +31,11 @@ class CheckpointStagerConfig:
         always done before save() returns). use_non_blocking_copy: CUDA copies on a side stream.
     max_in_flight: how many saves may be staged or writing at once; each holds one slab, so
         host memory is about max_in_flight times the state dict's tensor bytes.
+    incremental: skip what did not change since the previous save of the same state-dict
+        shape. CPU tensors are hashed (xxh3, in parallel, GIL released) and those whose bytes
+        the staging slab already holds are not copied; the writer copies unchanged chunks from
+        the previous checkpoint file inside the kernel (a shared-extent clone on XFS or btrfs)
+        instead of writing them. Every file still loads on its own with torch.load.
     """
 
     use_pinned_memory: bool | None = None
@@ -38,6 +43,7 @@ class CheckpointStagerConfig:
     use_async_staging: bool | None = None
     use_non_blocking_copy: bool = True
     max_in_flight: int = 1
+    incremental: bool = False
 
     def __post_init__(self) -> None:
         _require(

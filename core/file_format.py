@@ -55,12 +55,32 @@ def _chunks(nbytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
     return [(start, min(chunk_bytes, nbytes - start)) for start in range(0, nbytes, chunk_bytes)]
 
 
+def chunk_digests(data: torch.Tensor, chunk_bytes: int, executor: Executor | None = None) -> list[str]:
+    """The manifest's digests of a CPU uint8 tensor, one per chunk (hashed in parallel on `executor`)."""
+    view = buffer_of(data)
+    parts = [view[start : start + size] for start, size in _chunks(len(view), chunk_bytes)]
+    return list(executor.map(_digest, parts) if executor else map(_digest, parts))
+
+
 @dataclass
 class _Chunk:
     key: str
     index: int
     file_offset: int
     data: torch.Tensor  # uint8 bytes to write
+    start: int = 0  # where the chunk begins within its storage
+    digest: str | None = None  # known already (computed while staging)
+    previous: "PreviousRecord | None" = None  # the same record in the previous file of this lineage
+
+
+@dataclass(frozen=True)
+class PreviousRecord:
+    """A storage record of the previous checkpoint file: an open descriptor, where the record
+    starts, and its chunk digests; chunks with the same digest are copied from there."""
+
+    fd: int
+    offset: int
+    digests: list[str]
 
 
 class _DirectIO:
@@ -105,17 +125,43 @@ def _write_all(fd: int, view: memoryview, offset: int) -> None:
 
 def _write_chunks(
     out: _DirectIO, chunks: list[_Chunk], executor: Executor | None, checksums: bool
-) -> list[tuple[_Chunk, str | None]]:
-    """Write every chunk at its offset, in parallel; each chunk with its digest (None without checksums)."""
+) -> list[tuple[_Chunk, str | None, bool]]:
+    """Write every chunk at its offset, in parallel. Returns each chunk with its digest (None
+    without checksums) and whether it was copied from the previous file instead of written."""
 
-    def write_chunk(chunk: _Chunk) -> str | None:
+    def write_chunk(chunk: _Chunk) -> tuple[str | None, bool]:
+        digest = chunk.digest
+        if digest is None and (checksums or chunk.previous is not None):
+            digest = _digest(buffer_of(chunk.data))
+        previous = chunk.previous
+        if previous is not None and previous.digests[chunk.index] == digest:
+            _copy_range(previous.fd, previous.offset + chunk.start, out.buffered, chunk.file_offset, chunk.data.numel())
+            return digest, True
         out.pwrite(chunk.data, chunk.file_offset)
-        return _digest(buffer_of(chunk.data)) if checksums else None
+        return digest, False
 
     # Largest first, so that one big tensor does not start last and finish alone.
     by_size = sorted(chunks, key=lambda c: -c.data.numel())
-    digests = executor.map(write_chunk, by_size) if executor else map(write_chunk, by_size)
-    return list(zip(by_size, digests))
+    results = executor.map(write_chunk, by_size) if executor else map(write_chunk, by_size)
+    return [(chunk, digest, reused) for chunk, (digest, reused) in zip(by_size, results)]
+
+
+def _copy_range(source_fd: int, source_offset: int, dest_fd: int, dest_offset: int, nbytes: int) -> None:
+    """Copy bytes between files inside the kernel (a shared-extent clone on XFS, btrfs and the like)."""
+    while nbytes:
+        copied = os.copy_file_range(source_fd, dest_fd, nbytes, source_offset, dest_offset)
+        if copied == 0:
+            raise OSError(errno.EIO, "the previous checkpoint file ended early while copying from it")
+        source_offset, dest_offset, nbytes = source_offset + copied, dest_offset + copied, nbytes - copied
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """What writing one checkpoint file did: tensor bytes in it, and how many were copied from
+    the previous file of its lineage instead of written."""
+
+    nbytes: int
+    reused_nbytes: int = 0
 
 
 def write_checkpoint_file(
@@ -128,11 +174,15 @@ def write_checkpoint_file(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     checksums: bool = True,
     extra_metadata: dict[str, Any] | None = None,
-) -> int:
-    """Write a checkpoint file at `path`, fsynced; returns the bytes of tensor data written.
+    known_digests: Sequence[list[str] | None] | None = None,
+    previous: dict[str, PreviousRecord] | None = None,
+) -> WrittenFile:
+    """Write a checkpoint file at `path`, fsynced.
 
     `data_pkl` is torch.save's pickle (see plan.capture); `storage_bytes[i]` holds the bytes
-    of its storage "i" as a CPU uint8 tensor.
+    of its storage "i" as a CPU uint8 tensor. `known_digests[i]`: that storage's chunk digests
+    when already computed. `previous`: records of the previous checkpoint of this lineage, by
+    key; chunks whose digest matches are copied from that file instead of written.
     """
     ordered = [(index, str(index)) for index in range(len(storage_bytes))]
     manifest: dict[str, Any] = {
@@ -166,8 +216,12 @@ def write_checkpoint_file(
     del writer
 
     reader = torch._C.PyTorchFileReader(path)
+    previous = previous or {}
     chunks = [
-        _Chunk(key, n, reader.get_record_offset(f"data/{key}") + start, storage_bytes[index][start : start + size])
+        _Chunk(
+            key, n, reader.get_record_offset(f"data/{key}") + start, storage_bytes[index][start : start + size], start,
+            known_digests[index][n] if known_digests and known_digests[index] else None, previous.get(key),
+        )
         for index, key in ordered
         for n, (start, size) in enumerate(_chunks(storage_bytes[index].numel(), chunk_bytes))
     ]
@@ -175,9 +229,11 @@ def write_checkpoint_file(
     del reader
 
     out = _DirectIO(path, use_direct_io)
+    reused = 0
     try:
-        for chunk, digest in _write_chunks(out, chunks, executor, checksums):
-            if digest is not None:
+        for chunk, digest, copied in _write_chunks(out, chunks, executor, checksums):
+            reused += chunk.data.numel() if copied else 0
+            if checksums:
                 manifest["storages"][chunk.key]["digests"][chunk.index] = digest
         final = json.dumps(manifest).encode()
         assert len(final) == len(placeholder), "manifest changed length while filling digests"
@@ -185,7 +241,7 @@ def write_checkpoint_file(
         os.fsync(out.buffered)
     finally:
         out.close()
-    return sum(b.numel() for b in storage_bytes)
+    return WrittenFile(sum(b.numel() for b in storage_bytes), reused)
 
 
 def write_safetensors_file(
@@ -196,7 +252,7 @@ def write_safetensors_file(
     executor: Executor | None,
     use_direct_io: bool = True,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> int:
+) -> WrittenFile:
     """Write a safetensors file: `header` (length prefix included), then the tensors back to back."""
     with open(path, "wb") as f:
         f.write(header)
@@ -212,7 +268,7 @@ def write_safetensors_file(
         os.fsync(out.buffered)
     finally:
         out.close()
-    return offset - len(header)
+    return WrittenFile(offset - len(header))
 
 
 def fsync_directory(directory: str) -> None:

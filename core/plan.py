@@ -43,18 +43,42 @@ class StorageMeta:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class Lineage:
+    """Where an incremental save stands among the saves of one state-dict shape.
+
+    `name` identifies the shape; `sequence` numbers this save, `previous` the save before it
+    of the same shape (None for the first). `digests[i]` are storage i's chunk digests (of
+    `chunk_bytes` each) when the stager computed them, else None. The writer copies chunks
+    whose digest matches the previous file's from that file, if it committed `previous`.
+    """
+
+    name: str
+    sequence: int
+    previous: int | None
+    chunk_bytes: int
+    digests: tuple[list[str] | None, ...]
+
+
 @dataclass
 class CheckpointPlan:
     """Everything the writer needs besides the bytes.
 
     For format "torch", `structure` is torch.save's data.pkl; for "safetensors", the file's
     JSON header. `storages` lists the byte ranges, in the order the file holds them.
+    `lineage` is set for incremental saves.
     """
 
     structure: bytes
     storages: list[StorageMeta]
     slab_nbytes: int
     format: str = "torch"
+    lineage: Lineage | None = None
+
+    @property
+    def layout(self) -> tuple:
+        """What makes two plans' slabs interchangeable: format and every storage's place and size."""
+        return (self.format, self.slab_nbytes, tuple((s.slab_offset, s.nbytes) for s in self.storages))
 
 
 @dataclass

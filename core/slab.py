@@ -13,6 +13,7 @@ import logging
 import mmap
 import os
 import threading
+from typing import Callable
 
 import torch
 
@@ -38,6 +39,8 @@ class Slab:
             raise
         self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
         self.pinned = False
+        # (plan layout, per-storage digests) of what the slab holds, for incremental saves; None: unknown
+        self.contents: tuple[tuple, list] | None = None
         if pin:
             self._pin()
 
@@ -87,12 +90,13 @@ class SlabPool:
         self._changed = threading.Condition()
         self.on_discard: list = []  # callbacks(slab_id) run when a slab is released for good
 
-    def acquire(self, nbytes: int, timeout: float | None = None) -> Slab:
+    def acquire(self, nbytes: int, timeout: float | None = None, prefer: Callable[[Slab], bool] | None = None) -> Slab:
+        """A free slab of at least `nbytes` (one `prefer` accepts, if any), waiting up to `timeout` s."""
         with self._changed:
             while True:
                 fitting = [s for s in self._free if s.nbytes >= nbytes]
                 if fitting:
-                    slab = min(fitting, key=lambda s: s.nbytes)
+                    slab = min(fitting, key=lambda s: (not (prefer and prefer(s)), s.nbytes))
                     self._free.remove(slab)
                     break
                 if len(self._all) >= self._max_slabs and self._free:

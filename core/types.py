@@ -50,8 +50,9 @@ class WriteResult:
     nbytes: tensor bytes in the checkpoint; write_seconds: the writer's time from the first
     byte to the commit; blocking_seconds: how long save() held the caller (the snapshot);
     persist_seconds: from the save() call until the checkpoint was durable and committed.
-    reused_nbytes: bytes an incremental save took from the previous checkpoint instead of
-    copying and writing them again.
+    copied_nbytes: bytes the snapshot copied (fewer than nbytes when an incremental save
+    found tensors unchanged); reused_nbytes: bytes the writer copied from the previous
+    checkpoint file instead of writing them.
     """
 
     path: str
@@ -60,6 +61,7 @@ class WriteResult:
     write_seconds: float
     blocking_seconds: float = 0.0
     persist_seconds: float = 0.0
+    copied_nbytes: int = 0
     reused_nbytes: int = 0
 
     @property
@@ -74,6 +76,7 @@ class WriteResult:
             f"{prefix}write_s": self.write_seconds,
             f"{prefix}size_mb": self.nbytes / 1e6,
             f"{prefix}write_gbps": self.throughput_gbps,
+            f"{prefix}copied_mb": self.copied_nbytes / 1e6,
             f"{prefix}reused_mb": self.reused_nbytes / 1e6,
         }
 

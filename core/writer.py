@@ -17,7 +17,8 @@ from .commit import CommitRecord, RankFile, new_write_id, write_commit_record
 from .errors import CheckpointCommitError, CheckpointError
 from .retention import apply_retention
 from .config import CheckpointWriterConfig
-from .file_format import fsync_directory, write_checkpoint_file, write_safetensors_file
+from .file_format import WrittenFile, fsync_directory, write_checkpoint_file, write_safetensors_file
+from .incremental import PreviousFiles
 from .plan import CheckpointPlan, capture
 from .types import RankInfo, WriteResult
 
@@ -75,6 +76,7 @@ class CheckpointWriter:
         self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
             config.threads, thread_name_prefix="async-ckpt-io"
         )
+        self._previous_files = PreviousFiles()
 
     @property
     def config(self) -> CheckpointWriterConfig:
@@ -108,7 +110,8 @@ class CheckpointWriter:
             try:
                 # Created private; given the usual permissions only when it takes its final name.
                 os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-                nbytes = self._write_file(temporary, plan, storage_bytes, write_id, metadata)
+                written = self._write_file(temporary, plan, storage_bytes, write_id, metadata)
+                nbytes = written.nbytes
                 if self._commit_hook is not None:
                     self._commit_hook.pre_commit(path, **kwargs)
             except BaseException as exc:
@@ -117,6 +120,8 @@ class CheckpointWriter:
             mine = RankFile(self._rank_info.global_rank, os.path.basename(final), nbytes, write_id)
             files = self._agree(path, mine)
             self._publish(temporary, final, directory, files, metadata)
+            if plan.lineage is not None and plan.format == "torch":
+                self._previous_files.remember(plan.lineage, final)
         except BaseException as exc:
             if os.path.exists(temporary):
                 os.unlink(temporary)
@@ -132,16 +137,23 @@ class CheckpointWriter:
             "checkpoint %s committed: %.1f MB in %.3f s (%.2f GB/s)",
             final, nbytes / 1e6, seconds, nbytes / max(seconds, 1e-9) / 1e9,
         )
-        return WriteResult(path=path, files=(final,), nbytes=nbytes, write_seconds=seconds)
+        return WriteResult(
+            path=path, files=(final,), nbytes=nbytes, write_seconds=seconds, reused_nbytes=written.reused_nbytes
+        )
 
     def _write_file(
         self, path: str, plan: CheckpointPlan, storage_bytes: Sequence[torch.Tensor], write_id: str, metadata: dict
-    ) -> int:
+    ) -> WrittenFile:
         io_options = dict(
             executor=self._executor, use_direct_io=self._config.use_direct_io, chunk_bytes=self._config.chunk_bytes
         )
         if plan.format == "safetensors":
             return write_safetensors_file(path, plan.structure, storage_bytes, **io_options)
+        known_digests, previous = None, None
+        lineage = plan.lineage
+        if lineage is not None and lineage.chunk_bytes == self._config.chunk_bytes:
+            known_digests = lineage.digests
+            previous = self._previous_files.records_for(lineage, {str(i): b.numel() for i, b in enumerate(storage_bytes)})
         return write_checkpoint_file(
             path,
             plan.structure,
@@ -153,6 +165,8 @@ class CheckpointWriter:
                 "write_id": write_id,
                 "metadata": metadata,
             },
+            known_digests=known_digests,
+            previous=previous,
             **io_options,
         )
 
@@ -222,4 +236,5 @@ class CheckpointWriter:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        self._previous_files.close()
 
