@@ -76,6 +76,8 @@ def _describe_directory(path: str, deep: bool) -> CheckpointInfo:
     info.committed_at, info.world_size, info.metadata = record.committed_at, record.world_size, record.metadata
     info.step = record.metadata.get("step", info.step)
     for entry in record.files:
+        if not record.shared_filesystem and not os.path.exists(os.path.join(path, entry.file)):
+            continue  # per-node local disks: other nodes hold their ranks' files
         problem = _file_problem(os.path.join(path, entry.file), deep, entry.write_id)
         if problem is not None:
             info.reason = f"rank {entry.rank}: {problem}"

@@ -36,12 +36,14 @@ class RankFile:
 
 @dataclass(frozen=True)
 class CommitRecord:
-    """What commit.json holds: every rank's file, when it was committed, the save's metadata."""
+    """What commit.json holds: every rank's file, when it was committed, the save's metadata, and
+    whether every rank's file is on this filesystem (False: per-node local disks)."""
 
     world_size: int
     files: tuple[RankFile, ...]
     committed_at: float = field(default_factory=time.time)
     metadata: dict[str, Any] = field(default_factory=dict)
+    shared_filesystem: bool = True
 
     @property
     def nbytes(self) -> int:
@@ -61,7 +63,10 @@ class CommitRecord:
             if raw.get("format") != COMMIT_FORMAT:
                 raise ValueError(f"format is {raw.get('format')!r}, not {COMMIT_FORMAT!r}")
             files = tuple(RankFile(**entry) for entry in raw["files"])
-            record = cls(int(raw["world_size"]), files, float(raw["committed_at"]), dict(raw.get("metadata") or {}))
+            record = cls(
+                int(raw["world_size"]), files, float(raw["committed_at"]), dict(raw.get("metadata") or {}),
+                bool(raw.get("shared_filesystem", True)),
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptCheckpointError(f"commit record {where!r} is damaged ({exc}); use an earlier checkpoint") from None
         if [f.rank for f in files] != list(range(record.world_size)):

@@ -210,7 +210,10 @@ class CheckpointWriter:
             if self._barrier is not None:
                 self._barrier.execute_barrier()
             if self._writes_commit_record:
-                record = CommitRecord(self._rank_info.global_world_size, tuple(files), metadata=metadata)
+                record = CommitRecord(
+                    self._rank_info.global_world_size, tuple(files), metadata=metadata,
+                    shared_filesystem=self._config.shared_filesystem,
+                )
                 write_commit_record(directory, record)
         except BaseException:
             os.unlink(final)

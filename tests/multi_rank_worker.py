@@ -19,6 +19,7 @@ from core import (
     CheckpointWriterConfig,
     UncommittedCheckpointError,
     WorldSizeMismatchError,
+    find_latest,
     make_async_checkpointer,
     make_sync_checkpointer,
 )
@@ -124,10 +125,26 @@ def reshape(mode: str, out: str, rank: int, world: int) -> None:
         assert_same(ckpt.load(f"{out}/step1", source_rank=3), rank_state(3, 1))
 
 
+def per_node(mode: str, out: str, rank: int, world: int) -> None:
+    """Each node's ranks see only their own node's disk at `out` (a tmpfs in a mount namespace)."""
+    local = int(os.environ["LOCAL_RANK"])
+    node_ranks = range(rank - local, rank - local + int(os.environ["LOCAL_WORLD_SIZE"]))
+    config = CheckpointerConfig(writer_config=CheckpointWriterConfig(shared_filesystem=False))
+    factory = make_async_checkpointer if mode == "async" else make_sync_checkpointer
+    with factory(config) as ckpt:
+        for step in (0, 1):
+            save(ckpt, f"{out}/step{step}", rank_state(rank, step), step=step)
+        dist.barrier()
+        assert sorted(os.listdir(f"{out}/step1")) == sorted([f"checkpoint_{r}.pt" for r in node_ranks] + ["commit.json"])
+        assert_same(ckpt.load(f"{out}/step1"), rank_state(rank, 1))
+        assert find_latest(out) == f"{out}/step1", "this node's part of the checkpoint counts as complete"
+
+
 def main() -> None:
     mode, scenario, out = sys.argv[1:4]
     dist.init_process_group("gloo")
-    {"train": train, "resume": resume, "reshape": reshape}[scenario](mode, out, dist.get_rank(), dist.get_world_size())
+    scenarios = {"train": train, "resume": resume, "reshape": reshape, "per_node": per_node}
+    scenarios[scenario](mode, out, dist.get_rank(), dist.get_world_size())
     print(f"rank {dist.get_rank()}: {scenario} scenario passed", flush=True)
     dist.destroy_process_group()
 

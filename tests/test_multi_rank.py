@@ -23,14 +23,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, mode: str, scenario: str, out, timeout: float = 240) -> list[int]:
-    """Run one scenario on `world` ranks; returns their exit codes (output shown on failure)."""
+def launch(world: int, mode: str, scenario: str, out, timeout: float = 240, nodes: int = 1) -> list[int]:
+    """Run one scenario on `world` ranks spread over `nodes`; returns the exit codes, one per rank
+    (one per node when nodes > 1). With several nodes each one runs in a mount namespace of its
+    own with a private tmpfs at `out`: a machine with its own local disk."""
     port = _free_port()
+    per_node = world // nodes
     procs = []
-    for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": REPO}
-        procs.append(subprocess.Popen([sys.executable, WORKER, mode, scenario, str(out)], env=env,
+    for node in range(nodes):
+        commands = []
+        for local in range(per_node):
+            rank = node * per_node + local
+            env = {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": local, "LOCAL_WORLD_SIZE": per_node,
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONPATH": REPO}
+            commands.append(" ".join(f"{k}={v}" for k, v in env.items()) +
+                            f" {sys.executable} {WORKER} {mode} {scenario} {out}")
+        if nodes == 1:
+            for command in commands:
+                procs.append(subprocess.Popen(["sh", "-c", f"exec env {command}"], stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT, text=True))
+            continue
+        ranks = " ".join(f"env {command} & pids=\"$pids $!\";" for command in commands)
+        script = f"mount -t tmpfs tmpfs {out} && {ranks} status=0; for p in $pids; do wait $p || status=1; done; exit $status"
+        procs.append(subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []
     try:
@@ -61,3 +76,10 @@ def test_ranks_commit_together_fail_together_and_resume(tmp_path, mode, world):
     assert launch(world, mode, "resume", tmp_path) == [0] * world
     if world == 4:
         assert launch(2, mode, "reshape", tmp_path) == [0, 0]
+
+
+def test_per_node_local_disks_commit_on_every_node(tmp_path):
+    """4 ranks on 2 'machines', each with its own disk at the same path: every node gets its
+    ranks' files and a commit record, and resumes from them."""
+    assert launch(4, "async", "per_node", tmp_path, nodes=2) == [0, 0]
+    assert os.listdir(tmp_path) == [], "the nodes' disks were their own, not the shared directory"
