@@ -99,6 +99,10 @@ class CheckpointWriterConfig:
     write_barrier_timeout_secs: how long a rank waits for the others before a commit fails
         (the default barrier's timeout).
     retention: the `latest` pointer and which older checkpoints to delete (None: neither).
+    copy_unchanged: for incremental saves, whether chunks unchanged since the previous file are
+        copied from it inside the kernel instead of written from the snapshot: "auto" where the
+        filesystem shares extents (XFS, btrfs: no data is written at all), "always" (e.g. NFS
+        4.2, where the server copies), "never".
     """
 
     layout: Literal["directory", "file"] = "directory"
@@ -109,11 +113,16 @@ class CheckpointWriterConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     shared_filesystem: bool = True
     retention: RetentionConfig | None = None
+    copy_unchanged: Literal["auto", "always", "never"] = "auto"
 
     def __post_init__(self) -> None:
         _require(
             self.layout in ("directory", "file"),
             f"CheckpointWriterConfig.layout must be 'directory' or 'file', got {self.layout!r}",
+        )
+        _require(
+            self.copy_unchanged in ("auto", "always", "never"),
+            f"CheckpointWriterConfig.copy_unchanged must be 'auto', 'always' or 'never', got {self.copy_unchanged!r}",
         )
         _require(self.io_threads >= 0, f"CheckpointWriterConfig.io_threads must be >= 0, got {self.io_threads}")
         _require(

@@ -136,10 +136,11 @@ class DefaultStager(CheckpointStager):
         if self._hashing is None:
             self._hashing = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="async-ckpt-hash")
         plan = captured.plan
-        digests = [
-            chunk_digests(source, self._chunk_bytes, self._hashing) if source.device.type == "cpu" else None
-            for source in captured.sources
-        ]
+        on_cpu = [i for i, source in enumerate(captured.sources) if source.device.type == "cpu"]
+        digests: list[list[str] | None] = [None] * len(captured.sources)
+        hashed = chunk_digests([captured.sources[i] for i in on_cpu], self._chunk_bytes, self._hashing)
+        for index, storage_digests in zip(on_cpu, hashed):
+            digests[index] = storage_digests
         held = slab.contents[1] if slab.contents is not None and slab.contents[0] == plan.layout else None
         skip = {i for i, d in enumerate(digests) if d is not None and held is not None and held[i] == d}
         name = xxhash.xxh3_64_hexdigest(repr(plan.layout).encode())

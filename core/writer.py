@@ -17,7 +17,7 @@ from .commit import CommitRecord, RankFile, new_write_id, write_commit_record
 from .errors import CheckpointCommitError, CheckpointError
 from .retention import apply_retention
 from .config import CheckpointWriterConfig
-from .file_format import WrittenFile, fsync_directory, write_checkpoint_file, write_safetensors_file
+from .file_format import WrittenFile, filesystem_clones, fsync_directory, write_checkpoint_file, write_safetensors_file
 from .incremental import PreviousFiles
 from .plan import CheckpointPlan, capture
 from .types import RankInfo, WriteResult
@@ -153,7 +153,9 @@ class CheckpointWriter:
         lineage = plan.lineage
         if lineage is not None and lineage.chunk_bytes == self._config.chunk_bytes:
             known_digests = lineage.digests
-            previous = self._previous_files.records_for(lineage, {str(i): b.numel() for i, b in enumerate(storage_bytes)})
+            if self._copies_unchanged(os.path.dirname(path)):
+                sizes = {str(i): b.numel() for i, b in enumerate(storage_bytes)}
+                previous = self._previous_files.records_for(lineage, sizes)
         return write_checkpoint_file(
             path,
             plan.structure,
@@ -169,6 +171,12 @@ class CheckpointWriter:
             previous=previous,
             **io_options,
         )
+
+    def _copies_unchanged(self, directory: str) -> bool:
+        """Copying from the previous file pays only where the filesystem shares extents (or copies
+        server-side); elsewhere it reads and writes the bytes that the snapshot already holds."""
+        mode = self._config.copy_unchanged
+        return mode == "always" or (mode == "auto" and filesystem_clones(directory))
 
     def _tell_peers_of_failure(self, path: str, exc: BaseException) -> None:
         """Let the other ranks fail this save now, with this rank's reason, instead of at their timeout."""

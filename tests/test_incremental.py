@@ -1,5 +1,8 @@
 """Incremental saves on a frozen-backbone fine-tune: unchanged tensors are neither copied nor
-rewritten, and every checkpoint still loads on its own with plain torch.load."""
+rewritten, and every checkpoint still loads on its own with plain torch.load.
+
+Most tests force copy_unchanged="always" so that the copy from the previous file runs on any
+filesystem (this machine's ext4 cannot share extents)."""
 
 import os
 
@@ -12,6 +15,7 @@ from core import (
     RetentionConfig,
     make_async_checkpointer,
 )
+from core.file_format import filesystem_clones
 from tests.helpers import assert_same
 
 BACKBONE_BYTES = 1024 * 1024 * 4 + 1024 * 4  # Linear(1024, 1024) weight and bias, float32
@@ -31,9 +35,10 @@ class FrozenBackboneModel(torch.nn.Module):
         optimizer.zero_grad()
 
 
-def _incremental(**writer):
+def _incremental(copy_unchanged="always", **writer):
     return CheckpointerConfig(
-        staging_config=CheckpointStagerConfig(incremental=True), writer_config=CheckpointWriterConfig(**writer)
+        staging_config=CheckpointStagerConfig(incremental=True),
+        writer_config=CheckpointWriterConfig(copy_unchanged=copy_unchanged, **writer),
     )
 
 
@@ -64,6 +69,21 @@ def test_frozen_backbone_is_neither_copied_nor_rewritten(tmp_path, no_leaks):
         assert unchanged.reused_nbytes == BACKBONE_BYTES
     # step 2 changed one backbone weight: the weight is copied and written again, its bias is not
     assert results[2].copied_nbytes == total - 1024 * 4 and results[2].reused_nbytes == 1024 * 4
+
+
+def test_unchanged_chunks_are_copied_only_where_the_filesystem_clones(tmp_path, no_leaks):
+    model = FrozenBackboneModel()
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-2)
+    model.step(optimizer)
+    with make_async_checkpointer(_incremental(copy_unchanged="auto")) as ckpt:
+        ckpt.save(tmp_path / "step_0", _state(model, optimizer, 0))[1].result()
+        model.step(optimizer)
+        second = ckpt.save(tmp_path / "step_1", _state(model, optimizer, 1))[1].result()
+    # On ext4 or tmpfs a kernel copy would read and write the bytes again: they come from the
+    # snapshot instead. On XFS or btrfs the file shares the previous one's extents.
+    assert second.reused_nbytes == (BACKBONE_BYTES if filesystem_clones(str(tmp_path)) else 0)
+    assert second.copied_nbytes == second.nbytes - BACKBONE_BYTES, "the snapshot skips the backbone either way"
+    assert_same(torch.load(tmp_path / "step_1" / "checkpoint_0.pt", weights_only=True)["model"], model.state_dict())
 
 
 def test_reuse_survives_retention_and_restarts_after_a_failed_save(tmp_path, no_leaks):
