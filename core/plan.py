@@ -14,6 +14,7 @@ strides and offsets, so the saved file has exactly the aliasing of the live stat
 from __future__ import annotations
 
 import copyreg
+import dataclasses
 import functools
 import ctypes
 import io
@@ -268,3 +269,89 @@ def buffer_of(byte_view: torch.Tensor) -> memoryview:
     if byte_view.numel() == 0:
         return memoryview(bytearray())
     return memoryview((ctypes.c_char * byte_view.numel()).from_address(byte_view.data_ptr())).cast("B")
+
+
+class PlanCache:
+    """Reuses the previous capture's pickle for a state dict of the same skeleton.
+
+    Pickling a large state dict (thousands of tensors with optimizer state) costs tens of
+    milliseconds of Python; walking it to compare with the previous save costs a few. The
+    skeleton records everything the pickle depends on: container types and lengths, keys and
+    plain values in order, which objects are the same object (pickle's memo), and each tensor's
+    type, dtype, shape, stride, offset, device, requires_grad and storage (by first appearance
+    and size). An equal skeleton means torch.save would write the same data.pkl, so only the
+    storage list is rebuilt. Anything else (custom objects, tensor subclasses) is captured anew.
+    """
+
+    def __init__(self) -> None:
+        self._skeleton: list[Any] | None = None
+        self._plan: CheckpointPlan | None = None
+        self._sources: list[torch.Tensor] = []  # byte views of the last save's storages
+
+    def clear(self) -> None:
+        self._skeleton = self._plan = None
+        self._sources = []
+
+    def capture(self, state_dict: Any, file_format: str = "torch") -> CapturedState:
+        if file_format != "torch":
+            return capture(state_dict, file_format)
+        walked = _walk_skeleton(state_dict)
+        if walked is not None and self._plan is not None and walked[0] == self._skeleton:
+            storages = walked[1]
+            if [s._cdata for s in storages] != [v.untyped_storage()._cdata for v in self._sources]:
+                self._sources = [_bytes_of(storage, 0, storage.nbytes()) for storage in storages]
+            return CapturedState(plan=dataclasses.replace(self._plan), sources=list(self._sources))
+        captured = capture_torch(state_dict)
+        if walked is not None:
+            self._skeleton, self._plan = walked[0], dataclasses.replace(captured.plan)
+            self._sources = list(captured.sources)
+        return captured
+
+
+_SCALAR_TYPES = frozenset({int, bool, type(None)})
+
+
+def _walk_skeleton(state_dict: Any) -> tuple[list[Any], list[torch.UntypedStorage]] | None:
+    """(skeleton, storages in the order the pickle names them), or None when it cannot be cached."""
+    skeleton: list[Any] = []
+    storages: dict[int, torch.UntypedStorage] = {}
+    storage_index: dict[int, int] = {}
+    seen: dict[int, int] = {}
+
+    def walk(obj: Any) -> None:
+        kind = type(obj)
+        if kind in _SCALAR_TYPES:
+            skeleton.append((kind, obj))
+            return
+        if kind is float:
+            skeleton.append(obj.hex())  # tells 0.0 from -0.0, which compare equal
+            return
+        if id(obj) in seen:
+            skeleton.append(seen[id(obj)])  # the same object again: pickle writes a memo reference
+            return
+        seen[id(obj)] = -len(seen) - 1
+        if kind is str or kind is bytes:
+            skeleton.append(obj)
+        elif kind is dict or kind is OrderedDict:
+            skeleton.append((kind, len(obj)))
+            for key, value in obj.items():
+                walk(key)
+                walk(value)
+        elif kind is list or kind is tuple:
+            skeleton.append((kind, len(obj)))
+            for value in obj:
+                walk(value)
+        elif kind is torch.Tensor or kind is torch.nn.Parameter:
+            storage = obj.untyped_storage()
+            index = storage_index.setdefault(storage._cdata, len(storage_index))
+            storages.setdefault(storage._cdata, storage)
+            skeleton.append((kind, obj.dtype, obj.shape, obj.stride(), obj.storage_offset(), obj.device,
+                             obj.requires_grad, obj.grad_fn is None, obj.layout, index, storage.nbytes()))
+        else:
+            raise TypeError(kind)
+
+    try:
+        walk(state_dict)
+    except Exception:  # an object the skeleton does not describe, or a tensor without strides
+        return None
+    return skeleton, list(storages.values())

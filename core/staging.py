@@ -15,7 +15,7 @@ import xxhash
 
 from .config import CheckpointStagerConfig
 from .file_format import DEFAULT_CHUNK_BYTES, chunk_digests
-from .plan import CapturedState, CheckpointPlan, Lineage, capture
+from .plan import CapturedState, CheckpointPlan, Lineage, PlanCache
 from .slab import Slab, SlabPool
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class DefaultStager(CheckpointStager):
         self._chunk_bytes = chunk_bytes
         self._sequences = itertools.count()
         self._last_of_lineage: dict[str, int] = {}
+        self._plans = PlanCache()
 
     def _helper_thread(self) -> ThreadPoolExecutor:
         if self._helper is None:
@@ -93,7 +94,7 @@ class DefaultStager(CheckpointStager):
         The first save of a shape otherwise pays for fresh shared memory (page faults) on the
         training thread. The future completes when the slab is ready.
         """
-        nbytes = capture(state_dict, file_format).plan.slab_nbytes
+        nbytes = self._plans.capture(state_dict, file_format).plan.slab_nbytes
         return self._helper_thread().submit(self._warm_slab, nbytes)
 
     def _warm_slab(self, nbytes: int) -> None:
@@ -106,7 +107,7 @@ class DefaultStager(CheckpointStager):
 
     def stage(self, state_dict: Any, file_format: str = "torch", **kwargs: Any) -> Future[StagedCheckpoint]:
         """Snapshot `state_dict` for a file of `file_format` ("torch" or "safetensors")."""
-        captured = capture(state_dict, file_format)
+        captured = self._plans.capture(state_dict, file_format)
         layout = captured.plan.layout
         slab = self.pool.acquire(
             captured.plan.slab_nbytes, prefer=lambda s: s.contents is not None and s.contents[0] == layout
@@ -182,4 +183,5 @@ class DefaultStager(CheckpointStager):
             if pool is not None:
                 pool.shutdown(wait=True)
         self._helper = self._hashing = None
+        self._plans.clear()
         self.pool.close()

@@ -1,0 +1,83 @@
+"""The plan cache reuses a pickle only when torch.save would write the very same one."""
+
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from core.plan import PlanCache, capture
+
+
+def _base():
+    weight = torch.nn.Parameter(torch.randn(4, 4))
+    return {
+        "model": OrderedDict(weight=weight, bias=torch.zeros(4), view=weight.detach()[1:, :2]),
+        "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(4, 4)}},
+                      "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0]}]},
+        "epoch": 1, "name": "run", "flag": False, "none": None, "loss": 0.0,
+    }
+
+
+def _replace(path, value=None, transform=None):
+    def change(state):
+        target = state
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = transform(target[path[-1]]) if transform else value
+        return state
+    return change
+
+
+def _share_the_name(state):
+    state["other_name"] = state["name"]
+    return state
+
+
+def _equal_but_distinct_name(state):
+    state["other_name"] = "".join(["r", "un"])
+    return state
+
+
+def _tie(state):
+    state["model"]["bias"] = state["model"]["weight"].detach()[0]
+    return state
+
+
+VARIANTS = {
+    "same values": lambda s: s,
+    "tensor values changed in place": lambda s: (s["model"]["bias"].add_(1), s)[1],
+    "int changed": _replace(("epoch",), 2),
+    "int became bool": _replace(("epoch",), True),
+    "bool became int": _replace(("flag",), 0),
+    "float sign of zero": _replace(("loss",), -0.0),
+    "float changed": _replace(("optimizer", "param_groups", 0, "lr"), transform=lambda lr: lr / 2),
+    "tuple became list": _replace(("optimizer", "param_groups", 0, "betas"), transform=list),
+    "string changed": _replace(("name",), "run2"),
+    "one string object twice": _share_the_name,
+    "two equal string objects": _equal_but_distinct_name,
+    "new key": _replace(("extra",), 1),
+    "dict became OrderedDict": _replace(("optimizer", "state", 0), transform=OrderedDict),
+    "view moved": lambda s: _replace(("model", "view"), s["model"]["weight"].detach()[:3, 2:])(s),
+    "tied to the weight": _tie,
+    "dtype changed": _replace(("model", "bias"), transform=lambda t: t.double()),
+    "requires_grad changed": _replace(("model", "bias"), transform=lambda t: t.detach().requires_grad_(True)),
+    "parameter became tensor": _replace(("model", "weight"), transform=lambda p: p.detach()),
+    "tensor replaced by a new one": _replace(("model", "bias"), transform=lambda t: t.clone()),
+    "custom object": _replace(("extra",), torch.nn.Identity()),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_cached_capture_equals_a_fresh_capture(variant):
+    cache = PlanCache()
+    state = _base()
+    first = cache.capture(state)
+    changed = VARIANTS[variant](state)
+    for _ in range(2):  # the variant's first capture, then a hit on it
+        cached = cache.capture(changed)
+        fresh = capture(changed)
+        assert cached.plan.structure == fresh.plan.structure
+        assert cached.plan.storages == fresh.plan.storages
+        assert [(s.data_ptr(), s.numel()) for s in cached.sources] == [(s.data_ptr(), s.numel()) for s in fresh.sources]
+    if variant in ("same values", "tensor values changed in place"):
+        assert cached.plan.structure is first.plan.structure, "an unchanged skeleton was pickled again"
