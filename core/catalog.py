@@ -67,11 +67,13 @@ def _describe_directory(path: str, deep: bool) -> CheckpointInfo:
     sizes = {name: os.path.getsize(os.path.join(path, name)) for name in os.listdir(path)
              if os.path.isfile(os.path.join(path, name)) and not name.startswith(".")}
     info = CheckpointInfo(path, "directory", False, None, sum(sizes.values()), None, step_from_name(os.path.basename(path)))
+    if not os.path.exists(os.path.join(path, COMMIT_RECORD)):
+        info.reason = f"not committed (no {COMMIT_RECORD})"
+        return info
     try:
         record = read_commit_record(path)
     except CheckpointError as exc:
-        info.reason = f"not committed (no valid {COMMIT_RECORD})" if not os.path.exists(
-            os.path.join(path, COMMIT_RECORD)) else str(exc)
+        info.reason = str(exc)
         return info
     info.committed_at, info.world_size, info.metadata = record.committed_at, record.world_size, record.metadata
     info.step = record.metadata.get("step", info.step)
@@ -88,6 +90,12 @@ def _describe_directory(path: str, deep: bool) -> CheckpointInfo:
 
 def _describe_file(path: str, deep: bool) -> CheckpointInfo:
     info = CheckpointInfo(path, "file", False, None, os.path.getsize(path), None, step_from_name(os.path.basename(path)))
+    try:
+        CheckpointFile(path)
+    except NotACheckpointError:
+        raise
+    except CheckpointError:
+        pass  # a checkpoint, damaged: _file_problem says how
     info.reason = _file_problem(path, deep, None)
     info.complete = info.reason is None
     if info.complete:
@@ -107,8 +115,6 @@ def _file_problem(path: str, deep: bool, write_id: str | None) -> str | None:
         if write_id is not None and (ckpt.manifest or {}).get("write_id") != write_id:
             return f"{os.path.basename(path)} comes from another save than the commit record (unfinished overwrite)"
         damaged = ckpt.damaged_records() if deep else ([] if _structure_ok(ckpt) else ["data.pkl"])
-    except NotACheckpointError:
-        raise
     except CheckpointError as exc:
         return str(exc)
     if damaged:

@@ -14,12 +14,12 @@ import torch
 
 from .barriers import Barrier, BarrierTimeoutError
 from .commit import CommitRecord, RankFile, new_write_id, write_commit_record
-from .errors import CheckpointCommitError, CheckpointError
-from .retention import apply_retention
 from .config import CheckpointWriterConfig
+from .errors import CheckpointCommitError, CheckpointError
 from .file_format import WrittenFile, filesystem_clones, fsync_directory, write_checkpoint_file, write_safetensors_file
 from .incremental import PreviousFiles
 from .plan import CheckpointPlan, capture
+from .retention import apply_retention
 from .types import RankInfo, WriteResult
 
 logger = logging.getLogger(__name__)
@@ -120,8 +120,6 @@ class CheckpointWriter:
             mine = RankFile(self._rank_info.global_rank, os.path.basename(final), nbytes, write_id)
             files = self._agree(path, mine)
             self._publish(temporary, final, directory, files, metadata)
-            if plan.lineage is not None and plan.format == "torch":
-                self._previous_files.remember(plan.lineage, final)
         except BaseException as exc:
             if os.path.exists(temporary):
                 os.unlink(temporary)
@@ -129,6 +127,7 @@ class CheckpointWriter:
                 # e.g. ENOSPC from a write: say which checkpoint it was
                 raise OSError(exc.errno, f"{exc.strerror} while writing checkpoint {final}") from exc
             raise
+        self._remember_for_the_next_save(plan, final)
         if self._commit_hook is not None:
             self._commit_hook.post_commit(path, **kwargs)
         self._maintain(path)
@@ -171,6 +170,15 @@ class CheckpointWriter:
             previous=previous,
             **io_options,
         )
+
+    def _remember_for_the_next_save(self, plan: CheckpointPlan, final: str) -> None:
+        """Hold the committed file of an incremental save; failing that only costs the next save its reuse."""
+        if plan.lineage is None or plan.format != "torch":
+            return
+        try:
+            self._previous_files.remember(plan.lineage, final)
+        except (OSError, CheckpointError, RuntimeError) as exc:
+            logger.warning("the next incremental save will write everything: cannot reopen %s (%s)", final, exc)
 
     def _copies_unchanged(self, directory: str) -> bool:
         """Copying from the previous file pays only where the filesystem shares extents (or copies
