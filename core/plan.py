@@ -272,39 +272,43 @@ def buffer_of(byte_view: torch.Tensor) -> memoryview:
 
 
 class PlanCache:
-    """Reuses the previous capture's pickle for a state dict of the same skeleton.
+    """Reuses an earlier capture's pickle for a state dict of the same skeleton.
 
     Pickling a large state dict (thousands of tensors with optimizer state) costs tens of
-    milliseconds of Python; walking it to compare with the previous save costs a few. The
+    milliseconds of Python; walking it to compare with earlier saves costs a few. The
     skeleton records everything the pickle depends on: container types and lengths, keys and
     plain values in order, which objects are the same object (pickle's memo), and each tensor's
     type, dtype, shape, stride, offset, device, requires_grad and storage (by first appearance
     and size). An equal skeleton means torch.save would write the same data.pkl, so only the
     storage list is rebuilt. Anything else (custom objects, tensor subclasses) is captured anew.
+    The last `entries` skeletons are kept, for callers that save several state dicts in turn
+    (Accelerate's model, optimizer and scheduler files).
     """
 
-    def __init__(self) -> None:
-        self._skeleton: list[Any] | None = None
-        self._plan: CheckpointPlan | None = None
-        self._sources: list[torch.Tensor] = []  # byte views of the last save's storages
+    def __init__(self, entries: int = 8) -> None:
+        self._entries = entries
+        # most recent last: (skeleton, plan, byte views of that save's storages)
+        self._cached: list[tuple[list[Any], CheckpointPlan, list[torch.Tensor]]] = []
 
     def clear(self) -> None:
-        self._skeleton = self._plan = None
-        self._sources = []
+        self._cached = []
 
     def capture(self, state_dict: Any, file_format: str = "torch") -> CapturedState:
         if file_format != "torch":
             return capture(state_dict, file_format)
         walked = _walk_skeleton(state_dict)
-        if walked is not None and self._plan is not None and walked[0] == self._skeleton:
-            storages = walked[1]
-            if [s._cdata for s in storages] != [v.untyped_storage()._cdata for v in self._sources]:
-                self._sources = [_bytes_of(storage, 0, storage.nbytes()) for storage in storages]
-            return CapturedState(plan=dataclasses.replace(self._plan), sources=list(self._sources))
+        if walked is None:
+            return capture_torch(state_dict)
+        skeleton, storages = walked
+        for index, (cached_skeleton, plan, sources) in enumerate(self._cached):
+            if cached_skeleton == skeleton:
+                if [s._cdata for s in storages] != [v.untyped_storage()._cdata for v in sources]:
+                    sources = [_bytes_of(storage, 0, storage.nbytes()) for storage in storages]
+                del self._cached[index]
+                self._cached.append((skeleton, plan, sources))
+                return CapturedState(plan=dataclasses.replace(plan), sources=list(sources))
         captured = capture_torch(state_dict)
-        if walked is not None:
-            self._skeleton, self._plan = walked[0], dataclasses.replace(captured.plan)
-            self._sources = list(captured.sources)
+        self._cached = [*self._cached[-(self._entries - 1):], (skeleton, dataclasses.replace(captured.plan), list(captured.sources))]
         return captured
 
 

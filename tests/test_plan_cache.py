@@ -81,3 +81,14 @@ def test_cached_capture_equals_a_fresh_capture(variant):
         assert [(s.data_ptr(), s.numel()) for s in cached.sources] == [(s.data_ptr(), s.numel()) for s in fresh.sources]
     if variant in ("same values", "tensor values changed in place"):
         assert cached.plan.structure is first.plan.structure, "an unchanged skeleton was pickled again"
+
+
+def test_several_state_dicts_saved_in_turn_all_hit():
+    cache = PlanCache(entries=3)
+    states = [_replace(("epoch",), epoch)(_base()) for epoch in range(3)]  # three different pickles
+    first = [cache.capture(state).plan.structure for state in states]
+    for _ in range(2):
+        again = [cache.capture(state).plan.structure for state in states]
+        assert all(a is b for a, b in zip(again, first)), "a state dict saved in turn was pickled again"
+    for state in states:
+        assert cache.capture(state).plan.structure == capture(state).plan.structure
