@@ -221,9 +221,16 @@ class CheckpointProcess:
         return future
 
     def forget_slab(self, slab_id: str) -> None:
-        """Tell the worker to unmap a slab that the trainer discarded."""
+        """Tell the worker to unmap a slab that the trainer discarded.
+
+        Sent at once rather than queued: a queued message would make the next write wait for the
+        sender thread, and a trainer killed right after that save would lose it.
+        """
         if not self._closed:
-            self._enqueue(("detach", slab_id))
+            try:
+                self._send_detach(slab_id)
+            except OSError:
+                logger.debug("checkpoint writer gone while detaching a slab; the receiver reports it")
 
     def _enqueue(self, item: tuple) -> None:
         with self._lock:
@@ -248,8 +255,6 @@ class CheckpointProcess:
             try:
                 if kind == "start":
                     self._ensure_worker()
-                elif kind == "detach":
-                    self._send_detach(item[1])
                 elif kind == "write":
                     self._send_write(*item[1:])
             except BaseException as exc:  # reported on the request's future, or logged
@@ -263,9 +268,11 @@ class CheckpointProcess:
 
     def _send_detach(self, slab_id: str) -> None:
         worker = self._worker
-        if worker is not None and worker.alive and slab_id in worker.attached:
-            worker.attached.discard(slab_id)
-            with self._send_lock:
+        if worker is None or not worker.alive:
+            return  # a new worker never saw the slab
+        with self._send_lock:
+            if slab_id in worker.attached:
+                worker.attached.discard(slab_id)
                 worker.conn.send(("detach", slab_id))
 
     def _send_write(self, path: str, staged: StagedCheckpoint, kwargs: dict, future: Future) -> None:
