@@ -91,17 +91,16 @@ def _describe_directory(path: str, deep: bool) -> CheckpointInfo:
 def _describe_file(path: str, deep: bool) -> CheckpointInfo:
     info = CheckpointInfo(path, "file", False, None, os.path.getsize(path), None, step_from_name(os.path.basename(path)))
     try:
-        CheckpointFile(path)
+        ckpt = CheckpointFile(path)
     except NotACheckpointError:
         raise
-    except CheckpointError:
-        pass  # a checkpoint, damaged: _file_problem says how
-    info.reason = _file_problem(path, deep, None)
-    info.complete = info.reason is None
-    if info.complete:
-        info.committed_at = os.path.getmtime(path)
-        manifest = CheckpointFile(path).manifest or {}
-        info.metadata = manifest.get("metadata") or {}
+    except CheckpointError as exc:  # a checkpoint, but damaged
+        info.reason = str(exc)
+        return info
+    info.reason = _problem(ckpt, deep, None)
+    if info.reason is None:
+        info.complete, info.committed_at = True, os.path.getmtime(path)
+        info.metadata = (ckpt.manifest or {}).get("metadata") or {}
         info.step = info.metadata.get("step", info.step)
     return info
 
@@ -112,13 +111,21 @@ def _file_problem(path: str, deep: bool, write_id: str | None) -> str | None:
         return f"{os.path.basename(path)} is missing"
     try:
         ckpt = CheckpointFile(path)
-        if write_id is not None and (ckpt.manifest or {}).get("write_id") != write_id:
-            return f"{os.path.basename(path)} comes from another save than the commit record (unfinished overwrite)"
+    except CheckpointError as exc:
+        return str(exc)
+    return _problem(ckpt, deep, write_id)
+
+
+def _problem(ckpt: CheckpointFile, deep: bool, write_id: str | None) -> str | None:
+    name = os.path.basename(ckpt.path)
+    if write_id is not None and (ckpt.manifest or {}).get("write_id") != write_id:
+        return f"{name} comes from another save than the commit record (unfinished overwrite)"
+    try:
         damaged = ckpt.damaged_records() if deep else ([] if _structure_ok(ckpt) else ["data.pkl"])
     except CheckpointError as exc:
         return str(exc)
     if damaged:
-        return f"{os.path.basename(path)} is damaged: {', '.join(damaged)} fail their checksums"
+        return f"{name} is damaged: {', '.join(damaged)} fail their checksums"
     return None
 
 

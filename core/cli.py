@@ -2,8 +2,8 @@
 
 Tables for people, `--json` for scripts. Exit codes: `verify` 0 when every checkpoint is
 complete and its bytes match their checksums, 1 otherwise; `diff` 0 when the checkpoints hold
-the same values, 1 when they differ (as diff(1)); every command 2 for a bad invocation or a
-path that holds no checkpoint.
+the same values, 1 when they differ (as diff(1)); `inspect` and `diff` 1 when a checkpoint is
+damaged; every command 2 for a bad invocation or a path that holds no checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .catalog import CheckpointInfo, describe_checkpoint, list_checkpoints, read_latest
-from .errors import CheckpointNotFoundError, NotACheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError, NotACheckpointError
 from .reader import CheckpointReader
 from .types import RankInfo
 
@@ -33,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointNotFoundError, NotACheckpointError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"{parser.prog} {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except CheckpointError as exc:  # damaged, or written by more ranks than --rank names
+        print(f"{parser.prog} {args.command}: {exc}", file=sys.stderr)
+        return EXIT_DIFFERENT
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -134,6 +134,11 @@ def test_cli_inspect_verify_and_diff(tmp_path):
     results = {os.path.basename(r["path"]): r for r in json.loads(damaged.stdout)}
     assert results["a"]["ok"] and not results["b"]["ok"] and "fail their checksums" in results["b"]["reason"]
 
+    inspect_damaged = _cli("inspect", tmp_path / "b")
+    assert inspect_damaged.returncode == 0, "inspect reads no tensor bytes, so it still works"
+    diff_damaged = _cli("diff", tmp_path / "a", tmp_path / "b")
+    assert diff_damaged.returncode == 1 and "fail their checksum" in diff_damaged.stderr
+
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     for command in (("verify", tmp_path / "missing"), ("inspect", tmp_path / "notes.txt")):
         result = _cli(*command)
