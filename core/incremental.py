@@ -9,15 +9,10 @@ save to the same path removes or replaces it, so what is copied is always what w
 
 from __future__ import annotations
 
-import logging
 import os
-
-import torch
 
 from .file_format import CheckpointFile, PreviousRecord
 from .plan import Lineage
-
-logger = logging.getLogger(__name__)
 
 
 class PreviousFiles:
@@ -37,18 +32,18 @@ class PreviousFiles:
 
     def remember(self, lineage: Lineage, path: str) -> None:
         """Hold the just-committed file of `lineage` for the next save; needs checksums in its manifest."""
-        manifest = CheckpointFile(path).manifest
+        ckpt = CheckpointFile(path)
         self._forget(lineage.name)
-        if manifest is None or manifest.get("checksum") is None:
+        if not ckpt.verifiable:
             return
-        reader = torch._C.PyTorchFileReader(path)
-        records = {
-            key: (storage["nbytes"], storage["digests"], reader.get_record_offset(f"data/{key}"))
-            for key, storage in manifest["storages"].items()
-        }
         fd = os.open(path, os.O_RDONLY)
         self._files[lineage.name] = (
-            lineage.sequence, fd, {k: (n, PreviousRecord(fd, offset, digests)) for k, (n, digests, offset) in records.items()}
+            lineage.sequence,
+            fd,
+            {
+                key: (storage["nbytes"], PreviousRecord(fd, ckpt.storage_offset(key), storage["digests"]))
+                for key, storage in ckpt.manifest["storages"].items()
+            },
         )
 
     def _forget(self, name: str) -> None:

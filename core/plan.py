@@ -287,8 +287,8 @@ class PlanCache:
 
     def __init__(self, entries: int = 8) -> None:
         self._entries = entries
-        # most recent last: (skeleton, plan, byte views of that save's storages)
-        self._cached: list[tuple[list[Any], CheckpointPlan, list[torch.Tensor]]] = []
+        # most recent last: (skeleton, plan, that save's storage ids and byte views)
+        self._cached: list[tuple[list[Any], CheckpointPlan, list[int], list[torch.Tensor]]] = []
 
     def clear(self) -> None:
         self._cached = []
@@ -300,15 +300,17 @@ class PlanCache:
         if walked is None:
             return capture_torch(state_dict)
         skeleton, storages = walked
-        for index, (cached_skeleton, plan, sources) in enumerate(self._cached):
+        storage_ids = [storage._cdata for storage in storages]
+        for index, (cached_skeleton, plan, cached_ids, sources) in enumerate(self._cached):
             if cached_skeleton == skeleton:
-                if [s._cdata for s in storages] != [v.untyped_storage()._cdata for v in sources]:
+                if cached_ids != storage_ids:
                     sources = [_bytes_of(storage, 0, storage.nbytes()) for storage in storages]
                 del self._cached[index]
-                self._cached.append((skeleton, plan, sources))
+                self._cached.append((skeleton, plan, storage_ids, sources))
                 return CapturedState(plan=dataclasses.replace(plan), sources=list(sources))
         captured = capture_torch(state_dict)
-        self._cached = [*self._cached[-(self._entries - 1):], (skeleton, dataclasses.replace(captured.plan), list(captured.sources))]
+        entry = (skeleton, dataclasses.replace(captured.plan), storage_ids, list(captured.sources))
+        self._cached = [*self._cached[-(self._entries - 1):], entry]
         return captured
 
 
@@ -318,8 +320,7 @@ _SCALAR_TYPES = frozenset({int, bool, type(None)})
 def _walk_skeleton(state_dict: Any) -> tuple[list[Any], list[torch.UntypedStorage]] | None:
     """(skeleton, storages in the order the pickle names them), or None when it cannot be cached."""
     skeleton: list[Any] = []
-    storages: dict[int, torch.UntypedStorage] = {}
-    storage_index: dict[int, int] = {}
+    storages: dict[int, tuple[int, torch.UntypedStorage]] = {}  # id -> (index in the pickle, storage)
     seen: dict[int, int] = {}
 
     def walk(obj: Any) -> None:
@@ -347,8 +348,7 @@ def _walk_skeleton(state_dict: Any) -> tuple[list[Any], list[torch.UntypedStorag
                 walk(value)
         elif kind is torch.Tensor or kind is torch.nn.Parameter:
             storage = obj.untyped_storage()
-            index = storage_index.setdefault(storage._cdata, len(storage_index))
-            storages.setdefault(storage._cdata, storage)
+            index = storages.setdefault(storage._cdata, (len(storages), storage))[0]
             skeleton.append((kind, obj.dtype, obj.shape, obj.stride(), obj.storage_offset(), obj.device,
                              obj.requires_grad, obj.grad_fn is None, obj.layout, index, storage.nbytes()))
         else:
@@ -358,4 +358,4 @@ def _walk_skeleton(state_dict: Any) -> tuple[list[Any], list[torch.UntypedStorag
         walk(state_dict)
     except Exception:  # an object the skeleton does not describe, or a tensor without strides
         return None
-    return skeleton, list(storages.values())
+    return skeleton, [storage for _, storage in storages.values()]
