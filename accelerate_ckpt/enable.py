@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 from accelerate import Accelerator
 
-from core import CheckpointerConfig, CheckpointStagerConfig, CheckpointWriterConfig, WriterHook
+from core import CheckpointerConfig, WriterHook, adapter_config
 
 from .flag import async_checkpointing_enabled
 from .save_state import AsyncSaveState, unsupported_reason
@@ -47,15 +47,18 @@ def enable_async_checkpointing(
     checksums: bool = True,
     use_direct_io: bool = True,
     io_threads: int = 0,
+    incremental: bool = False,
     barrier_timeout_secs: int = 600,
+    config: CheckpointerConfig | None = None,
     commit_hook: WriterHook | None = None,
 ) -> AsyncCheckpointingHandle:
     """Make `accelerator.save_state()` asynchronous; returns a handle with wait() and close().
 
-    enabled: True/False, or None to read ACCELERATE_ASYNC_CHECKPOINT (on when unset). When
-        off, the accelerator is left untouched: Accelerate's own behaviour, byte for byte.
+    enabled: True/False, or None to read ACCELERATE_ASYNC_CHECKPOINT (on when unset or empty).
+        When off, the accelerator is left untouched: Accelerate's own behaviour, byte for byte.
     max_in_flight: whole checkpoints that may be staged or writing at once (host memory is
-        about that many copies of the saved state).
+        about that many copies of the saved state). The other options are the Lightning
+        plugin's (core.adapter_config); `config` replaces them all.
     FSDP, DeepSpeed, Megatron-LM and XLA keep Accelerate's own save, with one warning.
     """
     if not async_checkpointing_enabled(enabled):
@@ -69,11 +72,8 @@ def enable_async_checkpointing(
         return _Disabled()
     if not isinstance(barrier_timeout_secs, int) or barrier_timeout_secs <= 0:
         raise ValueError(f"barrier_timeout_secs must be a positive int, got {barrier_timeout_secs!r}")
-    config = CheckpointerConfig(
-        writer_config=CheckpointWriterConfig(
-            layout="file", checksums=checksums, use_direct_io=use_direct_io, io_threads=io_threads,
-            write_barrier_timeout_secs=barrier_timeout_secs,
-        ),
-        staging_config=CheckpointStagerConfig(max_in_flight=max_in_flight, use_pinned_memory=pin_memory),
+    config = adapter_config(
+        config, max_in_flight=max_in_flight, pin_memory=pin_memory, checksums=checksums, use_direct_io=use_direct_io,
+        io_threads=io_threads, incremental=incremental, barrier_timeout_secs=barrier_timeout_secs,
     )
     return AsyncSaveState(accelerator, config, commit_hook)

@@ -10,7 +10,7 @@ _OFF = {"0", "false", "no", "off"}
 
 
 def async_checkpointing_enabled(enabled: bool | None = None) -> bool:
-    """`enabled` when given; else the ACCELERATE_ASYNC_CHECKPOINT variable; on when that is unset.
+    """`enabled` when given; else the ACCELERATE_ASYNC_CHECKPOINT variable; on when that is unset or empty.
 
     Raises ValueError naming the variable when it holds anything but 1/true/yes/on or 0/false/no/off.
     """
@@ -19,7 +19,7 @@ def async_checkpointing_enabled(enabled: bool | None = None) -> bool:
             raise TypeError(f"enabled must be True, False or None, got {enabled!r}")
         return enabled
     raw = os.environ.get(ENV_FLAG)
-    if raw is None:
+    if raw is None or not raw.strip():  # unset, or set empty: the default
         return True
     value = raw.strip().lower()
     if value in _ON:

@@ -1,25 +1,24 @@
 """An asynchronous `accelerator.save_state()` that writes Accelerate's own files.
 
 save_state() snapshots every object Accelerate would save (models, optimizers, schedulers,
-samplers, scaler, RNG states, registered custom objects) into shared memory and returns. The
-files, with Accelerate's names and formats, are written by a core writer process into a
-hidden staging folder; once every rank's files are durable, the folder is renamed to the
-checkpoint's name in one step. `accelerator.load_state()` therefore never sees a partial
-checkpoint, and `total_limit` pruning runs only after a newer checkpoint is committed.
+samplers, scaler, RNG states, registered custom objects) and returns. The files, with
+Accelerate's names and formats, are written in the background into a hidden staging folder
+and published into the checkpoint folder once every rank's files are durable (core's
+FileSetCheckpointer): a new folder appears whole; into an existing one only this save's files
+are added or replaced. `total_limit` pruning runs after a newer checkpoint is published, and
+`load_state()` and `end_training()` first wait for pending checkpoints (of any Accelerator of
+the process).
 """
 
 from __future__ import annotations
 
+import collections
+import copyreg
 import logging
 import os
 import random
 import re
 import shutil
-import threading
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,26 +37,12 @@ from accelerate.utils.constants import (
 )
 from accelerate.utils.other import clean_state_dict_for_safetensors
 
-from core import (
-    AsyncCheckpointer,
-    CheckpointerConfig,
-    CheckpointStagerConfig,
-    CheckpointStats,
-    CheckpointWriteError,
-    CheckpointWriterConfig,
-    RankInfo,
-    WriteResult,
-    WriterHook,
-    make_async_checkpointer,
-)
-from core import drain
-from core.file_format import fsync_directory
-
-from .commit import CommitVote
+from core import CheckpointerConfig, FileSetCheckpointer, NamedState, WriteResult, WriterHook, wait_for_pending_writes
 
 logger = logging.getLogger(__name__)
 
 PENDING_DIR = ".async_ckpt_pending"
+_CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)")
 _UNSUPPORTED = {
     DistributedType.FSDP: "FSDP",
     DistributedType.DEEPSPEED: "DeepSpeed",
@@ -74,13 +59,6 @@ def unsupported_reason(accelerator: Accelerator) -> str | None:
     if accelerator.device.type not in ("cpu", "cuda"):
         return f"RNG states of {accelerator.device.type} devices are saved by Accelerate only"
     return None
-
-
-@dataclass
-class _File:
-    name: str
-    state: Any
-    file_format: str = "torch"
 
 
 def _indexed(name: str, index: int) -> str:
@@ -103,137 +81,136 @@ def _rng_states(accelerator: Accelerator) -> dict[str, Any]:
     return states
 
 
-def _shared_files(accelerator: Accelerator, weights: list[dict], safe_serialization: bool) -> list[_File]:
+def _shared_files(accelerator: Accelerator, weights: list[dict], safe_serialization: bool) -> list[NamedState]:
     """The files one process writes for everyone, named as save_accelerator_state names them."""
     files = []
     weights_name = SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
     for i, state in enumerate(weights):
         if safe_serialization:
-            files.append(_File(_indexed(weights_name, i), clean_state_dict_for_safetensors(state), "safetensors"))
+            files.append(NamedState(_indexed(weights_name, i), clean_state_dict_for_safetensors(state), "safetensors"))
         else:
-            files.append(_File(_indexed(weights_name, i), state))
+            files.append(NamedState(_indexed(weights_name, i), state))
     for i, optimizer in enumerate(accelerator._optimizers):
-        files.append(_File(_indexed(f"{OPTIMIZER_NAME}.bin", i), optimizer.state_dict()))
+        files.append(NamedState(_indexed(f"{OPTIMIZER_NAME}.bin", i), optimizer.state_dict()))
     for i, scheduler in enumerate(accelerator._schedulers):
-        files.append(_File(_indexed(f"{SCHEDULER_NAME}.bin", i), scheduler.state_dict()))
+        files.append(NamedState(_indexed(f"{SCHEDULER_NAME}.bin", i), scheduler.state_dict()))
     for i, dataloader in enumerate(accelerator._dataloaders):
         files.extend(_dataloader_files(dataloader, i))
     if accelerator.scaler is not None:
-        files.append(_File(SCALER_NAME, accelerator.scaler.state_dict()))
+        files.append(NamedState(SCALER_NAME, accelerator.scaler.state_dict()))
     for i, obj in enumerate(accelerator._custom_objects):
-        files.append(_File(f"custom_checkpoint_{i}.pkl", obj.state_dict()))
+        files.append(NamedState(f"custom_checkpoint_{i}.pkl", obj.state_dict()))
     return files
 
 
-def _dataloader_files(dataloader: Any, index: int) -> list[_File]:
+def _dataloader_files(dataloader: Any, index: int) -> list[NamedState]:
     from accelerate.data_loader import IterableDatasetShard, SeedableRandomSampler
 
     files = []
     if isinstance(dataloader.dataset, IterableDatasetShard):
         sampler = dataloader.get_sampler()
         if isinstance(sampler, SeedableRandomSampler):
-            files.append(_File(_indexed(f"{SAMPLER_NAME}.bin", index), sampler))
+            files.append(NamedState(_indexed(f"{SAMPLER_NAME}.bin", index), sampler))
     if getattr(dataloader, "use_stateful_dataloader", False):
-        files.append(_File(_indexed("dl_state_dict.bin", index), dataloader.state_dict()))
+        files.append(NamedState(_indexed("dl_state_dict.bin", index), dataloader.state_dict()))
     return files
 
 
-@dataclass
-class _Timing:
-    start: float
-    blocking_seconds: float
+class _HookedMethod:
+    """What stands in for one of the accelerator's methods while the hook is on."""
+
+    def __init__(self, function: Callable[..., Any], doc: str | None) -> None:
+        self._function = function
+        self.__doc__ = doc
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._function(*args, **kwargs)
 
 
-def _remove_if_empty(directory: str) -> None:
-    try:
-        os.rmdir(directory)
-    except OSError:
-        pass  # not empty (another checkpoint is pending) or already gone
+def _reduce_without_hooks(accelerator: Accelerator) -> Any:
+    """Pickle an accelerator as Accelerate would, minus the hook: it unpickles with its own methods."""
+    reduced = object.__reduce_ex__(accelerator, 2)
+    state = {k: v for k, v in reduced[2].items() if not isinstance(v, _HookedMethod)}
+    return (reduced[0], reduced[1], state, *reduced[3:])
 
 
 class AsyncSaveState:
     """Makes one Accelerator's save_state() asynchronous; see the module docstring.
 
-    While active, `accelerator.save_state`, `load_state` and `end_training` are this
-    handle's; `load_state` and `end_training` first wait for every pending checkpoint.
-    wait() blocks until all checkpoints saved so far are committed and raises the first
-    failure; close() also stops the writer process and restores Accelerate's own methods.
+    While active, `accelerator.save_state`, `load_state` and `end_training` are this handle's.
+    wait() blocks until all checkpoints saved so far are committed and raises the first failure
+    not yet seen; close() also stops the writer process and restores Accelerate's own methods.
+    The accelerator stays picklable; an unpickled copy has Accelerate's own methods.
     """
 
     def __init__(self, accelerator: Accelerator, config: CheckpointerConfig, commit_hook: WriterHook | None) -> None:
         self._accelerator = accelerator
-        self._config = config
-        self._commit_hook = commit_hook
-        self._checkpointer: AsyncCheckpointer | None = None
-        self._committer: ThreadPoolExecutor | None = None
-        self._commits: list[Future] = []
-        self._error: BaseException | None = None
-        self._lock = threading.Lock()
-        self._generation = 0
-        self.stats = CheckpointStats()
-        self._unlogged: list[WriteResult] = []
+        self._saver = FileSetCheckpointer(config, commit_hook, accelerator.process_index, accelerator.num_processes)
+        self._unlogged: collections.deque[WriteResult] = collections.deque()
+        self._saver.on_committed.append(self._unlogged.append)
         self._originals = {name: getattr(accelerator, name) for name in ("save_state", "load_state", "end_training")}
         self._overridden = {name for name in self._originals if name in vars(accelerator)}
-        accelerator.save_state = self.save_state
-        accelerator.load_state = self._draining(self._originals["load_state"])
-        accelerator.end_training = self._draining(self._originals["end_training"], close=True)
+        copyreg.pickle(type(accelerator), _reduce_without_hooks)
+        accelerator.save_state = _HookedMethod(self.save_state, self._originals["save_state"].__doc__)
+        accelerator.load_state = _HookedMethod(self._load_state, self._originals["load_state"].__doc__)
+        accelerator.end_training = _HookedMethod(self._end_training, self._originals["end_training"].__doc__)
         self._open = True
-        drain.register(self, drain_on_sigterm=config.process_config.sigterm_drain_secs > 0)
+
+    @property
+    def stats(self) -> Any:
+        return self._saver.stats
 
     # -- the replacement methods
 
-    def save_state(self, output_dir: str | None = None, safe_serialization: bool = True, **save_model_func_kwargs: Any) -> Path:
-        """Snapshot everything accelerator.save_state() saves and return; the files follow."""
-        self._raise_error()
-        self._log_to_trackers()
-        start = time.perf_counter()
+    def save_state(self, output_dir: str | os.PathLike[str] | None = None, safe_serialization: bool = True,
+                   **save_model_func_kwargs: Any) -> Path:
+        """Snapshot everything accelerator.save_state() saves and return; the files follow.
+
+        Returns what Accelerate returns: the folder, as given (or the automatic one)."""
         accelerator = self._accelerator
-        final = self._final_dir(output_dir)
+        self._saver.raise_unseen()
+        self._log_to_trackers()
+        final, returned = self._final_dir(output_dir)
         staging = self._staging_dir(final)
-        if self._is_committer():
+        if self._publishes():
             shutil.rmtree(staging, ignore_errors=True)
             os.makedirs(staging)
+            if not accelerator.project_configuration.automatic_checkpoint_naming:
+                os.makedirs(final, exist_ok=True)  # as Accelerate does, before writing anything
         accelerator.wait_for_everyone()
 
         weights = [accelerator.get_state_dict(model, unwrap=False) for model in accelerator._models]
         for hook in accelerator._save_model_state_pre_hook.values():
-            hook(accelerator._models, weights, staging)
-        files = [_File(f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl", _rng_states(accelerator))]
-        if self._is_committer():
+            hook(accelerator._models, weights, staging)  # files it writes there are published with the rest
+        files = [NamedState(f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl", _rng_states(accelerator))]
+        if self._publishes():
             files = _shared_files(accelerator, weights, safe_serialization) + files
-
-        checkpointer = self._ensure_checkpointer(len(files))
-        writes = []
-        for file in files:
-            staged, written = checkpointer.save(
-                os.path.join(staging, file.name), file.state, file_format=file.file_format, report_errors=False
-            )
-            staged.result()
-            writes.append(written)
-        self._generation += 1
-        commit = CommitVote(accelerator.process_index, accelerator.num_processes, final, self._generation,
-                            self._config.writer_config.write_barrier_timeout_secs)
-        self._submit_commit(writes, commit, staging, final, _Timing(start, time.perf_counter() - start))
+        self._saver.save(final, files, staging=staging, publishes=self._publishes(), after_publish=self._prune)
         accelerator.project_configuration.iteration += 1
-        return Path(final)
+        return returned
 
-    def _draining(self, original: Callable[..., Any], close: bool = False) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if close:
-                self._release()
-            else:
-                self.wait()
-            self._log_to_trackers()
-            return original(*args, **kwargs)
+    def _load_state(self, input_dir: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        accelerator = self._accelerator
+        if input_dir is not None:
+            wait_for_pending_writes(os.path.expanduser(os.fspath(input_dir)))
+        elif accelerator.project_configuration.automatic_checkpoint_naming:
+            wait_for_pending_writes(os.path.join(accelerator.project_dir, "checkpoints"))
+        self._saver.wait()
+        self._log_to_trackers()
+        return self._originals["load_state"](input_dir, *args, **kwargs)
 
-        call.__doc__ = original.__doc__
-        return call
+    def _end_training(self, *args: Any, **kwargs: Any) -> Any:
+        self._saver.release()
+        self._log_to_trackers()
+        return self._originals["end_training"](*args, **kwargs)
 
     # -- where files go
 
-    def _final_dir(self, output_dir: str | None) -> str:
+    def _final_dir(self, output_dir: str | os.PathLike[str] | None) -> tuple[str, Path]:
+        """(where the checkpoint goes, what save_state returns for it)."""
         accelerator = self._accelerator
-        if accelerator.project_configuration.automatic_checkpoint_naming:
+        configuration = accelerator.project_configuration
+        if configuration.automatic_checkpoint_naming:
             base = os.path.join(accelerator.project_dir, "checkpoints")
             os.makedirs(base, exist_ok=True)
             final = os.path.join(base, f"checkpoint_{accelerator.save_iteration}")
@@ -242,112 +219,36 @@ class AsyncSaveState:
                     f"Checkpoint directory {final} ({accelerator.save_iteration}) already exists. Please manually "
                     "override `self.save_iteration` with what iteration to start with."
                 )
-            return final
+            return final, Path(final)
         if output_dir is None:
-            raise ValueError(
+            raise TypeError(
                 "save_state() needs output_dir unless ProjectConfiguration(automatic_checkpoint_naming=True) is set"
             )
-        return os.path.abspath(os.path.expanduser(os.fspath(output_dir)))
+        return os.path.abspath(os.path.expanduser(os.fspath(output_dir))), Path(output_dir)
 
     def _staging_dir(self, final: str) -> str:
-        """Outside the folder Accelerate lists for its latest checkpoint, on the same filesystem."""
+        """A private folder on the checkpoint's filesystem: beside the numbered folders that
+        load_state() searches (in the project folder) with automatic naming, else inside the
+        checkpoint folder itself, so nothing is created outside the folder the user named."""
         accelerator = self._accelerator
         if accelerator.project_configuration.automatic_checkpoint_naming:
-            root = accelerator.project_dir
-        else:
-            root = os.path.dirname(final)
-        return os.path.join(root, PENDING_DIR, os.path.basename(final))
+            return os.path.join(accelerator.project_dir, PENDING_DIR, os.path.basename(final))
+        return os.path.join(final, PENDING_DIR, f"save_{accelerator.save_iteration}")
 
-    def _is_committer(self) -> bool:
+    def _publishes(self) -> bool:
         accelerator = self._accelerator
         if accelerator.project_configuration.save_on_each_node:
             return accelerator.is_local_main_process
         return accelerator.is_main_process
 
-    # -- background commit
-
-    def _ensure_checkpointer(self, files_per_checkpoint: int) -> AsyncCheckpointer:
-        if self._checkpointer is None:
-            staging = self._config.staging_config
-            config = CheckpointerConfig(
-                writer_config=self._config.writer_config,
-                staging_config=CheckpointStagerConfig(
-                    use_pinned_memory=staging.use_pinned_memory,
-                    # one slab per file, for `max_in_flight` whole checkpoints
-                    max_in_flight=staging.max_in_flight * max(files_per_checkpoint, 1),
-                ),
-                process_config=self._config.process_config,
-            )
-            self._checkpointer = make_async_checkpointer(config, RankInfo(0, 1), commit_hook=self._commit_hook)
-            self._committer = ThreadPoolExecutor(1, thread_name_prefix="async-ckpt-accelerate-commit")
-        return self._checkpointer
-
-    def _submit_commit(self, writes: list[Future], vote: CommitVote, staging: str, final: str, timing: "_Timing") -> None:
-        assert self._committer is not None
-        commit = self._committer.submit(self._commit, writes, vote, staging, final, timing)
-        commit.add_done_callback(self._record_error)
-        with self._lock:
-            self._commits.append(commit)
-
-    def _commit(self, writes: list[Future], vote: CommitVote, staging: str, final: str, timing: "_Timing") -> None:
-        errors = [f.exception() for f in writes]  # every file finished, not just up to the first failure
-        failure = next((e for e in errors if e is not None), None)
-        all_ok = vote.cast(failure is None)
-        if self._is_committer():
-            if all_ok:
-                self._publish(staging, final)
-            else:
-                shutil.rmtree(staging, ignore_errors=True)
-            _remove_if_empty(os.path.dirname(staging))
-        vote.wait_published(all_ok)
-        if failure is not None:
-            raise failure
-        if not all_ok:
-            raise CheckpointWriteError(f"checkpoint {final} was not committed: another rank failed to write its files")
-        written = [f.result() for f in writes]
-        result = WriteResult(
-            path=final,
-            files=tuple(os.path.join(final, os.path.basename(w.path)) for w in written),
-            nbytes=sum(w.nbytes for w in written),
-            write_seconds=max(w.write_seconds for w in written),
-            blocking_seconds=timing.blocking_seconds,
-            persist_seconds=time.perf_counter() - timing.start,
-        )
-        with self._lock:
-            self.stats.record(result)
-            self._unlogged.append(result)
-        logger.info(
-            "checkpoint %s committed: blocked %.3f s, %.1f MB durable after %.3f s",
-            final, result.blocking_seconds, result.nbytes / 1e6, result.persist_seconds,
-        )
-
-    def _log_to_trackers(self) -> None:
-        """Log each newly committed checkpoint's numbers to the accelerator's trackers (on the main thread)."""
-        with self._lock:
-            results, self._unlogged = self._unlogged, []
-        if self._accelerator.trackers:
-            for result in results:
-                self._accelerator.log(result.metrics())
-
-    def _publish(self, staging: str, final: str) -> None:
-        replaced = None
-        if os.path.exists(final):
-            replaced = f"{staging}.replaced"
-            os.replace(final, replaced)
-        os.replace(staging, final)
-        fsync_directory(os.path.dirname(final))
-        if replaced is not None:
-            shutil.rmtree(replaced, ignore_errors=True)
-        self._prune(final)
-
     def _prune(self, final: str) -> None:
+        """total_limit, applied after a newer checkpoint is published: never to one being written."""
         configuration = self._accelerator.project_configuration
         if not configuration.automatic_checkpoint_naming or configuration.total_limit is None:
             return
         base = os.path.dirname(final)
-        numbered = [(int(m.group(1)), name) for name in os.listdir(base) if (m := re.fullmatch(r"checkpoint_(\d+)", name))]
-        numbered.sort()
-        trash_root = os.path.dirname(self._staging_dir(final))
+        numbered = sorted((int(m.group(1)), name) for name in os.listdir(base) if (m := _CHECKPOINT_NAME.fullmatch(name)))
+        trash_root = os.path.join(self._accelerator.project_dir, PENDING_DIR)
         for _, name in numbered[: max(len(numbered) - configuration.total_limit, 0)]:
             logger.info("deleting checkpoint %s (total_limit=%d)", name, configuration.total_limit)
             # Out of sight in one rename, then deleted: nobody lists a half-deleted checkpoint.
@@ -355,55 +256,31 @@ class AsyncSaveState:
             trash = os.path.join(trash_root, f"{name}.deleting")
             os.replace(os.path.join(base, name), trash)
             shutil.rmtree(trash)
+        try:
+            os.rmdir(trash_root)
+        except OSError:
+            pass
 
-    # -- errors, draining, closing
+    def _log_to_trackers(self) -> None:
+        """Log each newly committed checkpoint's numbers to the accelerator's trackers (on the main thread)."""
+        while self._unlogged:
+            result = self._unlogged.popleft()
+            if self._accelerator.trackers:
+                self._accelerator.log(result.metrics())
 
-    def _record_error(self, commit: Future) -> None:
-        with self._lock:
-            self._commits.remove(commit)
-            if commit.exception() is not None and self._error is None:
-                self._error = commit.exception()
-
-    def _raise_error(self) -> None:
-        with self._lock:
-            error, self._error = self._error, None
-        if error is not None:
-            raise error
+    # -- draining and closing
 
     def wait(self) -> None:
-        """Block until every checkpoint saved so far is committed; raise the first failure."""
-        with self._lock:
-            commits = list(self._commits)
-        for commit in commits:
-            commit.exception()
-        self._raise_error()
-
-    def drain_for_signal(self) -> None:
-        """Wait up to sigterm_drain_secs for pending commits; called from the SIGTERM handler."""
-        pending = list(self._commits)
-        if pending:
-            wait_futures(pending, timeout=self._config.process_config.sigterm_drain_secs)
-
-    def _release(self) -> None:
-        """Drain, then stop the writer process; the next save starts a new one."""
-        try:
-            self.wait()
-        finally:
-            checkpointer, self._checkpointer = self._checkpointer, None
-            committer, self._committer = self._committer, None
-            if committer is not None:
-                committer.shutdown(wait=True)
-            if checkpointer is not None:
-                checkpointer.close()
+        """Block until every checkpoint saved so far is committed; raise the first failure not yet seen."""
+        self._saver.wait()
 
     def close(self) -> None:
         """Drain, stop the writer process and give the accelerator its own methods back; idempotent."""
         if not self._open:
             return
         self._open = False
-        drain.unregister(self)
         try:
-            self._release()
+            self._saver.close()
         finally:
             for name, method in self._originals.items():
                 if name in self._overridden:

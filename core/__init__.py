@@ -6,49 +6,79 @@
         stage.result()          # from here on the training loop may change the model
         ...
         state = ckpt.load("ckpt/step_100")
+
+The names of torch.distributed.checkpoint._experimental are all here, so code written for it
+moves over by changing its imports to `core` (see the README for the differences).
 """
 
-from .barriers import Barrier, BarrierConfig, BarrierTimeoutError, DistBarrier, TCPStoreBarrier
+from .barriers import (
+    BARRIER_REGISTRY,
+    Barrier,
+    BarrierTimeoutError,
+    DistBarrier,
+    TCPStoreBarrier,
+    create_barrier_from_config,
+    register_barrier,
+)
 from .builder import make_async_checkpointer, make_sync_checkpointer
+from .catalog import CheckpointInfo, describe_checkpoint, find_latest, list_checkpoints, read_latest
 from .checkpointer import AsyncCheckpointer, Checkpointer, SyncCheckpointer
+from .outstanding import WriteFuture
+from .commit import COMMIT_RECORD, CommitRecord, RankFile, read_commit_record
 from .config import (
-    RetentionConfig,
+    BarrierConfig,
     CheckpointerConfig,
     CheckpointProcessConfig,
     CheckpointStagerConfig,
     CheckpointWriterConfig,
+    RetentionConfig,
 )
-from .catalog import CheckpointInfo, describe_checkpoint, find_latest, list_checkpoints, read_latest
-from .commit import COMMIT_RECORD, CommitRecord, RankFile, read_commit_record
+from .file_set import CommitVote, FileSetCheckpointer, NamedState
 from .errors import (
     CheckpointCommitError,
+    CheckpointConfigError,
     CheckpointError,
     CheckpointerClosedError,
     CheckpointNotFoundError,
     CheckpointWriteError,
     CorruptCheckpointError,
+    DrainTimeoutError,
+    MissingKeysError,
     NotACheckpointError,
-    UnsupportedFormatVersionError,
     UncommittedCheckpointError,
+    UnsupportedFormatVersionError,
     UnsupportedStateError,
     WorldSizeMismatchError,
     WriterProcessDiedError,
+    WriterStartError,
+    WriterStartTimeoutError,
 )
-from .process import CheckpointProcess
+from .options import adapter_config, with_slabs_per_save
+from .pending import pending_writes, register_pending_write, wait_for_pending_writes
+from .publish import publish_directory
+from .process import CheckpointProcess, default_subprocess_init_fn, default_writer_init_fn
+from .protocol import RequestType, WorkerRequest, WorkerResponse
 from .reader import CheckpointReader
-from .staging import CheckpointStager, DefaultStager, StagedCheckpoint
+from .staging import CheckpointStager, DefaultStager, StagedStateDict
 from .types import STATE_DICT, CheckpointStats, RankInfo, WriteResult
+from .utils import wrap_future
 from .writer import CheckpointWriter, WriterHook
 
+__async_ckpt__ = True  # marks this distribution's `core`, as opposed to a user's package of that name
+
 __all__ = [
-    "AsyncCheckpointer", "Barrier", "CheckpointStats", "CheckpointInfo", "RetentionConfig",
-    "describe_checkpoint", "find_latest", "list_checkpoints", "read_latest", "COMMIT_RECORD", "CheckpointCommitError", "CommitRecord", "RankFile",
-    "UncommittedCheckpointError", "WorldSizeMismatchError", "read_commit_record", "BarrierConfig", "BarrierTimeoutError", "CheckpointError",
-    "CheckpointNotFoundError", "CheckpointProcess", "CheckpointProcessConfig", "CheckpointReader",
-    "CheckpointStager", "CheckpointStagerConfig", "CheckpointWriteError", "CheckpointWriter",
-    "CheckpointWriterConfig", "Checkpointer", "CheckpointerClosedError", "CheckpointerConfig",
-    "CorruptCheckpointError", "DefaultStager", "DistBarrier", "NotACheckpointError", "RankInfo",
-    "STATE_DICT", "StagedCheckpoint", "SyncCheckpointer", "TCPStoreBarrier",
-    "UnsupportedFormatVersionError", "UnsupportedStateError", "WriteResult", "WriterHook",
-    "WriterProcessDiedError", "make_async_checkpointer", "make_sync_checkpointer",
+    "AsyncCheckpointer", "BARRIER_REGISTRY", "Barrier", "BarrierConfig", "BarrierTimeoutError", "COMMIT_RECORD",
+    "CheckpointCommitError", "CheckpointConfigError", "CheckpointError", "CheckpointInfo", "CheckpointNotFoundError",
+    "CheckpointProcess", "CheckpointProcessConfig", "CheckpointReader", "CheckpointStager", "CheckpointStagerConfig",
+    "CheckpointStats", "CheckpointWriteError", "CheckpointWriter", "CheckpointWriterConfig", "Checkpointer",
+    "CheckpointerClosedError", "CheckpointerConfig", "CommitRecord", "CommitVote", "FileSetCheckpointer", "NamedState",
+    "adapter_config", "publish_directory", "with_slabs_per_save", "CorruptCheckpointError", "DefaultStager",
+    "DistBarrier", "DrainTimeoutError", "MissingKeysError", "NotACheckpointError", "RankFile", "RankInfo",
+    "RequestType", "RetentionConfig", "STATE_DICT", "StagedStateDict", "SyncCheckpointer", "TCPStoreBarrier",
+    "UncommittedCheckpointError", "UnsupportedFormatVersionError", "UnsupportedStateError", "WorkerRequest",
+    "WorkerResponse", "WorldSizeMismatchError", "WriteFuture", "WriteResult", "WriterHook", "WriterProcessDiedError",
+    "WriterStartError", "WriterStartTimeoutError", "create_barrier_from_config", "default_subprocess_init_fn",
+    "default_writer_init_fn", "describe_checkpoint", "find_latest", "list_checkpoints", "make_async_checkpointer",
+    "make_sync_checkpointer", "pending_writes", "read_commit_record", "read_latest", "register_barrier",
+    "register_pending_write", "wait_for_pending_writes", "wrap_future",
 ]

@@ -59,15 +59,13 @@ def make_async_checkpointer(
 
     With the default writer factory, the worker's writer uses `config.writer_config`,
     `config.barrier_config` (built inside the worker: "auto" picks "tcp_store" there when
-    there are several ranks) and `commit_hook` (which must be picklable).
+    there are several ranks) and `commit_hook` (which must be picklable). Given your own
+    `checkpoint_writer_init_fn`, it is called in the writer process with
+    `checkpoint_writer_init_args`, plus `rank_info` unless those name it; a writer whose class
+    overrides `write()` is given the state dict, rebuilt on the staged memory.
     """
     config = config or CheckpointerConfig()
     rank_info = rank_info or default_rank_info()
-    if not config.staging_config.use_shared_memory:
-        raise ValueError(
-            "AsyncCheckpointer needs CheckpointStagerConfig.use_shared_memory=True: the writer process "
-            "reads the snapshot from shared memory. Use make_sync_checkpointer for unshared staging"
-        )
     if checkpoint_writer_init_args is None:
         checkpoint_writer_init_args = {
             "writer_config": config.writer_config,
@@ -86,7 +84,4 @@ def make_async_checkpointer(
         DefaultStager(config.staging_config, chunk_bytes=config.writer_config.chunk_bytes),
         process,
         CheckpointReader(rank_info),
-        layout=config.writer_config.layout,
-        rank=rank_info.global_rank,
-        sigterm_drain_secs=config.process_config.sigterm_drain_secs,
     )

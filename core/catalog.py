@@ -8,17 +8,16 @@ lock on a checkpoint while they read it; retention only deletes what it can lock
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from .commit import COMMIT_RECORD, read_commit_record
+from .fsutil import TEMPORARY_PREFIX
 from .errors import CheckpointError, NotACheckpointError
-from .file_format import CheckpointFile
+from .checkpoint_file import CheckpointFile
 
 logger = logging.getLogger(__name__)
 
@@ -146,19 +145,30 @@ def list_checkpoints(root: str, deep: bool = False) -> list[CheckpointInfo]:
         path = os.path.join(root, name)
         if name.startswith(".") or os.path.islink(path):
             continue
-        if os.path.isfile(path):
-            try:
+        try:
+            if os.path.isfile(path):
                 found.append(describe_checkpoint(path, deep))
-            except NotACheckpointError:
-                continue  # hparams.yaml, logs and the like
-        elif os.path.isdir(path) and _looks_like_checkpoint_dir(path):
-            found.append(describe_checkpoint(path, deep))
-    return sorted(found, key=lambda info: info.committed_at or os.path.getmtime(info.path))
+            elif os.path.isdir(path) and _looks_like_checkpoint_dir(path):
+                found.append(describe_checkpoint(path, deep))
+        except NotACheckpointError:
+            continue  # hparams.yaml, logs and the like
+        except FileNotFoundError:
+            logger.debug("checkpoint %s vanished while it was listed (retention); skipped", path)
+    return sorted(found, key=_listing_time)
+
+
+def _listing_time(info: CheckpointInfo) -> float:
+    if info.committed_at is not None:
+        return info.committed_at
+    try:
+        return os.path.getmtime(info.path)
+    except FileNotFoundError:
+        return 0.0
 
 
 def _looks_like_checkpoint_dir(path: str) -> bool:
     names = os.listdir(path)
-    return COMMIT_RECORD in names or any(name.startswith(("checkpoint_", ".checkpoint_")) for name in names)
+    return COMMIT_RECORD in names or any(name.startswith(("checkpoint_", TEMPORARY_PREFIX)) for name in names)
 
 
 def find_latest(root: str, deep: bool = False) -> str | None:
@@ -190,33 +200,3 @@ def read_latest(root: str) -> str | None:
     if not os.path.islink(pointer):
         return None
     return os.path.join(root, os.readlink(pointer))
-
-
-@contextlib.contextmanager
-def reading(path: str) -> Iterator[None]:
-    """Hold a shared lock on the checkpoint at `path` while it is read, so retention leaves it alone."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        yield  # missing paths are reported by the reader itself
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        yield
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def unless_in_use(path: str) -> Iterator[bool]:
-    """Yield True with an exclusive lock on the checkpoint, or False when a reader holds it."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import glob
 import logging
 import os
 import threading
@@ -14,12 +13,16 @@ from concurrent.futures import wait as wait_futures
 from typing import Any
 
 from . import drain
-from .errors import CheckpointerClosedError, WriterProcessDiedError
-from .process import CheckpointProcess
+from .config import CheckpointProcessConfig
+from .errors import CheckpointerClosedError
+from .interrupts import sigint_deferred
+from .outstanding import OutstandingWrites, WriteFuture, settle
+from .pending import wait_for_pending_writes
 from .reader import CheckpointReader
-from .staging import CheckpointStager, DefaultStager, StagedCheckpoint
+from .staging import CheckpointStager
 from .types import STATE_DICT, CheckpointStats, WriteResult
-from .writer import CheckpointWriter, checkpoint_file_path
+from .utils import wrap_future
+from .writer import CheckpointWriter
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +31,8 @@ class Checkpointer(abc.ABC):
     """Saves and loads checkpoints. A context manager: leaving the block closes it."""
 
     @abc.abstractmethod
-    def save(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> Any:
-        """Save `state_dict` at `path`."""
+    def save(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> tuple[Future, Future] | None:
+        """Save `state_dict` at `path`: None once written (sync), or (stage_future, write_future)."""
 
     @abc.abstractmethod
     def load(
@@ -43,12 +46,13 @@ class Checkpointer(abc.ABC):
     ) -> STATE_DICT:
         """Load the checkpoint at `path`: all of it, or only the keys of `state_dict`, in place.
 
-        kwargs: weights_only (default True), verify (default True), source_rank (load another
-        rank's file of a directory checkpoint; see CheckpointReader.read).
+        strict=True raises MissingKeysError (a RuntimeError) when the checkpoint lacks keys of
+        `state_dict`. kwargs: weights_only (default True), verify (default True), source_rank
+        (load another rank's file of a directory checkpoint; see CheckpointReader.read).
         """
 
     def wait(self) -> None:
-        """Block until every save issued so far is committed; raise the first error."""
+        """Block until every save issued so far is committed; raise the first unreported error."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -70,13 +74,17 @@ def _record(stats: CheckpointStats, result: WriteResult) -> None:
     )
 
 
-def _load(reader: CheckpointReader, path: str, state_dict: STATE_DICT | None, map_location: Any, strict: bool, **kwargs: Any) -> STATE_DICT:
+def _load(
+    reader: CheckpointReader, path: str, state_dict: STATE_DICT | None, map_location: Any, strict: bool, **kwargs: Any
+) -> STATE_DICT:
+    wait_for_pending_writes(path)
     loaded, _missing = reader.read(path, state_dict, map_location=map_location, strict=strict, **kwargs)
     return loaded
 
 
 class SyncCheckpointer(Checkpointer):
-    """Writes in the calling thread: save() returns once the checkpoint is committed."""
+    """Writes in the calling thread: save() returns (None, as torch's does) once the checkpoint is
+    committed. `stats.last` holds that save's WriteResult."""
 
     def __init__(self, writer: CheckpointWriter, reader: CheckpointReader) -> None:
         self._writer = writer
@@ -84,18 +92,18 @@ class SyncCheckpointer(Checkpointer):
         self._closed = False
         self.stats = CheckpointStats()
 
-    def save(self, path: str, state_dict: STATE_DICT, *, file_format: str = "torch", **kwargs: Any) -> WriteResult:
+    def save(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> None:
         """Write and commit `state_dict` at `path`; on error nothing is left under the final name."""
         if self._closed:
             raise CheckpointerClosedError("save() on a closed SyncCheckpointer; create a new one")
         start = time.perf_counter()
-        result = self._writer.write(path, state_dict, file_format, **kwargs)
-        elapsed = time.perf_counter() - start
-        result = dataclasses.replace(
-            result, blocking_seconds=elapsed, persist_seconds=elapsed, copied_nbytes=result.nbytes
-        )
-        _record(self.stats, result)
-        return result
+        result = self._writer.write(path, state_dict, **kwargs)
+        if isinstance(result, WriteResult):
+            elapsed = time.perf_counter() - start
+            _record(self.stats, dataclasses.replace(
+                result, blocking_seconds=elapsed, persist_seconds=elapsed, copied_nbytes=result.nbytes
+            ))
+        return None
 
     def load(self, path: str, state_dict: STATE_DICT | None = None, *, default_map_location: Any = None,
              strict: bool = False, **kwargs: Any) -> STATE_DICT:
@@ -110,71 +118,137 @@ class SyncCheckpointer(Checkpointer):
 class AsyncCheckpointer(Checkpointer):
     """Saves cost the caller only the snapshot; a writer process persists them.
 
-    save() returns (stage_future, write_future). Once stage_future is done the caller may
-    change every tensor and container it passed; the checkpoint holds the values at the
-    call. write_future resolves to a WriteResult once the checkpoint is durable and
-    committed, or fails with the writer's error. A failed write is also raised, once, by the
-    next save(), wait() or close(), whichever comes first. `stats` holds the totals of
-    committed saves; each one is logged at INFO.
+    save() returns (stage_future, write_future). stage_future completes (with None, as torch's)
+    when the caller may change every tensor and container it passed: the checkpoint holds the
+    values at the call, and with the default stager the request is then already in the writer's
+    hands (it commits it even if this process dies right after). write_future resolves to a
+    WriteResult once the checkpoint is durable and committed, or fails with the writer's error.
+    A failure nobody has looked at on its future is raised, once, by the next save(), wait() or
+    close(). close() waits at most `drain_timeout_secs` (CheckpointProcessConfig) for pending
+    writes, then fails them with DrainTimeoutError naming each path. `stats` holds the totals.
     """
 
     def __init__(
         self,
         checkpoint_stager: CheckpointStager,
-        checkpoint_process: CheckpointProcess,
+        checkpoint_process: Any,
         reader: CheckpointReader,
-        layout: str = "directory",
-        rank: int = 0,
-        sigterm_drain_secs: float = 120,
+        *,
+        drain_timeout_secs: float | None = None,
+        sigterm_drain_secs: float | None = None,
     ) -> None:
         self._stager = checkpoint_stager
         self._process = checkpoint_process
         self._reader = reader
-        self._layout = layout
-        self._rank = rank
-        self._lock = threading.Lock()
-        self._outstanding: dict[Future, str] = {}
-        self._error: BaseException | None = None
+        process_config = getattr(checkpoint_process, "config", None)
+        if not isinstance(process_config, CheckpointProcessConfig):
+            process_config = CheckpointProcessConfig()
+        self._drain_timeout = drain_timeout_secs or process_config.drain_timeout_secs
+        self._sigterm_drain_secs = process_config.sigterm_drain_secs if sigterm_drain_secs is None else sigterm_drain_secs
+        self._owner_pid = os.getpid()
+        self._lock = threading.Lock()  # stats
+        self._writes = OutstandingWrites()
         self._closed = False
-        self._sigterm_drain_secs = sigterm_drain_secs
         self.stats = CheckpointStats()
-        if isinstance(checkpoint_stager, DefaultStager):
-            checkpoint_stager.pool.on_discard.append(checkpoint_process.forget_slab)
-        drain.register(self, drain_on_sigterm=sigterm_drain_secs > 0)
+        drain.register(self, drain_on_sigterm=self._sigterm_drain_secs > 0)
 
-    def save(
-        self,
-        path: str,
-        state_dict: STATE_DICT,
-        *,
-        file_format: str = "torch",
-        report_errors: bool = True,
-        **kwargs: Any,
-    ) -> tuple[Future[StagedCheckpoint], Future[WriteResult]]:
+    @property
+    def stager(self) -> CheckpointStager:
+        return self._stager
+
+    @property
+    def process(self) -> Any:
+        """The CheckpointProcess that writes this checkpointer's saves."""
+        return self._process
+
+    @property
+    def writer_pid(self) -> int | None:
+        """The writer process's pid (None when it is not running)."""
+        return getattr(self._process, "pid", None)
+
+    # -- saving
+
+    def save(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> tuple[Future[None], Future[WriteResult]]:
         """Snapshot `state_dict` and write it to `path` in the background.
 
-        file_format: "torch" (torch.save's zip, the default) or "safetensors" (a flat dict of
-        tensors). report_errors=False: a failure of this save is reported on its write
-        future only, for callers that handle it themselves (not again by save/wait/close).
-        Other keyword arguments reach the commit hooks.
+        kwargs reach the stager and the writer, as in torch: file_format ("torch", the default,
+        or "safetensors", a flat dict of tensors) and values for the commit hooks and the
+        checkpoint's metadata (e.g. step=100). report_errors=False: a failure of this save is
+        reported on its write future only (not again by save/wait/close).
         """
-        if self._closed:
-            raise CheckpointerClosedError("save() on a closed AsyncCheckpointer; create a new one")
-        self._raise_error()
-        start = time.perf_counter()
+        report_errors = kwargs.pop("report_errors", True)
+        self._check_usable()
+        self._writes.raise_unseen()
         path = os.fspath(path)
-        write_future: Future[WriteResult] = Future()
-        with self._lock:
-            self._outstanding[write_future] = path
-        write_future.add_done_callback(lambda f: self._on_written(f, report_errors))
+        if not path:
+            raise ValueError("the checkpoint path is empty; name a file or directory to save to")
+        start = time.perf_counter()
+        write_future = self._writes.start(path, report_errors)
         try:
-            stage_future = self._stager.stage(state_dict, file_format=file_format)
+            staging = self._stager.stage(state_dict, **kwargs)
         except BaseException as exc:
-            write_future.set_exception(exc)
-            self._clear_error(exc)
+            write_future.observed = True  # raised to the caller right here
+            settle(write_future, error=exc)
             raise
-        stage_future.add_done_callback(lambda f: self._write_staged(f, path, kwargs, write_future, start))
-        return stage_future, write_future
+        if isinstance(staging, Future):
+            staging.add_done_callback(lambda done: self._staged_later(done, path, kwargs, write_future, start))
+        else:
+            handed_over = self._hand_over(staging, path, kwargs, write_future, start)
+            if handed_over is not None:
+                handed_over.wait()  # a Ctrl-C here interrupts the caller; the write still completes
+        return wrap_future(staging), write_future
+
+    def _staged_later(self, done: Future, path: str, kwargs: dict, write_future: WriteFuture, start: float) -> None:
+        error = done.exception()
+        if error is not None:
+            write_future.set_exception(error)
+            return
+        try:
+            self._hand_over(done.result(), path, kwargs, write_future, start)
+        except BaseException as exc:  # already on the write future; nobody to raise it to here
+            logger.debug("handing over %s failed: %s", path, exc)
+
+    def _hand_over(
+        self, staged: Any, path: str, kwargs: dict, write_future: WriteFuture, start: float
+    ) -> threading.Event | None:
+        """Give the staged state to the process; the write future follows the process's future.
+
+        Returns the event set once the request is in the writer's hands (None if not known).
+        """
+        blocking_seconds = time.perf_counter() - start
+        lease = getattr(staged, "lease", None)
+        with sigint_deferred():
+            held = lease is not None and lease.hold()  # the stager must not reuse the slab while it is written
+            try:
+                written = self._process.write(staged, path, **kwargs)
+            except BaseException as exc:
+                if held:
+                    lease.release()
+                write_future.observed = True
+                settle(write_future, error=exc)
+                raise
+
+            def finish(done: Future) -> None:
+                if held:
+                    lease.release()
+                error = done.exception()
+                if error is not None:
+                    settle(write_future, error=error)
+                    return
+                result = done.result()
+                if isinstance(result, WriteResult):
+                    result = dataclasses.replace(
+                        result,
+                        blocking_seconds=blocking_seconds,
+                        persist_seconds=time.perf_counter() - start,
+                        copied_nbytes=getattr(staged, "copied_nbytes", result.nbytes),
+                    )
+                    with self._lock:
+                        _record(self.stats, result)
+                settle(write_future, result=result)
+
+            written.add_done_callback(finish)
+        return getattr(written, "handed_over", None)
 
     def prepare(self, state_dict: STATE_DICT, *, file_format: str = "torch") -> Future[None]:
         """Get the staging memory for saves of `state_dict`'s shape ready in the background.
@@ -182,114 +256,62 @@ class AsyncCheckpointer(Checkpointer):
         Optional: call it once (e.g. after building the model and optimizer) so that the first
         save costs only the copy. The future completes when the memory is ready.
         """
-        if isinstance(self._stager, DefaultStager):
-            return self._stager.prepare(state_dict, file_format)
-        done: Future[None] = Future()
-        done.set_result(None)
-        return done
+        self._check_usable()
+        prepare = getattr(self._stager, "prepare", None)
+        if prepare is not None:
+            return prepare(state_dict, file_format)
+        return wrap_future(None)
 
-    def _write_staged(
-        self, stage_future: Future, path: str, kwargs: dict, write_future: Future, start: float
-    ) -> None:
-        blocking_seconds = time.perf_counter() - start
-        error = stage_future.exception()
-        if error is not None:
-            write_future.set_exception(error)
-            return
-        staged: StagedCheckpoint = stage_future.result()
-        try:
-            written = self._process.write(path, staged, **kwargs)
-        except BaseException as exc:
-            staged.release()
-            write_future.set_exception(exc)
-            return
+    # -- errors
 
-        def finish(done: Future) -> None:
-            staged.release()
-            if done.exception() is not None:
-                if isinstance(done.exception(), WriterProcessDiedError):
-                    self._remove_temporaries(path)
-                write_future.set_exception(done.exception())
-            else:
-                result = dataclasses.replace(
-                    done.result(),
-                    blocking_seconds=blocking_seconds,
-                    persist_seconds=time.perf_counter() - start,
-                    copied_nbytes=staged.copied_nbytes,
-                )
-                with self._lock:
-                    _record(self.stats, result)
-                write_future.set_result(result)
+    def _check_usable(self) -> None:
+        if os.getpid() != self._owner_pid:
+            raise CheckpointerClosedError(
+                f"this checkpointer belongs to process {self._owner_pid}, and this is process {os.getpid()} (a fork "
+                "of it); its writer cannot be shared. Create a new checkpointer in the child"
+            )
+        if self._closed:
+            raise CheckpointerClosedError("this AsyncCheckpointer is closed; create a new one")
 
-        written.add_done_callback(finish)
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every save issued so far has finished (at most `timeout` s); raise the
+        first failure not yet seen on its future."""
+        self._writes.wait(timeout)
+        self._writes.raise_unseen()
 
-    def _remove_temporaries(self, path: str) -> None:
-        final = checkpoint_file_path(path, self._layout, self._rank)
-        pattern = os.path.join(os.path.dirname(os.path.abspath(final)), f".{glob.escape(os.path.basename(final))}.*.tmp")
-        for temporary in glob.glob(pattern):
-            try:
-                os.unlink(temporary)
-            except FileNotFoundError:
-                pass
-
-    def _on_written(self, future: Future, report_errors: bool) -> None:
-        with self._lock:
-            self._outstanding.pop(future, None)
-            if report_errors and future.exception() is not None and self._error is None:
-                self._error = future.exception()
-
-    def _clear_error(self, exc: BaseException) -> None:
-        with self._lock:
-            if self._error is exc:
-                self._error = None
-
-    def _raise_error(self) -> None:
-        with self._lock:
-            error, self._error = self._error, None
-        if error is not None:
-            raise error
-
-    def _wait_for(self, paths: set[str] | None = None) -> None:
-        with self._lock:
-            futures = [f for f, p in self._outstanding.items() if paths is None or p in paths]
-        wait_futures(futures)
-
-    def wait(self) -> None:
-        self._wait_for()
-        self._raise_error()
+    def wait_for_path(self, path: str) -> None:
+        """Block until every pending write to `path` (any spelling), by any checkpointer of the process, has finished."""
+        wait_for_pending_writes(path)
 
     def drain_for_signal(self) -> None:
         """Wait up to sigterm_drain_secs for pending writes; called from the SIGTERM handler."""
         # No locks: the code the signal interrupted may hold them.
-        pending = list(self._outstanding)
+        pending = self._writes.futures()
         if pending and self._sigterm_drain_secs > 0:
             logger.warning("SIGTERM: waiting up to %.0f s for %d checkpoint write(s)", self._sigterm_drain_secs, len(pending))
-            done, not_done = wait_futures(pending, timeout=self._sigterm_drain_secs)
+            _, not_done = wait_futures(pending, timeout=self._sigterm_drain_secs)
             if not_done:
                 logger.error("SIGTERM: %d checkpoint write(s) did not finish in time", len(not_done))
-
-    def wait_for_path(self, path: str) -> None:
-        """Block until every save issued so far to `path` has finished (committed or failed).
-
-        Unlike wait(), it does not raise a failure; that still surfaces as documented above.
-        """
-        self._wait_for({os.fspath(path)})
 
     def load(self, path: str, state_dict: STATE_DICT | None = None, *, default_map_location: Any = None,
              strict: bool = False, **kwargs: Any) -> STATE_DICT:
         """Load `path` after any pending write to it has finished (see Checkpointer.load)."""
-        self.wait_for_path(path)
         return _load(self._reader, path, state_dict, default_map_location, strict, **kwargs)
 
+    # -- closing
+
     def close(self) -> None:
-        """Drain every save, stop the writer process and free the staging memory; idempotent."""
+        """Drain every save (at most drain_timeout_secs), stop the writer process and free the
+        staging memory; idempotent. Raises the first failure not yet seen on its future."""
         if self._closed:
             return
+        self._closed = True
+        drain.unregister(self)
+        if os.getpid() != self._owner_pid:
+            return  # a forked child: the parent's writer and memory are the parent's to release
         try:
-            self._wait_for()
+            self._writes.give_up_after(self._drain_timeout)
         finally:
-            self._closed = True
-            drain.unregister(self)
             self._process.close()
             self._stager.close()
-        self._raise_error()
+        self._writes.raise_unseen()

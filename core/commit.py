@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import CorruptCheckpointError, UncommittedCheckpointError
-from .file_format import fsync_directory
+from .fsutil import fsync_directory
 
 COMMIT_RECORD = "commit.json"
 COMMIT_FORMAT = "async-ckpt-commit"
@@ -45,10 +45,6 @@ class CommitRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
     shared_filesystem: bool = True
 
-    @property
-    def nbytes(self) -> int:
-        return sum(f.nbytes for f in self.files)
-
     def file_of(self, rank: int) -> RankFile:
         return self.files[rank]
 
@@ -60,6 +56,8 @@ class CommitRecord:
     def from_json(cls, text: str, where: str) -> "CommitRecord":
         try:
             raw = json.loads(text)
+            if not isinstance(raw, dict):
+                raise ValueError(f"it is a JSON {type(raw).__name__}, not an object")
             if raw.get("format") != COMMIT_FORMAT:
                 raise ValueError(f"format is {raw.get('format')!r}, not {COMMIT_FORMAT!r}")
             files = tuple(RankFile(**entry) for entry in raw["files"])
@@ -67,7 +65,7 @@ class CommitRecord:
                 int(raw["world_size"]), files, float(raw["committed_at"]), dict(raw.get("metadata") or {}),
                 bool(raw.get("shared_filesystem", True)),
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CorruptCheckpointError(f"commit record {where!r} is damaged ({exc}); use an earlier checkpoint") from None
         if [f.rank for f in files] != list(range(record.world_size)):
             raise CorruptCheckpointError(f"commit record {where!r} does not list one file per rank")
@@ -93,10 +91,6 @@ def write_commit_record(directory: str, record: CommitRecord) -> None:
             os.unlink(temporary)
         raise
     fsync_directory(directory)
-
-
-def has_commit_record(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, COMMIT_RECORD))
 
 
 def read_commit_record(directory: str) -> CommitRecord:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .file_format import DEFAULT_CHUNK_BYTES
+from .fsutil import DEFAULT_CHUNK_BYTES
+
+logger = logging.getLogger(__name__)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -22,18 +25,22 @@ def _cuda_available() -> bool:
 
 @dataclass
 class CheckpointStagerConfig:
-    """How tensors are snapshotted into host memory.
+    """How tensors are snapshotted into host memory. None means "when this machine has CUDA".
 
-    use_pinned_memory: pin the staging slab for fast device-to-host copies (None: when CUDA is
-        available). use_shared_memory: stage into memory the writer process maps (required by
-        AsyncCheckpointer). use_async_staging: return from save() before CUDA copies finish;
-        stage_future completes when they have (None: when CUDA is available; CPU copies are
-        always done before save() returns). use_non_blocking_copy: CUDA copies on a side stream.
-    max_in_flight: how many saves may be staged or writing at once; each holds one slab, so
-        host memory is about max_in_flight times the state dict's tensor bytes.
+    use_pinned_memory: pin the staging memory for fast device-to-host copies. Asked for on a
+        machine without CUDA, it is ignored with a warning (as torch's own stager does).
+    use_shared_memory: accepted for compatibility with torch's _experimental config. Staging
+        memory is always shared with the writer process (an anonymous memory file), so False
+        changes nothing.
+    use_async_staging: stage() returns a future that completes when the copies have, instead of
+        the staged state dict itself; CUDA copies then overlap the caller's work.
+    use_non_blocking_copy: CUDA copies on a side stream. Asked for (True) on a machine without
+        an accelerator, DefaultStager raises CheckpointConfigError (an AssertionError, as in torch).
+    max_in_flight: how many saves may be staged or writing at once; each holds one staging
+        buffer, so host memory is about max_in_flight times the state dict's tensor bytes.
     incremental: skip what did not change since the previous save of the same state-dict
         shape. CPU tensors are hashed (xxh3, in parallel, GIL released) and those whose bytes
-        the staging slab already holds are not copied; the writer copies unchanged chunks from
+        the staging buffer already holds are not copied; the writer copies unchanged chunks from
         the previous checkpoint file inside the kernel (a shared-extent clone on XFS or btrfs)
         instead of writing them. Every file still loads on its own with torch.load.
     """
@@ -41,7 +48,7 @@ class CheckpointStagerConfig:
     use_pinned_memory: bool | None = None
     use_shared_memory: bool = True
     use_async_staging: bool | None = None
-    use_non_blocking_copy: bool = True
+    use_non_blocking_copy: bool | None = None
     max_in_flight: int = 1
     incremental: bool = False
 
@@ -50,19 +57,21 @@ class CheckpointStagerConfig:
             isinstance(self.max_in_flight, int) and self.max_in_flight >= 1,
             f"CheckpointStagerConfig.max_in_flight must be an int >= 1, got {self.max_in_flight!r}",
         )
-        if self.use_pinned_memory and not _cuda_available():
-            raise ValueError(
-                "CheckpointStagerConfig.use_pinned_memory=True needs CUDA, which is not available here; "
-                "leave it None to pin only when CUDA is present"
-            )
 
     @property
     def pin(self) -> bool:
+        if self.use_pinned_memory and not _cuda_available():
+            logger.warning("use_pinned_memory=True is ignored: pinning needs CUDA, which is not available here")
+            return False
         return _cuda_available() if self.use_pinned_memory is None else self.use_pinned_memory
 
     @property
     def async_staging(self) -> bool:
         return _cuda_available() if self.use_async_staging is None else self.use_async_staging
+
+    @property
+    def non_blocking(self) -> bool:
+        return _cuda_available() if self.use_non_blocking_copy is None else self.use_non_blocking_copy
 
 
 @dataclass
@@ -141,19 +150,28 @@ class CheckpointWriterConfig:
 
 @dataclass
 class CheckpointProcessConfig:
-    """The writer process: how long its start may take, and how long close() waits for it.
+    """The writer process: how long its start may take, and how long shutting down may wait.
 
+    subprocess_init_timeout_secs: the writer must be ready within this long after it is
+        started, or the writes waiting for it fail with WriterStartTimeoutError.
+    subprocess_shutdown_timeout_secs: after its last write, the writer is killed if it has not
+        exited within this long.
+    drain_timeout_secs: close() and interpreter exit wait this long for pending writes, then
+        give up on them (their futures fail with DrainTimeoutError naming each path) and stop
+        the writer.
     sigterm_drain_secs: on SIGTERM (preemption) the trainer first waits up to this long for
-    pending writes, then runs the handler that was installed before (0: do not wait).
+        pending writes, then runs the handler that was installed before (0: do not wait).
     """
 
-    subprocess_init_timeout_secs: float = 60
+    subprocess_init_timeout_secs: float = 30
     subprocess_shutdown_timeout_secs: float = 60
+    drain_timeout_secs: float = 600
     sigterm_drain_secs: float = 120
 
     def __post_init__(self) -> None:
         _require(self.subprocess_init_timeout_secs > 0, "subprocess_init_timeout_secs must be > 0")
         _require(self.subprocess_shutdown_timeout_secs > 0, "subprocess_shutdown_timeout_secs must be > 0")
+        _require(self.drain_timeout_secs > 0, "drain_timeout_secs must be > 0")
         _require(self.sigterm_drain_secs >= 0, "sigterm_drain_secs must be >= 0")
 
 

@@ -31,6 +31,14 @@ _previous_sigterm: Any = None
 _sigterm_installed = False
 
 
+def _forget_in_forked_child() -> None:
+    """A forked child does not own its parent's checkpointers: it must not drain or close them."""
+    _registered.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_forked_child)
+
+
 def register(obj: Drainable, drain_on_sigterm: bool = True) -> None:
     _registered.add(obj)
     if drain_on_sigterm:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 
-from .file_format import CheckpointFile, PreviousRecord
+from .checkpoint_file import CheckpointFile
+from .parallel_io import PreviousRecord
 from .plan import Lineage
 
 

@@ -16,24 +16,18 @@ from __future__ import annotations
 import copyreg
 import dataclasses
 import functools
-import ctypes
 import io
 import json
 import pickle
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from .errors import UnsupportedStateError
-
-PAGE_SIZE = 4096
-
-
-def round_up(value: int, multiple: int = PAGE_SIZE) -> int:
-    return (value + multiple - 1) // multiple * multiple
+from .fsutil import PAGE_SIZE, round_up
 
 
 @dataclass(frozen=True)
@@ -77,7 +71,7 @@ class CheckpointPlan:
     lineage: Lineage | None = None
 
     @property
-    def layout(self) -> tuple:
+    def slab_shape(self) -> tuple:
         """What makes two plans' slabs interchangeable: format and every storage's place and size."""
         return (self.format, self.slab_nbytes, tuple((s.slab_offset, s.nbytes) for s in self.storages))
 
@@ -104,6 +98,20 @@ class _StorageRef:
 
 
 @functools.lru_cache(maxsize=None)
+def _dtypes_of_legacy_storage_types() -> dict[Any, torch.dtype]:
+    return {getattr(torch, name): dtype for dtype, name in torch.storage._dtype_to_storage_type_map().items()}
+
+
+def storage_dtype(storage_type: Any) -> torch.dtype:
+    """The dtype a pickled storage reference names (without the TypedStorage deprecation warning
+    that asking a legacy storage class for its dtype prints)."""
+    if storage_type is torch.UntypedStorage:
+        return torch.uint8
+    legacy = _dtypes_of_legacy_storage_types().get(storage_type)
+    return legacy if legacy is not None else storage_type.dtype
+
+
+@functools.lru_cache(maxsize=None)
 def _legacy_storage_type(dtype: torch.dtype) -> Any:
     """The storage class torch.save names for `dtype` (UntypedStorage for newer dtypes)."""
     if dtype in torch.storage._new_dtypes():
@@ -117,14 +125,14 @@ def _check_tensor(tensor: torch.Tensor) -> None:
         raise UnsupportedStateError(
             f"cannot checkpoint a meta {kind}: it holds no data; materialise it (to_empty + init) first"
         )
-    if tensor.layout != torch.strided or tensor.is_quantized:
+    if tensor.is_quantized:
         raise UnsupportedStateError(
-            f"cannot checkpoint a {kind} with layout {tensor.layout}: convert it to a dense tensor first"
+            f"cannot checkpoint a quantized {kind} ({tensor.qscheme()}): async-ckpt saves dense tensors; "
+            "save tensor.dequantize() or use torch.save for quantized models"
         )
-    if tensor.grad_fn is not None:
+    if tensor.layout != torch.strided:
         raise UnsupportedStateError(
-            f"cannot checkpoint a {kind} that is part of an autograd graph (grad_fn="
-            f"{type(tensor.grad_fn).__name__}); save tensor.detach() instead"
+            f"cannot checkpoint a {kind} with layout {tensor.layout}: convert it to a dense tensor (to_dense()) first"
         )
 
 
@@ -162,14 +170,26 @@ class _CapturePickler(pickle.Pickler):
         return ref
 
     def _reduce_tensor(self, tensor: torch.Tensor) -> tuple:
+        """torch.save's reduction of a dense tensor (Tensor.__reduce_ex__), storages by reference."""
         _check_tensor(tensor)
         ref = self._storage_ref(tensor)
-        args = (ref, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.requires_grad, OrderedDict())
+        args: tuple = (ref, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.requires_grad, OrderedDict())
+        metadata = torch._utils.get_tensor_metadata(tensor)  # the conjugate and negative bits
         if ref.storage_type is torch.UntypedStorage:
-            return torch._utils._rebuild_tensor_v3, (*args, tensor.dtype)
-        return torch._utils._rebuild_tensor_v2, args
+            rebuild, args = torch._utils._rebuild_tensor_v3, (*args, tensor.dtype)
+        else:
+            rebuild = torch._utils._rebuild_tensor_v2
+        if metadata:
+            args = (*args, metadata)
+        state = torch._utils._get_obj_state(tensor)
+        if state:  # Python attributes set on the tensor, which torch.save keeps
+            return torch._tensor._rebuild_from_type_v2, (rebuild, type(tensor), args, state)
+        return rebuild, args
 
     def _reduce_parameter(self, parameter: torch.nn.Parameter) -> tuple:
+        state = torch._utils._get_obj_state(parameter)
+        if state:
+            return torch._utils._rebuild_parameter_with_state, (parameter.data, parameter.requires_grad, OrderedDict(), state)
         return torch._utils._rebuild_parameter, (parameter.data, parameter.requires_grad, OrderedDict())
 
     def persistent_id(self, obj: Any) -> Any:
@@ -189,10 +209,10 @@ class _CapturePickler(pickle.Pickler):
         return None
 
 
-def capture(state_dict: Any, file_format: str = "torch", **options: Any) -> CapturedState:
+def capture(state_dict: Any, file_format: str = "torch") -> CapturedState:
     """Plan a checkpoint of `state_dict` in `file_format` ("torch" or "safetensors")."""
     if file_format == "safetensors":
-        return capture_safetensors(state_dict, **options)
+        return capture_safetensors(state_dict)
     if file_format != "torch":
         raise ValueError(f"unknown checkpoint format {file_format!r}; use 'torch' or 'safetensors'")
     return capture_torch(state_dict)
@@ -203,7 +223,8 @@ def capture_torch(state_dict: Any) -> CapturedState:
 
     Non-tensor values are deep-copied by the pickling, so later changes to them do not reach
     the checkpoint. Raises UnsupportedStateError, before anything is written, for values that
-    cannot be checkpointed (lambdas, open files, meta tensors, tensors with autograd graphs).
+    cannot be checkpointed (lambdas, open files, meta and quantized tensors). A tensor that is
+    part of an autograd graph is saved as torch.save saves it: its values and requires_grad.
     """
     buffer = io.BytesIO()
     pickler = _CapturePickler(buffer)
@@ -235,6 +256,9 @@ def _captured(structure: bytes, sources: list[torch.Tensor], file_format: str) -
     return CapturedState(plan=plan, sources=sources)
 
 
+SAFETENSORS_METADATA = {"format": "pt"}  # what safetensors.torch and Accelerate write, and their loaders expect
+
+
 def capture_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> CapturedState:
     """Plan a safetensors file of the flat dict `tensors` (names to tensors, no shared storage).
 
@@ -244,7 +268,7 @@ def capture_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, st
     from safetensors.torch import _TYPES
 
     codes = {dtype: code for code, dtype in _TYPES.items()}
-    header: dict[str, Any] = {"__metadata__": metadata or {}}
+    header: dict[str, Any] = {"__metadata__": SAFETENSORS_METADATA if metadata is None else metadata}
     sources: list[torch.Tensor] = []
     offset = 0
     for name, tensor in tensors.items():
@@ -264,13 +288,6 @@ def capture_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, st
     return _captured(structure, sources, "safetensors")
 
 
-def buffer_of(byte_view: torch.Tensor) -> memoryview:
-    """A writable memoryview over a contiguous CPU uint8 tensor's bytes (it must outlive the view)."""
-    if byte_view.numel() == 0:
-        return memoryview(bytearray())
-    return memoryview((ctypes.c_char * byte_view.numel()).from_address(byte_view.data_ptr())).cast("B")
-
-
 class PlanCache:
     """Reuses an earlier capture's pickle for a state dict of the same skeleton.
 
@@ -287,8 +304,7 @@ class PlanCache:
 
     def __init__(self, entries: int = 8) -> None:
         self._entries = entries
-        # most recent last: (skeleton, plan, that save's storage ids and byte views)
-        self._cached: list[tuple[list[Any], CheckpointPlan, list[int], list[torch.Tensor]]] = []
+        self._cached: list[_CachedPlan] = []  # most recent last
 
     def clear(self) -> None:
         self._cached = []
@@ -300,18 +316,22 @@ class PlanCache:
         if walked is None:
             return capture_torch(state_dict)
         skeleton, storages = walked
-        storage_ids = [storage._cdata for storage in storages]
-        for index, (cached_skeleton, plan, cached_ids, sources) in enumerate(self._cached):
-            if cached_skeleton == skeleton:
-                if cached_ids != storage_ids:
-                    sources = [_bytes_of(storage, 0, storage.nbytes()) for storage in storages]
+        for index, cached in enumerate(self._cached):
+            if cached.skeleton == skeleton:
                 del self._cached[index]
-                self._cached.append((skeleton, plan, storage_ids, sources))
-                return CapturedState(plan=dataclasses.replace(plan), sources=list(sources))
+                self._cached.append(cached)
+                # Byte views of this save's storages: the cache itself holds no tensor memory.
+                sources = [_bytes_of(storage, 0, storage.nbytes()) for storage in storages]
+                return CapturedState(plan=dataclasses.replace(cached.plan), sources=sources)
         captured = capture_torch(state_dict)
-        entry = (skeleton, dataclasses.replace(captured.plan), storage_ids, list(captured.sources))
-        self._cached = [*self._cached[-(self._entries - 1):], entry]
+        self._cached = [*self._cached[-(self._entries - 1):], _CachedPlan(skeleton, dataclasses.replace(captured.plan))]
         return captured
+
+
+@dataclass(frozen=True)
+class _CachedPlan:
+    skeleton: list[Any]
+    plan: CheckpointPlan
 
 
 _SCALAR_TYPES = frozenset({int, bool, type(None)})
@@ -346,11 +366,11 @@ def _walk_skeleton(state_dict: Any) -> tuple[list[Any], list[torch.UntypedStorag
             skeleton.append((kind, len(obj)))
             for value in obj:
                 walk(value)
-        elif kind is torch.Tensor or kind is torch.nn.Parameter:
+        elif (kind is torch.Tensor or kind is torch.nn.Parameter) and not obj.__dict__:
             storage = obj.untyped_storage()
             index = storages.setdefault(storage._cdata, (len(storages), storage))[0]
             skeleton.append((kind, obj.dtype, obj.shape, obj.stride(), obj.storage_offset(), obj.device,
-                             obj.requires_grad, obj.grad_fn is None, obj.layout, index, storage.nbytes()))
+                             obj.requires_grad, obj.is_conj(), obj.is_neg(), obj.layout, index, storage.nbytes()))
         else:
             raise TypeError(kind)
 
@@ -359,3 +379,31 @@ def _walk_skeleton(state_dict: Any) -> tuple[list[Any], list[torch.UntypedStorag
     except Exception:  # an object the skeleton does not describe, or a tensor without strides
         return None
     return skeleton, [storage for _, storage in storages.values()]
+
+
+def materialize(plan: CheckpointPlan, storages: Sequence[torch.UntypedStorage]) -> Any:
+    """The state dict `plan` describes, its tensors built on `storages` (one per storage of the
+    plan, aliased, not copied): the inverse of capture, as torch.load would rebuild it."""
+    if plan.format == "safetensors":
+        return _materialize_safetensors(plan.structure, storages)
+
+    def persistent_load(saved_id: Any) -> Any:
+        _, storage_type, key, _location, _numel = saved_id
+        return torch.storage.TypedStorage(wrap_storage=storages[int(key)], dtype=storage_dtype(storage_type), _internal=True)
+
+    unpickler = pickle.Unpickler(io.BytesIO(plan.structure))
+    unpickler.persistent_load = persistent_load  # type: ignore[method-assign]
+    return unpickler.load()
+
+
+def _materialize_safetensors(structure: bytes, storages: Sequence[torch.UntypedStorage]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import _TYPES
+
+    (length,) = struct.unpack("<Q", structure[:8])
+    header = json.loads(structure[8 : 8 + length])
+    header.pop("__metadata__", None)
+    tensors = {}
+    for (name, entry), storage in zip(header.items(), storages):
+        dtype = _TYPES[entry["dtype"]]
+        tensors[name] = torch.empty(0, dtype=dtype).set_(storage, 0, entry["shape"])  # type: ignore[call-overload]
+    return tensors

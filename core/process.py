@@ -1,10 +1,18 @@
-"""CheckpointProcess: a persistent worker process that writes staged checkpoints.
+"""CheckpointProcess: the trainer's side of a persistent writer process.
 
-Only plans (a few KiB) cross the pipe; the worker maps each staging slab once, through a
-descriptor passed over the pipe, and reads the bytes from it. A background sender thread
-starts (or restarts) the worker and sends requests, so save() never waits for a spawn; a
-receiver thread resolves the write futures and notices a worker that dies. If the trainer
-dies, the worker still finishes every write it had received, then exits.
+`write(state_dict, path)` hands a write to the process and returns a future. A state dict
+staged by DefaultStager travels as its plan plus the staging slab (mapped once by the writer);
+any other state dict (or a future of one) has its storages moved into shared memory and passed
+by descriptor, as torch.multiprocessing would pass them. Before `write` returns, the request is
+in the writer's socket: if the trainer dies right after, the writer still writes and commits
+it (from the moment the process is created, even while it is still starting up).
+
+Every send happens on one sender thread, so a Ctrl-C in the training thread interrupts the
+caller at once but never a half-sent message. A receiver thread per writer resolves the
+futures and notices a writer that dies: its pending writes fail with how it died, its
+temporary files are removed, and the next write starts a new writer. The writer is started
+as a fresh interpreter that imports this distribution's `core`, whatever the trainer's
+sys.path holds, and is given the trainer's sys.path after it for the user's init functions.
 """
 
 from __future__ import annotations
@@ -12,34 +20,67 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import mmap
 import os
 import queue
+import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import traceback
+import time
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
-from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any, Callable
 
 import torch
 
+from .channel import Channel
 from .config import BarrierConfig, CheckpointProcessConfig, CheckpointWriterConfig
-from .errors import BarrierTimeoutError, CheckpointCommitError, CheckpointWriteError, WriterProcessDiedError
-from .staging import StagedCheckpoint
-from .types import RankInfo, WriteResult
-from .writer import CheckpointWriter, WriterHook
+from .interrupts import sigint_deferred
+from .errors import (
+    BarrierTimeoutError,
+    CheckpointCommitError,
+    CheckpointerClosedError,
+    CheckpointWriteError,
+    WriterProcessDiedError,
+    WriterStartError,
+    WriterStartTimeoutError,
+)
+from .plan import capture
+from .protocol import (
+    RequestType,
+    SharedSource,
+    SlabSource,
+    WorkerInit,
+    WorkerRequest,
+    WorkerResponse,
+    WriteOutcome,
+    WriteRequest,
+)
+from .slab import Slab
+from .types import STATE_DICT, RankInfo, default_rank_info
+from .writer import CheckpointWriter, WriterHook, remove_temporaries
+
+__all__ = [
+    "CheckpointProcess", "CheckpointProcessConfig", "RequestType", "WorkerRequest", "WorkerResponse",
+    "default_subprocess_init_fn", "default_writer_init_fn",
+]
 
 logger = logging.getLogger(__name__)
 
+_DISTRIBUTION_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_WORKER_BOOTSTRAP = (
+    "import json, os, sys; root, path = json.loads(os.environ.pop('ASYNC_CKPT_WORKER_PATH')); "
+    "sys.path[:0] = [root] + [p for p in path if p != root]; "
+    "import core.worker; core.worker.worker_main(int(sys.argv[1]))"
+)
+_DEATH_GRACE_SECS = 5
+
 
 def default_subprocess_init_fn(*args: Any) -> None:
-    """Runs first in the worker; the default does nothing."""
+    """Runs first in the writer process; the default does nothing."""
 
 
 def default_writer_init_fn(
@@ -48,7 +89,7 @@ def default_writer_init_fn(
     barrier_config: BarrierConfig | None = None,
     commit_hook: WriterHook | None = None,
 ) -> CheckpointWriter:
-    """Builds the worker's CheckpointWriter, with the barrier its config names."""
+    """Builds the writer process's CheckpointWriter, with the barrier its config names."""
     from .barriers import create_barrier_from_config
 
     writer_config = writer_config or CheckpointWriterConfig()
@@ -70,331 +111,427 @@ def describe_exit(exitcode: int | None) -> str:
     return f"exited with code {exitcode}"
 
 
-# ---------------------------------------------------------------- the worker process side
+class WriterProcess:
+    """One writer process, as torch.multiprocessing's process objects present one."""
 
+    def __init__(self, popen: subprocess.Popen) -> None:
+        self._popen = popen
 
-_SYS_PATH_ENV = "ASYNC_CKPT_WORKER_SYS_PATH"
-_WORKER_BOOTSTRAP = (
-    "import json, os, sys; sys.path[:0] = json.loads(os.environ.pop('ASYNC_CKPT_WORKER_SYS_PATH')); "
-    "from core.process import worker_main; worker_main(int(sys.argv[1]))"
-)
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
 
+    @property
+    def exitcode(self) -> int | None:
+        return self._popen.poll()
 
-def worker_main(fd: int) -> None:
-    """Entry point of the writer process: serve write requests on the connection `fd`.
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
 
-    It is started as a fresh interpreter (not multiprocessing's spawn), so the trainer's
-    __main__ module is never re-run in it.
-    """
-    # The trainer handles Ctrl-C and preemption; the worker finishes what it has and exits on EOF.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    conn = Connection(fd)
-    try:
-        rank_info, subprocess_init_fn, subprocess_init_args, writer_init_fn, writer_init_args = conn.recv()
-        subprocess_init_fn(*subprocess_init_args)
-        writer = writer_init_fn(rank_info=rank_info, **writer_init_args)
-    except BaseException:
-        conn.send(("init_failed", traceback.format_exc()))
-        return
-    conn.send(("ready", os.getpid()))
-    try:
-        _serve(conn, writer)
-    finally:
-        writer.close()
-
-
-def _serve(conn: Connection, writer: CheckpointWriter) -> None:
-    slabs: dict[str, torch.Tensor] = {}
-    while True:
+    def join(self, timeout: float | None = None) -> None:
         try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            return  # the trainer is gone and everything it sent has been written
-        kind = message[0]
-        if kind == "shutdown":
-            return
-        if kind == "attach":
-            _, slab_id, nbytes = message
-            with os.fdopen(recv_handle(conn), "rb", buffering=0) as f:
-                slabs[slab_id] = torch.frombuffer(mmap.mmap(f.fileno(), nbytes), dtype=torch.uint8)
-        elif kind == "detach":
-            slabs.pop(message[1], None)
-        elif kind == "write":
-            _, request_id, path, plan, slab_id, kwargs = message
-            status, payload = _write_one(writer, slabs[slab_id], path, plan, kwargs)
-            try:
-                conn.send((status, request_id, payload))
-            except OSError:
-                logger.warning("checkpoint %s handled (%s) but the trainer is gone", path, status)
+            self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self._popen.kill()
+        self._popen.wait()
 
 
-def _write_one(writer: CheckpointWriter, slab: torch.Tensor, path: str, plan: Any, kwargs: dict) -> tuple:
-    try:
-        storage_bytes = [slab[s.slab_offset : s.slab_offset + s.nbytes] for s in plan.storages]
-        return "done", writer.write_staged(path, plan, storage_bytes, **kwargs)
-    except BaseException as exc:
-        return "error", (type(exc).__name__, f"{type(exc).__name__}: {exc}\n\nWriter traceback:\n{traceback.format_exc()}")
+class WriterProcessContext:
+    """`CheckpointProcess.process`: the writer process, shaped like torch.multiprocessing's
+    ProcessContext (`processes[0]`, `join(timeout)` returning whether it has exited)."""
+
+    def __init__(self, process: WriterProcess) -> None:
+        self.processes = [process]
+
+    def join(self, timeout: float | None = None) -> bool:
+        self.processes[0].join(timeout)
+        return not self.processes[0].is_alive()
 
 
-# ---------------------------------------------------------------- the trainer side
-
-# Writer errors that keep their type across the process boundary (others become CheckpointWriteError).
-_WRITE_ERRORS_BY_NAME = {cls.__name__: cls for cls in (BarrierTimeoutError, CheckpointCommitError)}
-
-
-def _wait(process: subprocess.Popen, timeout: float) -> bool:
-    """Whether the process exited within `timeout` seconds."""
-    try:
-        process.wait(timeout)
-        return True
-    except subprocess.TimeoutExpired:
-        return False
+@dataclass
+class _Pending:
+    future: Future
+    path: str
+    on_done: Callable[[], None]
 
 
 @dataclass
 class _Worker:
-    process: subprocess.Popen
-    conn: Connection
-    attached: set[str] = field(default_factory=set)
-    pending: dict[int, Future] = field(default_factory=dict)
+    context: WriterProcessContext
+    channel: Channel  # sends (torch's name for it: _parent_end)
+    inbox: Channel  # receives, on its own descriptor
+    ready: Future = field(default_factory=Future)
+    pending: dict[int, _Pending] = field(default_factory=dict)
+    attached: dict[str, "weakref.ref[Slab]"] = field(default_factory=dict)
     alive: bool = True
     receiver: threading.Thread | None = None
 
+    @property
+    def process(self) -> WriterProcess:
+        return self.context.processes[0]
+
+
+@dataclass
+class _Outgoing:
+    worker: _Worker
+    request: WorkerRequest
+    fds: list[int]
+    request_id: int | None = None
+    keepalive: Any = None  # what owns `fds` until they are sent
+    sent: threading.Event = field(default_factory=threading.Event)
+
 
 class CheckpointProcess:
-    """Writes staged checkpoints in a spawned worker process; see the module docstring."""
+    """Writes checkpoints in a persistent writer process; see the module docstring.
+
+    `process_creation_future` completes when the writer is ready, or fails with
+    WriterStartTimeoutError (a TimeoutError) after `subprocess_init_timeout_secs` or
+    WriterStartError (a RuntimeError, with the writer's traceback) when an init function
+    raises. Writes issued before that are held and written once it is ready.
+    """
 
     def __init__(
         self,
-        rank_info: RankInfo,
-        config: CheckpointProcessConfig,
+        rank_info: RankInfo | None,
+        config: CheckpointProcessConfig | None = None,
         subprocess_init_fn: Callable[..., None] = default_subprocess_init_fn,
         subprocess_init_args: tuple[Any, ...] = (),
-        checkpoint_writer_init_fn: Callable[..., CheckpointWriter] = default_writer_init_fn,
+        checkpoint_writer_init_fn: Callable[..., Any] = default_writer_init_fn,
         checkpoint_writer_init_args: dict[str, Any] | None = None,
     ) -> None:
-        self._rank_info = rank_info
-        self._config = config
-        self._init = (
-            subprocess_init_fn,
-            subprocess_init_args,
-            checkpoint_writer_init_fn,
-            checkpoint_writer_init_args or {},
+        self._rank_info = rank_info or default_rank_info()
+        self.config = config or CheckpointProcessConfig()
+        self._init = WorkerInit(
+            self._rank_info, subprocess_init_fn, tuple(subprocess_init_args), checkpoint_writer_init_fn,
+            dict(checkpoint_writer_init_args or {}),
         )
+        self._owner_pid = os.getpid()
         self._ids = itertools.count()
-        self._lock = threading.Lock()  # guards pending requests, worker liveness and the queue count
-        self._send_lock = threading.Lock()  # one message at a time on the connection
-        self._worker: _Worker | None = None
-        self._requests: queue.Queue = queue.Queue()
-        self._queued = 0  # requests put on the queue and not yet handled by the sender thread
+        self._lock = threading.Lock()  # the current worker, its pending requests, the init failure
+        self._outbox: queue.Queue[_Outgoing | None] = queue.Queue()
         self._closed = False
+        self._start_failure: BaseException | None = None
         self._sender = threading.Thread(target=self._send_loop, name="async-ckpt-sender", daemon=True)
         self._sender.start()
-        self._enqueue(("start",))  # spawn now, so the first save finds the worker ready
+        self._worker = self._start_worker()
+        from . import drain
+
+        drain.register(self, drain_on_sigterm=False)
+
+    # -- what torch's CheckpointProcess exposes
+
+    @property
+    def process_creation_future(self) -> Future:
+        return self._worker.ready
+
+    @property
+    def process(self) -> WriterProcessContext:
+        return self._worker.context
+
+    @property
+    def _parent_end(self) -> Channel:
+        return self._worker.channel
 
     @property
     def pid(self) -> int | None:
         worker = self._worker
-        return worker.process.pid if worker is not None and worker.alive else None
+        return worker.process.pid if worker.alive else None
 
-    def write(self, path: str, staged: StagedCheckpoint, **kwargs: Any) -> Future[WriteResult]:
-        """Hand a write of `staged` to `path` to the worker; the future resolves once it is committed.
+    # -- writes
 
-        When the worker is running and nothing is queued before it, the request is sent before
-        this returns, so the worker commits it even if this process dies right after. Otherwise
-        (the worker is starting) it is queued and sent by the sender thread.
+    def write(self, state_dict: STATE_DICT | Future[STATE_DICT], path: str, **kwargs: Any) -> Future:
+        """Write `state_dict` (or the state dict a future yields) to `path`; the future resolves
+        to the writer's result (a WriteResult for CheckpointWriter) once it is committed.
+
+        The future's `handed_over` event is set once the request is in the writer's socket
+        (from then on the writer commits it even if this process dies).
         """
-        if self._closed:
-            raise RuntimeError("CheckpointProcess is closed")
-        future: Future[WriteResult] = Future()
-        with self._lock:
-            worker = self._worker
-            direct = self._queued == 0 and worker is not None and worker.alive
-            if direct:
-                request_id = self._register(worker, future)
-            else:
-                self._queued += 1
-                self._requests.put(("write", path, staged, kwargs, future))
-        if direct:
-            self._send_request(worker, request_id, path, staged, kwargs)
+        self._check_usable()
+        future: Future = Future()
+        handed_over = threading.Event()
+        future.handed_over = handed_over  # type: ignore[attr-defined]
+        if isinstance(state_dict, Future):
+            state_dict.add_done_callback(lambda done: self._write_resolved(done, os.fspath(path), kwargs, future))
+        else:
+            self._submit(state_dict, os.fspath(path), kwargs, future)
         return future
 
-    def forget_slab(self, slab_id: str) -> None:
-        """Tell the worker to unmap a slab that the trainer discarded.
+    def _write_resolved(self, done: Future, path: str, kwargs: dict, future: Future) -> None:
+        try:
+            self._submit(done.result(), path, kwargs, future)
+        except BaseException as exc:
+            future.handed_over.set()
+            if not future.done():
+                future.set_exception(exc)
 
-        Sent at once rather than queued: a queued message would make the next write wait for the
-        sender thread, and a trainer killed right after that save would lose it.
-        """
-        if not self._closed:
-            try:
-                self._send_detach(slab_id)
-            except OSError:
-                logger.debug("checkpoint writer gone while detaching a slab; the receiver reports it")
+    def _check_usable(self) -> None:
+        if os.getpid() != self._owner_pid:
+            raise CheckpointerClosedError(
+                f"this checkpointer's writer belongs to process {self._owner_pid}, and this is process {os.getpid()} "
+                "(a fork of it). A forked child cannot use its parent's writer: create a new checkpointer in the child"
+            )
+        if self._closed:
+            raise CheckpointerClosedError("the checkpoint writer process was closed; create a new checkpointer")
+        if self._start_failure is not None:
+            raise self._start_failure
 
-    def _enqueue(self, item: tuple) -> None:
-        with self._lock:
-            self._queued += 1
-            self._requests.put(item)
+    def _submit(self, state_dict: STATE_DICT, path: str, kwargs: dict, future: Future) -> None:
+        lease = getattr(state_dict, "lease", None)
+        plan = getattr(state_dict, "plan", None)
+        if lease is not None and plan is not None:
+            if not lease.hold():
+                raise CheckpointWriteError(
+                    f"the staged state for {path!r} was overwritten by a later stage() before it was written; "
+                    "hand each staged state dict to write() before staging the next one"
+                )
+            self._send_write(lease.slab, plan, None, path, kwargs, future, lease.release)
+        else:
+            captured = capture(state_dict)
+            shared = [_shared_fd(source.untyped_storage()) for source in captured.sources]
+            self._send_write(None, captured.plan, shared, path, kwargs, future, lambda: None)
 
-    def _register(self, worker: _Worker, future: Future) -> int:
-        """Record a pending request of a live worker; call with self._lock held."""
-        request_id = next(self._ids)
-        worker.pending[request_id] = future
-        return request_id
+    def _send_write(
+        self,
+        slab: Slab | None,
+        plan: Any,
+        shared: list[tuple[torch.UntypedStorage, int]] | None,
+        path: str,
+        kwargs: dict,
+        future: Future,
+        on_done: Callable[[], None],
+    ) -> None:
+        try:
+            with sigint_deferred(), self._lock:
+                worker = self._live_worker()
+                request_id = next(self._ids)
+                fds: list[int]
+                if slab is not None:
+                    attach = slab.slab_id not in worker.attached
+                    source: SlabSource | SharedSource = SlabSource(slab.slab_id, slab.nbytes, attach)
+                    fds = [slab.fd] if attach else []
+                    worker.attached[slab.slab_id] = weakref.ref(slab)
+                else:
+                    assert shared is not None
+                    source = SharedSource(tuple(storage.nbytes() for storage, _ in shared))
+                    fds = [fd for _, fd in shared]
+                forget = tuple(i for i, ref in list(worker.attached.items()) if _gone(ref))
+                for slab_id in forget:
+                    del worker.attached[slab_id]
+                write = WriteRequest(request_id, path, plan, source, dict(kwargs), forget)
+                request = WorkerRequest(RequestType.WRITE_CHECKPOINT, {"write": write})
+                outgoing = _Outgoing(worker, request, fds, request_id, keepalive=shared, sent=future.handed_over)
+                # Registered and queued together, under the lock: requests leave in the order of their ids.
+                worker.pending[request_id] = _Pending(future, path, on_done)
+                self._outbox.put(outgoing)
+        except BaseException:
+            on_done()
+            future.handed_over.set()
+            raise
+
+    def _live_worker(self) -> _Worker:
+        """The running writer, starting a new one when the last one died; call with the lock held."""
+        if self._start_failure is not None:
+            raise self._start_failure
+        if not self._worker.alive:
+            self._worker = self._start_worker()
+        return self._worker
+
+    # -- starting a writer
+
+    def _start_worker(self) -> _Worker:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with child:
+            env = {**os.environ, "ASYNC_CKPT_WORKER_PATH": json.dumps([_DISTRIBUTION_ROOT, sys.path])}
+            popen = subprocess.Popen(
+                [sys.executable, "-c", _WORKER_BOOTSTRAP, str(child.fileno())], pass_fds=(child.fileno(),), env=env
+            )
+        worker = _Worker(WriterProcessContext(WriterProcess(popen)), Channel(parent), Channel(parent.dup()))
+        worker.receiver = threading.Thread(target=self._receive_loop, args=(worker,), name="async-ckpt-receiver", daemon=True)
+        worker.receiver.start()
+        self._outbox.put(_Outgoing(worker, WorkerRequest(RequestType.PING, {"init": self._init}), []))
+        return worker
 
     # -- sender thread
 
     def _send_loop(self) -> None:
         while True:
-            item = self._requests.get()
-            kind = item[0]
-            if kind == "stop":
-                self._stop_worker()
+            outgoing = self._outbox.get()
+            if outgoing is None:
                 return
             try:
-                if kind == "start":
-                    self._ensure_worker()
-                elif kind == "write":
-                    self._send_write(*item[1:])
-            except BaseException as exc:  # reported on the request's future, or logged
-                if kind == "write" and not item[4].done():
-                    item[4].set_exception(exc)
-                else:
-                    logger.warning("checkpoint writer process: %s", exc)
+                outgoing.worker.channel.send(outgoing.request, outgoing.fds)
+            except Exception as exc:  # the writer is unreachable: its receiver reports the rest
+                self._on_send_failure(outgoing, exc)
             finally:
-                with self._lock:
-                    self._queued -= 1
+                outgoing.keepalive = None
+                outgoing.sent.set()
 
-    def _send_detach(self, slab_id: str) -> None:
-        worker = self._worker
-        if worker is None or not worker.alive:
-            return  # a new worker never saw the slab
-        with self._send_lock:
-            if slab_id in worker.attached:
-                worker.attached.discard(slab_id)
-                worker.conn.send(("detach", slab_id))
-
-    def _send_write(self, path: str, staged: StagedCheckpoint, kwargs: dict, future: Future) -> None:
-        for _attempt in range(2):  # a worker found dead here is replaced once
-            worker = self._ensure_worker()
-            with self._lock:
-                if worker.alive:  # checked under the lock the receiver marks deaths under
-                    request_id = self._register(worker, future)
-                    break
-        else:
-            raise WriterProcessDiedError("the checkpoint writer process died twice while starting a write")
-        self._send_request(worker, request_id, path, staged, kwargs)
-
-    def _send_request(self, worker: _Worker, request_id: int, path: str, staged: StagedCheckpoint, kwargs: dict) -> None:
-        slab = staged.slab
-        try:
-            with self._send_lock:
-                if slab.slab_id not in worker.attached:
-                    worker.conn.send(("attach", slab.slab_id, slab.nbytes))
-                    send_handle(worker.conn, slab.fd, worker.process.pid)
-                    worker.attached.add(slab.slab_id)
-                worker.conn.send(("write", request_id, os.fspath(path), staged.plan, slab.slab_id, kwargs))
-        except OSError:
-            # The worker died; the receiver thread fails this request with how it died.
-            logger.debug("send to checkpoint writer failed; it died")
-
-    def _ensure_worker(self) -> _Worker:
-        worker = self._worker
-        if worker is not None and worker.alive:
-            return worker
-        self._worker = worker = self._spawn()
-        worker.receiver = threading.Thread(
-            target=self._receive_loop, args=(worker,), name="async-ckpt-receiver", daemon=True
+    def _on_send_failure(self, outgoing: _Outgoing, exc: Exception) -> None:
+        worker = outgoing.worker
+        error = WriterProcessDiedError(
+            f"Child process terminated unexpectedly: could not send to the checkpoint writer process "
+            f"(pid {worker.process.pid}): {exc}. The next save starts a new writer"
         )
-        worker.receiver.start()
-        return worker
-
-    def _spawn(self) -> _Worker:
-        parent_socket, child_socket = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        with parent_socket, child_socket:
-            env = {**os.environ, _SYS_PATH_ENV: json.dumps([p for p in sys.path if p])}
-            process = subprocess.Popen(
-                [sys.executable, "-c", _WORKER_BOOTSTRAP, str(child_socket.fileno())],
-                pass_fds=(child_socket.fileno(),),
-                env=env,
-            )
-            conn = Connection(os.dup(parent_socket.fileno()))
-        try:
-            conn.send((self._rank_info, *self._init))
-            timeout = self._config.subprocess_init_timeout_secs
-            if not conn.poll(timeout):
-                raise TimeoutError(f"the checkpoint writer process did not start within {timeout} s")
-            reply = conn.recv()
-        except (EOFError, OSError, TimeoutError) as exc:
-            process.kill()
-            process.wait(5)
-            conn.close()
-            detail = exc if isinstance(exc, TimeoutError) else describe_exit(process.returncode)
-            raise WriterProcessDiedError(f"the checkpoint writer process failed to start: {detail}") from None
-        if reply[0] != "ready":
-            process.wait(5)
-            conn.close()
-            raise CheckpointWriteError(
-                "the checkpoint writer process failed to initialise (init functions must be importable "
-                f"module-level functions, not defined in __main__):\n{reply[1]}"
-            )
-        logger.debug("checkpoint writer process %d ready", process.pid)
-        return _Worker(process=process, conn=conn)
+        with self._lock:
+            worker.alive = False
+            pending = worker.pending.pop(outgoing.request_id, None) if outgoing.request_id is not None else None
+        if pending is not None:
+            _finish(pending, error=error)
+        if not worker.ready.done():
+            worker.ready.set_exception(error)
+        worker.inbox.shutdown()  # the writer reads end-of-file, finishes what it has and exits
 
     # -- receiver thread
 
     def _receive_loop(self, worker: _Worker) -> None:
-        while True:
+        failure = self._await_ready(worker)
+        while failure is None:
             try:
-                kind, request_id, payload = worker.conn.recv()
+                response, fds = worker.inbox.recv()
             except (EOFError, OSError):
                 break
+            for fd in fds:
+                os.close(fd)
+            self._on_response(worker, response)
+        self._on_worker_gone(worker, failure)
+
+    def _await_ready(self, worker: _Worker) -> BaseException | None:
+        """Wait for the writer's first answer; returns why it did not come, or None once ready."""
+        timeout = self.config.subprocess_init_timeout_secs
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                error: BaseException = WriterStartTimeoutError(
+                    f"Timed out after {timeout}s waiting for checkpoint subprocess to initialize "
+                    f"(CheckpointProcessConfig.subprocess_init_timeout_secs; the machine may be overloaded)"
+                )
+                break
+            try:
+                readable, _, _ = select.select([worker.inbox], [], [], min(remaining, 1.0))
+                if not readable:
+                    continue
+                response, _fds = worker.inbox.recv()
+            except (EOFError, OSError, ValueError):
+                worker.process.join(_DEATH_GRACE_SECS)
+                error = WriterStartError(
+                    f"Child process terminated unexpectedly: the checkpoint writer process failed to start "
+                    f"({describe_exit(worker.process.exitcode)})"
+                )
+                break
+            if response.success:
+                worker.ready.set_result(None)
+                return None
+            error = WriterStartError(
+                "the checkpoint writer process failed to initialise (init functions must be importable "
+                f"module-level functions, not defined in __main__):\n{response.error_msg}"
+            )
             with self._lock:
-                future = worker.pending.pop(request_id)
-            if kind == "done":
-                future.set_result(payload)
-            else:
-                error_type, message = payload
-                future.set_exception(_WRITE_ERRORS_BY_NAME.get(error_type, CheckpointWriteError)(message))
-        _wait(worker.process, 5)
+                self._start_failure = error  # an init function that raises would raise again
+            break
+        worker.process.kill()
+        if not worker.ready.done():
+            worker.ready.set_exception(error)
+        return error
+
+    def _on_response(self, worker: _Worker, response: WorkerResponse) -> None:
+        if response.request_type is not RequestType.WRITE_CHECKPOINT:
+            return
+        outcome: WriteOutcome = (response.payload or {})["outcome"]
+        with self._lock:
+            pending = worker.pending.pop(outcome.request_id, None)
+        if pending is None:
+            logger.warning("checkpoint writer answered request %d, which is not pending; ignored", outcome.request_id)
+            return
+        if response.success:
+            _finish(pending, result=outcome.result)
+        else:
+            error_class = _WRITE_ERRORS_BY_NAME.get(outcome.error_type or "", CheckpointWriteError)
+            _finish(pending, error=error_class(response.error_msg))
+
+    def _on_worker_gone(self, worker: _Worker, failure: BaseException | None) -> None:
+        worker.process.join(_DEATH_GRACE_SECS)
         with self._lock:
             worker.alive = False
             orphans = list(worker.pending.values())
             worker.pending.clear()
-        if orphans:
-            error = WriterProcessDiedError(
-                f"the checkpoint writer process (pid {worker.process.pid}) died: "
-                f"{describe_exit(worker.process.returncode)}; the checkpoint was not committed "
-                "(any previous checkpoint at that path is intact). The next save starts a new writer"
-            )
-            for future in orphans:
-                future.set_exception(error)
+        worker.inbox.close()
+        if not orphans:
+            return
+        remove_temporaries(worker.process.pid, [p.path for p in orphans])
+        error = failure or WriterProcessDiedError(
+            f"Child process terminated unexpectedly: the checkpoint writer process (pid {worker.process.pid}) "
+            f"died: {describe_exit(worker.process.exitcode)}; the checkpoint was not committed (any previous "
+            "checkpoint at that path is intact). The next save starts a new writer"
+        )
+        for pending in orphans:
+            _finish(pending, error=error)
 
     # -- shutdown
 
-    def _stop_worker(self) -> None:
-        worker = self._worker
-        if worker is None:
-            return
-        if worker.alive:
-            try:
-                with self._send_lock:
-                    worker.conn.send(("shutdown",))
-            except OSError:
-                pass
-        if not _wait(worker.process, self._config.subprocess_shutdown_timeout_secs):
-            logger.warning("checkpoint writer process did not stop in time; killing it")
-            worker.process.kill()
-            worker.process.wait()
-        if worker.receiver is not None:
-            worker.receiver.join()
-        worker.conn.close()
-
     def close(self) -> None:
-        """Stop the worker after the writes already queued, killing it after the shutdown timeout."""
+        """Stop the writer after the writes already handed to it, killing it after
+        subprocess_shutdown_timeout_secs; idempotent. In a forked child it only forgets the parent's writer."""
         if self._closed:
             return
         self._closed = True
-        self._enqueue(("stop",))
+        from . import drain
+
+        drain.unregister(self)
+        if os.getpid() != self._owner_pid:
+            return
+        worker = self._worker
+        if worker.alive:
+            self._outbox.put(_Outgoing(worker, WorkerRequest(RequestType.TERMINATE_PROCESS, {}), []))
+        self._outbox.put(None)
         self._sender.join()
+        worker.inbox.shutdown()
+        if not self.process.join(self.config.subprocess_shutdown_timeout_secs):
+            logger.warning("checkpoint writer process %d did not stop in time; killing it", worker.process.pid)
+            worker.process.kill()
+        if worker.receiver is not None:
+            worker.receiver.join()
+        worker.channel.close()
+
+    def drain_for_signal(self) -> None:
+        """Nothing to wait for here: the checkpointer that owns this process waits for its writes."""
+
+
+def _finish(pending: _Pending, result: Any = None, error: BaseException | None = None) -> None:
+    pending.on_done()
+    if pending.future.done():
+        return
+    if error is not None:
+        pending.future.set_exception(error)
+    else:
+        pending.future.set_result(result)
+
+
+def _gone(ref: "weakref.ref[Slab]") -> bool:
+    slab = ref()
+    return slab is None or slab.closed
+
+
+def _shared_fd(storage: torch.UntypedStorage) -> tuple[torch.UntypedStorage, int]:
+    """`storage` in shared memory, with the descriptor that passes it: moved there in place (as
+    torch.multiprocessing does) or, for memory that cannot move (CUDA, mapped files), copied."""
+    if storage.device.type == "cpu":
+        try:
+            if not storage.is_shared():
+                storage.share_memory_()
+            return storage, storage._share_fd_cpu_()[0]
+        except RuntimeError:
+            pass
+    shared = torch.UntypedStorage._new_shared(storage.nbytes())
+    shared.copy_(storage)
+    return shared, shared._share_fd_cpu_()[0]
+
+
+# Writer errors that keep their type across the process boundary (others become CheckpointWriteError).
+_WRITE_ERRORS_BY_NAME: dict[str, type[CheckpointWriteError]] = {
+    cls.__name__: cls for cls in (BarrierTimeoutError, CheckpointCommitError)
+}

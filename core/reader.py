@@ -14,18 +14,20 @@ from typing import Any, Callable
 import torch
 from torch._weights_only_unpickler import Unpickler as WeightsOnlyUnpickler
 
-from .catalog import reading
-from .commit import CommitRecord, read_commit_record
+from .checkpoint_file import CheckpointFile, is_legacy_torch_file
+from .commit import COMMIT_RECORD, CommitRecord, read_commit_record
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    MissingKeysError,
     NotACheckpointError,
     UncommittedCheckpointError,
     WorldSizeMismatchError,
 )
-from .file_format import CheckpointFile
-from .types import STATE_DICT, RankInfo
+from .locks import reading
+from .plan import storage_dtype
+from .types import STATE_DICT, RankInfo, default_rank_info
 
 logger = logging.getLogger(__name__)
 
@@ -40,21 +42,39 @@ class ResolvedFile:
 
 def resolve_checkpoint_file(path: str, rank_info: RankInfo, source_rank: int | None = None) -> ResolvedFile:
     """The file holding this rank's checkpoint at `path`: the path itself, or the directory's
-    file for this rank as its commit record lists it (see `_source_rank` for other world sizes)."""
+    file for this rank as its commit record lists it (see `_source_rank` for other world sizes).
+
+    A directory without a commit record is read as torch's _experimental writer lays it out
+    (PATH/checkpoint_<rank>.pt) when that file is a plain torch.save file; a file async-ckpt
+    wrote there without committing it is an interrupted save, and absent.
+    """
     path = os.fspath(path)
-    if os.path.isdir(path):
-        record = read_commit_record(path)
-        entry = record.file_of(_source_rank(path, record, rank_info, source_rank))
-        candidate = os.path.join(path, entry.file)
-        if not os.path.exists(candidate):
-            raise CheckpointNotFoundError(
-                f"checkpoint {path!r} is committed but rank {entry.rank}'s file {entry.file} is not here. With "
-                "per-node local disks each node holds only its own ranks' files: load on the node that wrote it"
-            )
-        return ResolvedFile(candidate, entry.write_id)
-    if not os.path.exists(path):
-        raise CheckpointNotFoundError(f"no checkpoint at {path!r}: no such file or directory")
-    return ResolvedFile(path)
+    if not path:
+        raise ValueError("the checkpoint path is empty; name the file or directory to load")
+    if not os.path.isdir(path):
+        if not os.path.exists(path):
+            raise CheckpointNotFoundError(f"Checkpoint file not found: {path!r} (no such file or directory)")
+        return ResolvedFile(path)
+    if not os.path.exists(os.path.join(path, COMMIT_RECORD)):
+        candidate = os.path.join(path, f"checkpoint_{rank_info.global_rank if source_rank is None else source_rank}.pt")
+        if os.path.isfile(candidate) and not _written_by_us(candidate):
+            return ResolvedFile(candidate)
+    record = read_commit_record(path)  # UncommittedCheckpointError (a FileNotFoundError) without one
+    entry = record.file_of(_source_rank(path, record, rank_info, source_rank))
+    candidate = os.path.join(path, entry.file)
+    if not os.path.exists(candidate):
+        raise CheckpointNotFoundError(
+            f"checkpoint {path!r} is committed but rank {entry.rank}'s file {entry.file} is not here. With "
+            "per-node local disks each node holds only its own ranks' files: load on the node that wrote it"
+        )
+    return ResolvedFile(candidate, entry.write_id)
+
+
+def _written_by_us(path: str) -> bool:
+    try:
+        return CheckpointFile(path).write_id is not None
+    except CheckpointError:
+        return False
 
 
 def _source_rank(path: str, record: CommitRecord, rank_info: RankInfo, source_rank: int | None) -> int:
@@ -98,19 +118,28 @@ def _replicated(path: str, record: CommitRecord) -> bool:
 
 class _LazyStorages:
     """Hands the unpickler one uninitialised CPU storage per record; bytes are read afterwards,
-    and only for the storages a load needs."""
+    and only for the storages a load needs. A storage the pickle claims larger than its record
+    (a damaged or hostile file) is refused before any memory is allocated for it."""
 
-    def __init__(self) -> None:
+    def __init__(self, ckpt: CheckpointFile) -> None:
+        self._ckpt = ckpt
         self.by_key: dict[str, torch.UntypedStorage] = {}
         self.key_of: dict[int, str] = {}
 
     def persistent_load(self, saved_id: Any) -> Any:
-        if not (isinstance(saved_id, tuple) and saved_id and saved_id[0] == "storage"):
+        if not (isinstance(saved_id, tuple) and len(saved_id) == 5 and saved_id[0] == "storage"):
             raise pickle.UnpicklingError(f"unknown persistent id {saved_id!r} in checkpoint")
         _, storage_type, key, _location, numel = saved_id
-        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        dtype = storage_dtype(storage_type)
         if key not in self.by_key:
-            storage = torch.UntypedStorage(numel * torch._utils._element_size(dtype))
+            nbytes = int(numel) * torch._utils._element_size(dtype)
+            available = self._ckpt.record_nbytes(str(key))
+            if available is None or not 0 <= nbytes <= available:
+                raise CorruptCheckpointError(
+                    f"checkpoint {self._ckpt.path!r} is damaged: its structure claims {nbytes} bytes for storage "
+                    f"data/{key}, but the file holds {available if available is not None else 'no such record'}"
+                )
+            storage = torch.UntypedStorage(nbytes)
             self.by_key[key] = storage
             self.key_of[storage._cdata] = key
         return torch.storage.TypedStorage(wrap_storage=self.by_key[key], dtype=dtype, _internal=True)
@@ -209,8 +238,8 @@ class CheckpointReader:
     passes weights_only=False.
     """
 
-    def __init__(self, rank_info: RankInfo, io_threads: int = 4) -> None:
-        self._rank_info = rank_info
+    def __init__(self, rank_info: RankInfo | None = None, io_threads: int = 4) -> None:
+        self._rank_info = rank_info or default_rank_info()
         self._io_threads = io_threads
 
     def read(
@@ -219,46 +248,53 @@ class CheckpointReader:
         state_dict: STATE_DICT | None = None,
         *,
         map_location: Any = None,
-        strict: bool = False,
-        weights_only: bool = True,
-        verify: bool = True,
-        source_rank: int | None = None,
+        **kwargs: Any,
     ) -> tuple[Any, list[str]]:
         """Load a checkpoint; returns (state dict, missing keys).
 
         Without `state_dict`: the whole checkpoint. With one: only its keys are read, copied in
         place into its tensors (a shape or dtype mismatch raises ValueError naming the key),
-        and only the bytes of those tensors are read. `strict=True` raises KeyError on keys
-        of `state_dict` that the checkpoint lacks. A directory checkpoint must be committed;
-        each rank reads its own file, and `source_rank` picks another rank's (see
-        resolve_checkpoint_file for loads on a different number of ranks).
+        and only the bytes of those tensors are read; a key set to None takes the checkpoint's
+        whole value. Keyword arguments: `strict=True` raises MissingKeysError (a RuntimeError)
+        on keys of `state_dict` that the checkpoint lacks; `weights_only` (default True);
+        `verify` (default True: check every byte read against the manifest); `source_rank`
+        (read another rank's file of a directory checkpoint; see resolve_checkpoint_file).
+        Other keyword arguments are accepted and ignored, as torch.load's pickle options are.
         """
+        options = _ReadOptions.of(kwargs)
         with reading(path):
-            return self._read(path, state_dict, map_location, strict, weights_only, verify, source_rank)
+            resolved = resolve_checkpoint_file(path, self._rank_info, options.source_rank)
+            if is_legacy_torch_file(resolved.path):
+                return self._read_legacy(resolved.path, state_dict, map_location, options)
+            ckpt = CheckpointFile(resolved.path)
+            if resolved.write_id is not None and ckpt.write_id != resolved.write_id:
+                raise UncommittedCheckpointError(
+                    f"checkpoint {os.fspath(path)!r} is not committed: {resolved.path} comes from a later save to the "
+                    "same path than its commit record, which did not finish. Resume from an earlier checkpoint"
+                )
+            storages = _LazyStorages(ckpt)
+            loaded = self._unpickle(ckpt, storages, options.weights_only, options.verify)
+            if state_dict is None:
+                self._fill(ckpt, storages, set(storages.by_key), loaded, options.verify)
+                return _apply_map_location(loaded, storages.by_key, map_location), []
+            return self._read_into(ckpt, storages, loaded, state_dict, options)
 
-    def _read(
-        self,
-        path: str,
-        state_dict: STATE_DICT | None,
-        map_location: Any,
-        strict: bool,
-        weights_only: bool,
-        verify: bool,
-        source_rank: int | None,
+    def _read_legacy(
+        self, path: str, state_dict: STATE_DICT | None, map_location: Any, options: "_ReadOptions"
     ) -> tuple[Any, list[str]]:
-        resolved = resolve_checkpoint_file(path, self._rank_info, source_rank)
-        ckpt = CheckpointFile(resolved.path)
-        if resolved.write_id is not None and (ckpt.manifest or {}).get("write_id") != resolved.write_id:
-            raise UncommittedCheckpointError(
-                f"checkpoint {os.fspath(path)!r} is not committed: {resolved.path} comes from a later save to the same "
-                "path than its commit record, which did not finish. Resume from an earlier checkpoint"
-            )
-        storages = _LazyStorages()
-        loaded = self._unpickle(ckpt, storages, weights_only, verify)
+        """A torch.save file in the format before PyTorch 1.6: loaded whole by torch.load (no checksums)."""
+        try:
+            loaded = torch.load(path, map_location=map_location, weights_only=options.weights_only)
+        except pickle.UnpicklingError as exc:
+            raise NotACheckpointError(f"legacy checkpoint {path!r} cannot be read ({exc})") from None
         if state_dict is None:
-            self._fill(ckpt, storages, set(storages.by_key), loaded, verify)
-            return _apply_map_location(loaded, storages.by_key, map_location), []
-        return self._read_into(ckpt, storages, loaded, state_dict, strict, verify)
+            return loaded, []
+        missing: list[str] = []
+        pairs: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self._match(loaded, state_dict, "", missing, pairs, [])
+        _raise_if_strict(path, missing, options.strict)
+        _copy_pairs(pairs)
+        return state_dict, missing
 
     def read_structure(self, path: str, *, source_rank: int | None = None, weights_only: bool = True) -> Any:
         """The checkpoint's objects with every tensor's shape and dtype, without reading tensor bytes
@@ -266,7 +302,7 @@ class CheckpointReader:
         with reading(path):
             resolved = resolve_checkpoint_file(path, self._rank_info, source_rank)
             ckpt = CheckpointFile(resolved.path)
-            return self._unpickle(ckpt, _LazyStorages(), weights_only, verify=True)
+            return self._unpickle(ckpt, _LazyStorages(ckpt), weights_only, verify=True)
 
     def _unpickle(self, ckpt: CheckpointFile, storages: _LazyStorages, weights_only: bool, verify: bool) -> Any:
         data = ckpt.data_pkl(verify=verify)
@@ -312,26 +348,17 @@ class CheckpointReader:
             )
 
     def _read_into(
-        self,
-        ckpt: CheckpointFile,
-        storages: _LazyStorages,
-        loaded: Any,
-        target: STATE_DICT,
-        strict: bool,
-        verify: bool,
+        self, ckpt: CheckpointFile, storages: _LazyStorages, loaded: Any, target: STATE_DICT, options: "_ReadOptions"
     ) -> tuple[STATE_DICT, list[str]]:
         missing: list[str] = []
         pairs: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         replaced: list[Any] = []
         self._match(loaded, target, "", missing, pairs, replaced)
-        if strict and missing:
-            raise KeyError(f"checkpoint {ckpt.path!r} lacks keys the state dict asks for: {missing}")
+        _raise_if_strict(ckpt.path, missing, options.strict)
         sources = [source for _, _, source in pairs] + [t for value in replaced for _, t in _walk_tensors(value)]
         needed = {storages.key_of[source.untyped_storage()._cdata] for source in sources}
-        self._fill(ckpt, storages, needed, loaded, verify)
-        with torch.no_grad():
-            for _, dest, source in pairs:
-                dest.copy_(source)
+        self._fill(ckpt, storages, needed, loaded, options.verify)
+        _copy_pairs(pairs)
         return target, missing
 
     def _match(
@@ -364,3 +391,32 @@ class CheckpointReader:
             else:
                 target[key] = have
                 replaced.append(have)
+
+
+@dataclass(frozen=True)
+class _ReadOptions:
+    strict: bool = False
+    weights_only: bool = True
+    verify: bool = True
+    source_rank: int | None = None
+
+    @classmethod
+    def of(cls, kwargs: dict[str, Any]) -> "_ReadOptions":
+        known = {name: kwargs[name] for name in ("strict", "weights_only", "verify", "source_rank") if name in kwargs}
+        ignored = sorted(set(kwargs) - set(known))
+        if ignored:
+            logger.debug("CheckpointReader.read ignores %s", ignored)
+        if known.get("weights_only") is None:
+            known.pop("weights_only", None)
+        return cls(**known)
+
+
+def _raise_if_strict(path: str, missing: list[str], strict: bool) -> None:
+    if strict and missing:
+        raise MissingKeysError(f"Checkpoint at {path} is missing keys: {missing}")
+
+
+def _copy_pairs(pairs: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for _, dest, source in pairs:
+            dest.copy_(source)

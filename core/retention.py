@@ -7,7 +7,8 @@ import os
 import shutil
 import uuid
 
-from .catalog import CheckpointInfo, list_checkpoints, unless_in_use, update_latest
+from .catalog import CheckpointInfo, list_checkpoints, update_latest
+from .locks import unless_in_use
 from .config import RetentionConfig
 
 logger = logging.getLogger(__name__)

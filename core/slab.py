@@ -3,7 +3,11 @@
 A slab is an anonymous memory file (`memfd_create`): it has no name under /dev/shm, so
 nothing can leak there, and the kernel frees it once the last process that maps it or holds
 its descriptor is gone, whether that process closed it, raised, or was killed. The writer
-process receives the descriptor over its pipe (SCM_RIGHTS) and maps the same pages.
+process receives the descriptor over its socket (SCM_RIGHTS) and maps the same pages.
+
+Each staged snapshot holds a lease on its slab. A write holds the lease until it is done; a
+snapshot nobody is writing does not pin its slab, so a later stage() may reuse that slab
+(as torch's own stager reuses its cached buffers) and never waits for it.
 """
 
 from __future__ import annotations
@@ -13,15 +17,25 @@ import logging
 import mmap
 import os
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from .plan import PAGE_SIZE, round_up
+from .errors import CheckpointerClosedError
+from .fsutil import PAGE_SIZE, round_up
 
 logger = logging.getLogger(__name__)
 
 _slab_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class SlabContents:
+    """What a slab holds, for incremental saves: the plan's slab shape and each storage's digests."""
+
+    slab_shape: tuple
+    digests: list[list[str] | None]
 
 
 class Slab:
@@ -39,8 +53,7 @@ class Slab:
             raise
         self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
         self.pinned = False
-        # (plan layout, per-storage digests) of what the slab holds, for incremental saves; None: unknown
-        self.contents: tuple[tuple, list] | None = None
+        self.contents: SlabContents | None = None
         if pin:
             self._pin()
 
@@ -51,11 +64,21 @@ class Slab:
             return
         self.pinned = True
 
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
     def view(self, offset: int, nbytes: int) -> torch.Tensor:
         return self.tensor[offset : offset + nbytes]
 
+    def storage(self, offset: int, nbytes: int) -> torch.UntypedStorage:
+        """A storage that starts at `offset` and aliases `nbytes` of the slab."""
+        if nbytes == 0:
+            return torch.UntypedStorage(0)
+        return torch.frombuffer(self._mmap, dtype=torch.uint8, count=nbytes, offset=offset).untyped_storage()
+
     def close(self) -> None:
-        if self.fd < 0:
+        if self.closed:
             return
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
@@ -64,19 +87,36 @@ class Slab:
         try:
             self._mmap.close()
         except BufferError:
-            # A tensor handed out by view() is still alive; the mapping goes when it does.
+            # A staged state dict still views it; the mapping goes when its tensors do.
             logger.debug("slab %s still viewed at close; unmapped when the last view dies", self.slab_id)
         os.close(self.fd)
         self.fd = -1
 
 
+class StagingLease:
+    """One staged snapshot's claim on its slab; see the module docstring."""
+
+    def __init__(self, pool: "SlabPool", slab: Slab, fresh: bool) -> None:
+        self._pool = pool
+        self.slab = slab
+        self.fresh = fresh  # the slab was created for this snapshot (its pages were not faulted in yet)
+        self.before_reuse: Callable[[], None] | None = None  # keeps a snapshot someone still holds valid
+
+    def hold(self) -> bool:
+        """Keep the slab for a write of this snapshot; False when a later stage() already reused it."""
+        return self._pool._hold(self)
+
+    def release(self) -> None:
+        """End one hold (the write is done)."""
+        self._pool._release(self)
+
 
 class SlabPool:
     """Reuses slabs across saves: a save of the same shape gets the same, already faulted, slab.
 
-    At most `max_slabs` exist at once; `acquire` blocks while all are busy (each in-flight
-    save holds one until its write finishes). A free slab too small for the request is
-    replaced, so a state dict that grows does not keep the old slab around.
+    At most `max_slabs` exist at once. `acquire` takes a free slab (one whose snapshot no write
+    holds), preferring one `prefer` accepts; it waits only while every slab is being staged or
+    written. A free slab too small for the request is replaced.
     """
 
     def __init__(self, max_slabs: int, *, pin: bool = False) -> None:
@@ -85,15 +125,32 @@ class SlabPool:
         self._max_slabs = max_slabs
         self._pin = pin
         self._free: list[Slab] = []
-        self._busy: set[str] = set()
         self._all: dict[str, Slab] = {}
+        self._leases: dict[str, StagingLease] = {}  # slab id -> its current snapshot's lease
+        self._holds: dict[str, int] = {}
+        self._staging: set[str] = set()
         self._changed = threading.Condition()
-        self.on_discard: list = []  # callbacks(slab_id) run when a slab is released for good
+        self._closed = False
 
-    def acquire(self, nbytes: int, timeout: float | None = None, prefer: Callable[[Slab], bool] | None = None) -> Slab:
-        """A free slab of at least `nbytes` (one `prefer` accepts, if any), waiting up to `timeout` s."""
+    @property
+    def slabs(self) -> tuple[str, ...]:
+        """The ids of the slabs that exist now."""
+        with self._changed:
+            return tuple(self._all)
+
+    @property
+    def has_room(self) -> bool:
+        """Whether another slab may be created without replacing one."""
+        with self._changed:
+            return len(self._all) < self._max_slabs
+
+    def acquire(self, nbytes: int, prefer: Callable[[Slab], bool] | None = None) -> StagingLease:
+        """A lease on a free slab of at least `nbytes`, for a snapshot being staged now."""
+        fresh = False
         with self._changed:
             while True:
+                if self._closed:
+                    raise CheckpointerClosedError("the staging memory was released (the stager is closed)")
                 fitting = [s for s in self._free if s.nbytes >= nbytes]
                 if fitting:
                     slab = min(fitting, key=lambda s: (not (prefer and prefer(s)), s.nbytes))
@@ -102,31 +159,88 @@ class SlabPool:
                 if len(self._all) >= self._max_slabs and self._free:
                     self._discard(self._free.pop(0))
                 if len(self._all) < self._max_slabs:
-                    slab = Slab(nbytes, pin=self._pin)
+                    slab, fresh = Slab(nbytes, pin=self._pin), True
                     self._all[slab.slab_id] = slab
                     logger.debug("new staging slab %s of %d bytes", slab.slab_id, slab.nbytes)
                     break
-                if not self._changed.wait(timeout):
-                    raise TimeoutError(f"no staging buffer became free within {timeout} s")
-            self._busy.add(slab.slab_id)
-            return slab
+                self._changed.wait()
+            self._supersede(slab)
+            lease = StagingLease(self, slab, fresh)
+            self._leases[slab.slab_id] = lease
+            self._staging.add(slab.slab_id)
+            return lease
 
-    def release(self, slab: Slab) -> None:
+    def new_spare(self, nbytes: int, besides: Slab | None = None) -> StagingLease | None:
+        """A lease on a newly created slab of `nbytes` to warm up, or None when a free slab other
+        than `besides` fits already or every slab is in use. Never hands out an existing slab."""
         with self._changed:
-            if slab.slab_id in self._busy:
-                self._busy.discard(slab.slab_id)
-                self._free.append(slab)
-                self._changed.notify_all()
+            if self._closed or any(s.nbytes >= nbytes for s in self._free if s is not besides):
+                return None
+            if len(self._all) >= self._max_slabs:
+                if not self._free:
+                    return None
+                self._discard(self._free.pop(0))
+            slab = Slab(nbytes, pin=self._pin)
+            self._all[slab.slab_id] = slab
+            self._staging.add(slab.slab_id)
+            return StagingLease(self, slab, fresh=True)
+
+    def staged(self, lease: StagingLease) -> None:
+        """The snapshot is complete; its slab is free for reuse unless a write holds it."""
+        with self._changed:
+            self._staging.discard(lease.slab.slab_id)
+            self._free_if_idle(lease.slab)
+
+    def abandon(self, lease: StagingLease) -> None:
+        """Staging failed: the slab holds nothing usable."""
+        with self._changed:
+            lease.slab.contents = None
+            if self._leases.get(lease.slab.slab_id) is lease:
+                del self._leases[lease.slab.slab_id]
+            self._staging.discard(lease.slab.slab_id)
+            self._free_if_idle(lease.slab)
+
+    def _hold(self, lease: StagingLease) -> bool:
+        slab_id = lease.slab.slab_id
+        with self._changed:
+            if self._leases.get(slab_id) is not lease or lease.slab.closed:
+                return False
+            self._holds[slab_id] = self._holds.get(slab_id, 0) + 1
+            if lease.slab in self._free:
+                self._free.remove(lease.slab)
+            return True
+
+    def _release(self, lease: StagingLease) -> None:
+        slab_id = lease.slab.slab_id
+        with self._changed:
+            if self._holds.get(slab_id, 0) > 0:
+                self._holds[slab_id] -= 1
+                self._free_if_idle(lease.slab)
+
+    def _free_if_idle(self, slab: Slab) -> None:
+        slab_id = slab.slab_id
+        if slab_id in self._all and not self._holds.get(slab_id) and slab_id not in self._staging and slab not in self._free:
+            self._free.append(slab)
+            self._changed.notify_all()
+
+    def _supersede(self, slab: Slab) -> None:
+        """The slab's current snapshot is about to be overwritten or unmapped: let it keep its values."""
+        previous = self._leases.pop(slab.slab_id, None)
+        if previous is not None and previous.before_reuse is not None:
+            previous.before_reuse()
 
     def _discard(self, slab: Slab) -> None:
+        self._supersede(slab)
         del self._all[slab.slab_id]
-        for callback in self.on_discard:
-            callback(slab.slab_id)
+        self._leases.pop(slab.slab_id, None)
+        self._holds.pop(slab.slab_id, None)
         slab.close()
 
     def close(self) -> None:
         with self._changed:
+            self._closed = True
             for slab in list(self._all.values()):
                 self._discard(slab)
             self._free.clear()
-            self._busy.clear()
+            self._staging.clear()
+            self._changed.notify_all()

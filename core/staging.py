@@ -1,4 +1,11 @@
-"""Staging: the snapshot of a state dict into a reusable shared-memory slab."""
+"""Staging: the snapshot of a state dict into a reusable shared-memory slab.
+
+`DefaultStager.stage` returns the staged state dict (or, with async staging, a future of it),
+as torch's `_experimental` stager does: a `StagedStateDict`, which is a dict whose tensors live
+in the slab and whose other values are deep copies. It is built only when somebody reads it;
+the writer needs only its plan (the pickle and the storages' places), which is why staging
+costs the training loop little more than the copy.
+"""
 
 from __future__ import annotations
 
@@ -6,40 +13,117 @@ import abc
 import itertools
 import logging
 import os
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import xxhash
 
 from .config import CheckpointStagerConfig
-from .file_format import DEFAULT_CHUNK_BYTES, chunk_digests
-from .plan import CapturedState, CheckpointPlan, Lineage, PlanCache
-from .slab import Slab, SlabPool
+from .errors import CheckpointConfigError, CheckpointerClosedError
+from .fsutil import DEFAULT_CHUNK_BYTES
+from .manifest import chunk_digests
+from .plan import CapturedState, CheckpointPlan, Lineage, PlanCache, materialize
+from .slab import Slab, SlabContents, SlabPool, StagingLease
+from .types import STATE_DICT
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class StagedCheckpoint:
-    """A snapshot: the plan and the slab holding its bytes. release() hands the slab back."""
+class StagedStateDict(dict):
+    """A staged snapshot, usable as a state dict: built on first read, on a private copy of the
+    staged bytes, and kept valid when a later stage() reuses the slab.
 
-    plan: CheckpointPlan
-    slab: Slab
-    _pool: SlabPool
-    copied_nbytes: int = 0  # less than the plan's bytes when an incremental save skipped some
+    plan: what the writer needs besides the bytes; lease: the claim on the slab holding them;
+    copied_nbytes: bytes this snapshot copied (fewer than the plan's when an incremental save
+    found storages unchanged). Treat it as read-only: the file is written from the plan, so
+    changes to this dict do not reach the checkpoint.
+    """
 
-    def release(self) -> None:
-        self._pool.release(self.slab)
+    def __init__(self, plan: CheckpointPlan, lease: StagingLease, copied_nbytes: int) -> None:
+        super().__init__()
+        self.plan = plan
+        self.lease = lease
+        self.copied_nbytes = copied_nbytes
+        self._built = False
+        snapshot = weakref.ref(self)
+        lease.before_reuse = lambda: _build_if_alive(snapshot)
+
+    @property
+    def slab(self) -> Slab:
+        return self.lease.slab
+
+    def _build(self) -> None:
+        """Rebuild the state dict on a private copy of the staged bytes (the slab gets reused)."""
+        if not self._built:
+            self._built = True
+            storages = [self.slab.storage(s.slab_offset, s.nbytes).clone() for s in self.plan.storages]
+            dict.update(self, materialize(self.plan, storages))
+
+    # Every read goes through the snapshot; dict's own methods would see an empty dict.
+    def __getitem__(self, key: Any) -> Any:
+        self._build()
+        return dict.__getitem__(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        self._build()
+        return dict.__contains__(self, key)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._build()
+        return dict.__iter__(self)
+
+    def __len__(self) -> int:
+        self._build()
+        return dict.__len__(self)
+
+    def __repr__(self) -> str:
+        self._build()
+        return dict.__repr__(self)
+
+    def __eq__(self, other: object) -> bool:
+        self._build()
+        return dict.__eq__(self, other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self._build()
+        return dict.get(self, key, default)
+
+    def keys(self) -> Any:
+        self._build()
+        return dict.keys(self)
+
+    def values(self) -> Any:
+        self._build()
+        return dict.values(self)
+
+    def items(self) -> Any:
+        self._build()
+        return dict.items(self)
+
+    def copy(self) -> dict:
+        self._build()
+        return dict(dict.items(self))
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return dict, (self.copy(),)
+
+
+def _build_if_alive(snapshot: "weakref.ref[StagedStateDict]") -> None:
+    staged = snapshot()
+    if staged is not None:
+        staged._build()
 
 
 class CheckpointStager(abc.ABC):
     """Takes a snapshot of a state dict that later changes to the live state cannot reach."""
 
     @abc.abstractmethod
-    def stage(self, state_dict: Any, **kwargs: Any) -> Future[StagedCheckpoint]:
-        """Begin the snapshot; the future completes when the caller may mutate `state_dict`."""
+    def stage(self, state_dict: STATE_DICT, **kwargs: Any) -> STATE_DICT | Future[STATE_DICT]:
+        """The staged state dict, or a future of it; once it is done the caller may change `state_dict`."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -67,23 +151,33 @@ class DefaultStager(CheckpointStager):
     """Copies tensors (CPU or CUDA) into one page-aligned shared slab per state dict shape.
 
     A later save of the same shape reuses the same slab, already faulted in, so it costs only
-    the copy. Non-tensor values are deep-copied (pickled) during stage(). CPU copies finish
-    before stage() returns; CUDA copies run on a side stream into pinned memory, and the
-    future completes once they have, when `use_async_staging` is on.
+    the copy. Non-tensor values are deep-copied (pickled) during stage(). Without async staging
+    the copies are done when stage() returns; with it (the default where CUDA is present) they
+    run on a helper thread (CUDA: on a side stream into pinned memory) and the returned future
+    completes once they have. When the first save of a shape created its slab and another may
+    exist, a second one is readied in the background, so the next save pays no page faults.
     """
 
     def __init__(self, config: CheckpointStagerConfig | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         self._config = config or CheckpointStagerConfig()
+        if self._config.use_non_blocking_copy and not torch.accelerator.is_available():
+            raise CheckpointConfigError(
+                "CheckpointStagerConfig(use_non_blocking_copy=True) needs an accelerator, and none is available; "
+                "leave it None to use non-blocking copies only where CUDA is present"
+            )
         self.pool = SlabPool(self._config.max_in_flight, pin=self._config.pin)
         self._stream: Any = None
-        self._helper: ThreadPoolExecutor | None = None  # CUDA completion waits and prepare()
+        self._helper: ThreadPoolExecutor | None = None  # async copies, CUDA completion waits, slab warming
         self._hashing: ThreadPoolExecutor | None = None  # incremental saves' digests
         self._chunk_bytes = chunk_bytes
         self._sequences = itertools.count()
         self._last_of_lineage: dict[str, int] = {}
         self._plans = PlanCache()
+        self._closed = False
 
     def _helper_thread(self) -> ThreadPoolExecutor:
+        if self._closed:
+            raise CheckpointerClosedError("the stager is closed; create a new checkpointer")
         if self._helper is None:
             self._helper = ThreadPoolExecutor(1, thread_name_prefix="async-ckpt-stage")
         return self._helper
@@ -97,37 +191,70 @@ class DefaultStager(CheckpointStager):
         nbytes = self._plans.capture(state_dict, file_format).plan.slab_nbytes
         return self._helper_thread().submit(self._warm_slab, nbytes)
 
-    def _warm_slab(self, nbytes: int) -> None:
-        slab = self.pool.acquire(nbytes)
+    def _warm_slab(self, nbytes: int, besides: Slab | None = None) -> None:
+        lease = self.pool.new_spare(nbytes, besides)
+        if lease is None:
+            return
         try:
-            slab.contents = None
-            slab.tensor.zero_()  # touches every page; runs without the GIL
+            lease.slab.tensor.zero_()  # touches every page; runs without the GIL
         finally:
-            self.pool.release(slab)
+            self.pool.abandon(lease)
 
-    def stage(self, state_dict: Any, file_format: str = "torch", **kwargs: Any) -> Future[StagedCheckpoint]:
-        """Snapshot `state_dict` for a file of `file_format` ("torch" or "safetensors")."""
-        captured = self._plans.capture(state_dict, file_format)
-        layout = captured.plan.layout
-        slab = self.pool.acquire(
-            captured.plan.slab_nbytes, prefer=lambda s: s.contents is not None and s.contents[0] == layout
+    def stage(self, state_dict: STATE_DICT, **kwargs: Any) -> StagedStateDict | Future[StagedStateDict]:
+        """Snapshot `state_dict` for a file of kwargs' `file_format` ("torch", the default, or "safetensors")."""
+        if self._closed:
+            raise CheckpointerClosedError("stage() on a closed DefaultStager; create a new one")
+        captured = self._plans.capture(state_dict, kwargs.get("file_format", "torch"))
+        slab_shape = captured.plan.slab_shape
+        lease = self.pool.acquire(
+            captured.plan.slab_nbytes, prefer=lambda s: s.contents is not None and s.contents.slab_shape == slab_shape
         )
-        staged = StagedCheckpoint(captured.plan, slab, self.pool)
-        future: Future[StagedCheckpoint] = Future()
+        fresh = lease.fresh
         try:
-            skip, digests = self._unchanged(captured, slab) if self._config.incremental else (set(), None)
-            slab.contents = None  # until the copy below has finished
-            if "cuda" not in {d.type for d in captured.devices}:
-                staged.copied_nbytes = _copy_into(slab, captured, non_blocking=False, skip=skip)
-                if digests is not None:
-                    slab.contents = (layout, digests)
-                future.set_result(staged)
-                return future
-            self._stage_cuda(captured, staged, future)
+            skip, digests = self._unchanged(captured, lease.slab) if self._config.incremental else (set(), None)
+            lease.slab.contents = None  # until the copy below has finished
+            on_cuda = "cuda" in {d.type for d in captured.devices}
+            if not (self._config.async_staging or on_cuda):
+                staged = self._copy(captured, lease, skip, digests)
+                self.pool.staged(lease)
+                self._warm_spare(lease, fresh)
+                return staged
+            future: Future[StagedStateDict] = Future()
+            if on_cuda:
+                self._stage_cuda(captured, lease, future)
+            else:
+                self._helper_thread().submit(self._finish_in_background, future, captured, lease, skip, digests)
         except BaseException:
-            staged.release()
+            self.pool.abandon(lease)
             raise
+        if not self._config.async_staging:
+            staged = future.result()
+            self._warm_spare(lease, fresh)
+            return staged
         return future
+
+    def _copy(self, captured: CapturedState, lease: StagingLease, skip: set[int], digests: list | None) -> StagedStateDict:
+        copied = _copy_into(lease.slab, captured, non_blocking=False, skip=skip)
+        if digests is not None:
+            lease.slab.contents = SlabContents(captured.plan.slab_shape, digests)
+        return StagedStateDict(captured.plan, lease, copied)
+
+    def _finish_in_background(
+        self, future: Future, captured: CapturedState, lease: StagingLease, skip: set[int], digests: list | None
+    ) -> None:
+        try:
+            staged = self._copy(captured, lease, skip, digests)
+        except BaseException as exc:  # surfaced on the future
+            self.pool.abandon(lease)
+            future.set_exception(exc)
+            return
+        future.set_result(staged)  # callbacks (a write taking hold of the lease) run first
+        self.pool.staged(lease)
+
+    def _warm_spare(self, lease: StagingLease, first_of_shape: bool) -> None:
+        """After the first save of a shape, ready a second slab for it off the training thread."""
+        if first_of_shape and self.pool.has_room:
+            self._helper_thread().submit(self._warm_slab, lease.slab.nbytes, lease.slab)
 
     def _unchanged(self, captured: CapturedState, slab: Slab) -> tuple[set[int], list[list[str] | None]]:
         """Which storages the slab already holds as they are now, and every CPU storage's digests.
@@ -142,46 +269,53 @@ class DefaultStager(CheckpointStager):
         hashed = chunk_digests([captured.sources[i] for i in on_cpu], self._chunk_bytes, self._hashing)
         for index, storage_digests in zip(on_cpu, hashed):
             digests[index] = storage_digests
-        held = slab.contents[1] if slab.contents is not None and slab.contents[0] == plan.layout else None
+        contents = slab.contents
+        held = contents.digests if contents is not None and contents.slab_shape == plan.slab_shape else None
         skip = {i for i, d in enumerate(digests) if d is not None and held is not None and held[i] == d}
-        name = xxhash.xxh3_64_hexdigest(repr(plan.layout).encode())
+        name = xxhash.xxh3_64_hexdigest(repr(plan.slab_shape).encode())
         sequence = next(self._sequences)
         plan.lineage = Lineage(name, sequence, self._last_of_lineage.get(name), self._chunk_bytes, tuple(digests))
         self._last_of_lineage[name] = sequence
         return skip, digests
 
-    def _stage_cuda(self, captured: CapturedState, staged: StagedCheckpoint, future: Future) -> None:
-        non_blocking = self._config.use_non_blocking_copy
+    def _stage_cuda(self, captured: CapturedState, lease: StagingLease, future: Future) -> None:
         if self._stream is None:
             self._stream = torch.cuda.Stream()
         self._stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._stream):
-            staged.copied_nbytes = _copy_into(staged.slab, captured, non_blocking=non_blocking)
+            copied = _copy_into(lease.slab, captured, non_blocking=self._config.non_blocking)
             done = torch.cuda.Event()
             done.record(self._stream)
-        if not self._config.async_staging:
-            done.synchronize()
-            future.set_result(staged)
-            return
+        staged = StagedStateDict(captured.plan, lease, copied)
         # The live tensors must outlive the copies that read them.
         sources = captured.sources
 
         def finish() -> None:
             try:
                 done.synchronize()
-                future.set_result(staged)
             except BaseException as exc:  # surfaced on the future
-                staged.release()
+                self.pool.abandon(lease)
                 future.set_exception(exc)
+                return
             finally:
                 del sources[:]
+            future.set_result(staged)
+            self.pool.staged(lease)
 
         self._helper_thread().submit(finish)
 
     def close(self) -> None:
+        """Wait for background copies, then release every slab; idempotent."""
+        self._closed = True
         for pool in (self._helper, self._hashing):
             if pool is not None:
                 pool.shutdown(wait=True)
         self._helper = self._hashing = None
         self._plans.clear()
         self.pool.close()
+
+    def __enter__(self) -> "DefaultStager":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()

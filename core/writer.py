@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import abc
+import glob
 import logging
 import os
+import shutil
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any, Sequence
 
 import torch
 
-from .barriers import Barrier, BarrierTimeoutError
+from .barriers import Barrier, BarrierTimeoutError, exchanges_payloads
+from .checkpoint_file import CheckpointFile
 from .commit import CommitRecord, RankFile, new_write_id, write_commit_record
 from .config import CheckpointWriterConfig
 from .errors import CheckpointCommitError, CheckpointError
-from .file_format import WrittenFile, filesystem_clones, fsync_directory, write_checkpoint_file, write_safetensors_file
+from .file_writer import WrittenFile, write_checkpoint_file, write_safetensors_file
+from .fsutil import TEMPORARY_PREFIX, filesystem_clones, fsync_directory
 from .incremental import PreviousFiles
+from .locks import exclusive
 from .plan import CheckpointPlan, capture
 from .retention import apply_retention
-from .types import RankInfo, WriteResult
+from .types import RankInfo, WriteResult, default_rank_info
 
 logger = logging.getLogger(__name__)
 
@@ -44,43 +50,57 @@ def checkpoint_file_path(path: str, layout: str, rank: int) -> str:
     return os.path.join(path, f"checkpoint_{rank}.pt") if layout == "directory" else path
 
 
+def _temporary_directory(directory: str) -> str:
+    """A private folder for one file being written, named after the writing process: if that
+    process dies, remove_temporaries finds exactly its leftovers."""
+    temporary = os.path.join(directory, f"{TEMPORARY_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+    os.mkdir(temporary, 0o700)
+    return temporary
+
+
+def remove_temporaries(pid: int, paths: Sequence[str]) -> None:
+    """Remove what a writer process `pid` that died left while writing checkpoints to `paths`."""
+    for path in paths:
+        for directory in {os.path.abspath(path), os.path.dirname(os.path.abspath(path))}:
+            for leftover in glob.glob(os.path.join(glob.escape(directory), f"{TEMPORARY_PREFIX}{pid}-*.tmp")):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
 class CheckpointWriter:
     """Writes checkpoints atomically: temporary file, fsync, barrier, rename, directory fsync.
 
     Nothing exists under the final name until the whole file is durable, so an interrupted
-    write leaves the previous checkpoint at that path intact.
+    write leaves the previous checkpoint at that path intact. `write` returns a WriteResult
+    (torch's _experimental writer returns None).
     """
 
     def __init__(
         self,
-        config: CheckpointWriterConfig,
-        rank_info: RankInfo,
+        config: CheckpointWriterConfig | None = None,
+        rank_info: RankInfo | None = None,
         barrier: Barrier | None = None,
         commit_hook: WriterHook | None = None,
     ) -> None:
-        self._config = config
-        self._rank_info = rank_info
+        self._config = config or CheckpointWriterConfig()
+        self._rank_info = rank_info or default_rank_info()
         self._barrier = barrier
         self._commit_hook = commit_hook
-        if rank_info.global_world_size > 1:
-            if config.layout != "directory":
+        world_size = self._rank_info.global_world_size
+        if world_size > 1:
+            if self._config.layout != "directory":
                 raise ValueError(
-                    f"layout {config.layout!r} writes one file at the path, but this job has "
-                    f"{rank_info.global_world_size} ranks; use layout='directory' (each rank writes PATH/checkpoint_<rank>.pt)"
+                    f"layout {self._config.layout!r} writes one file at the path, but this job has {world_size} ranks; "
+                    "use layout='directory' (each rank writes PATH/checkpoint_<rank>.pt)"
                 )
             if barrier is None:
                 raise ValueError(
-                    f"a checkpoint written by {rank_info.global_world_size} ranks needs a barrier to commit it; "
+                    f"a checkpoint written by {world_size} ranks needs a barrier to commit it; "
                     "leave BarrierConfig at its default ('auto') or name 'dist_barrier' or 'tcp_store'"
                 )
         self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
-            config.threads, thread_name_prefix="async-ckpt-io"
+            self._config.threads, thread_name_prefix="async-ckpt-io"
         )
         self._previous_files = PreviousFiles()
-
-    @property
-    def config(self) -> CheckpointWriterConfig:
-        return self._config
 
     def write(self, path: str, state_dict: Any, file_format: str = "torch", **kwargs: Any) -> WriteResult:
         """Write a live state dict (copied first where it is not on the CPU) and commit it."""
@@ -100,33 +120,35 @@ class CheckpointWriter:
             raise RuntimeError("CheckpointWriter is closed")
         start = time.perf_counter()
         path = os.fspath(path)
+        if not path:
+            raise ValueError("the checkpoint path is empty; name a file or directory to save to")
         final = checkpoint_file_path(path, self._config.layout, self._rank_info.global_rank)
         directory = os.path.dirname(os.path.abspath(final))
         os.makedirs(directory, exist_ok=True)
-        temporary = os.path.join(directory, f".{os.path.basename(final)}.{new_write_id()[:12]}.tmp")
         write_id = new_write_id()
         metadata = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}
+        temporary_directory = _temporary_directory(directory)
+        temporary = os.path.join(temporary_directory, os.path.basename(final))
         try:
             try:
                 # Created private; given the usual permissions only when it takes its final name.
                 os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
                 written = self._write_file(temporary, plan, storage_bytes, write_id, metadata)
-                nbytes = written.nbytes
                 if self._commit_hook is not None:
                     self._commit_hook.pre_commit(path, **kwargs)
             except BaseException as exc:
                 self._tell_peers_of_failure(path, exc)
                 raise
-            mine = RankFile(self._rank_info.global_rank, os.path.basename(final), nbytes, write_id)
+            mine = RankFile(self._rank_info.global_rank, os.path.basename(final), written.nbytes, write_id)
             files = self._agree(path, mine)
             self._publish(temporary, final, directory, files, metadata)
         except BaseException as exc:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
             if isinstance(exc, OSError) and not isinstance(exc, CheckpointError) and exc.filename is None:
                 # e.g. ENOSPC from a write: say which checkpoint it was
                 raise OSError(exc.errno, f"{exc.strerror} while writing checkpoint {final}") from exc
             raise
+        finally:
+            shutil.rmtree(temporary_directory, ignore_errors=True)
         self._remember_for_the_next_save(plan, final)
         if self._commit_hook is not None:
             self._commit_hook.post_commit(path, **kwargs)
@@ -134,16 +156,16 @@ class CheckpointWriter:
         seconds = time.perf_counter() - start
         logger.info(
             "checkpoint %s committed: %.1f MB in %.3f s (%.2f GB/s)",
-            final, nbytes / 1e6, seconds, nbytes / max(seconds, 1e-9) / 1e9,
+            final, written.nbytes / 1e6, seconds, written.nbytes / max(seconds, 1e-9) / 1e9,
         )
         return WriteResult(
-            path=path, files=(final,), nbytes=nbytes, write_seconds=seconds, reused_nbytes=written.reused_nbytes
+            path=path, files=(final,), nbytes=written.nbytes, write_seconds=seconds, reused_nbytes=written.reused_nbytes
         )
 
     def _write_file(
         self, path: str, plan: CheckpointPlan, storage_bytes: Sequence[torch.Tensor], write_id: str, metadata: dict
     ) -> WrittenFile:
-        io_options = dict(
+        io_options: dict[str, Any] = dict(
             executor=self._executor, use_direct_io=self._config.use_direct_io, chunk_bytes=self._config.chunk_bytes
         )
         if plan.format == "safetensors":
@@ -186,19 +208,32 @@ class CheckpointWriter:
         mode = self._config.copy_unchanged
         return mode == "always" or (mode == "auto" and filesystem_clones(directory))
 
+    @property
+    def _exchanges(self) -> bool:
+        """Whether ranks agree through the barrier's exchange (several ranks and a barrier that has one)."""
+        return self._rank_info.global_world_size > 1 and self._barrier is not None and exchanges_payloads(self._barrier)
+
     def _tell_peers_of_failure(self, path: str, exc: BaseException) -> None:
         """Let the other ranks fail this save now, with this rank's reason, instead of at their timeout."""
-        if self._barrier is None or isinstance(exc, BarrierTimeoutError):
+        if not self._exchanges or isinstance(exc, BarrierTimeoutError):
             return
+        assert self._barrier is not None
         try:
             self._barrier.exchange({"path": os.path.normpath(path), "error": f"{type(exc).__name__}: {exc}"})
         except BarrierTimeoutError:
             pass
 
-    def _agree(self, path: str, mine: RankFile) -> list[RankFile]:
-        """Wait until every rank's file is durable; every rank must be saving the same path."""
+    def _agree(self, path: str, mine: RankFile) -> list[RankFile] | None:
+        """Wait until every rank's file is durable; every rank must be saving the same path.
+
+        Returns every rank's file, or None when the barrier cannot exchange them (a plain
+        execute_barrier, as torch's barriers have): rank 0 then reads them from the directory.
+        """
         if self._barrier is None:
             return [mine]
+        if not self._exchanges:
+            self._barrier.execute_barrier()
+            return [mine] if self._rank_info.global_world_size == 1 else None
         payloads = self._barrier.exchange({"path": os.path.normpath(path), "file": asdict(mine)})
         failed = {rank: p["error"] for rank, p in enumerate(payloads) if p.get("error")}
         if failed:
@@ -215,25 +250,54 @@ class CheckpointWriter:
             )
         return [RankFile(**payload["file"]) for payload in payloads]
 
-    def _publish(self, temporary: str, final: str, directory: str, files: list[RankFile], metadata: dict) -> None:
-        """Give this rank's file its final name; in the directory layout, commit once every rank has."""
+    def _publish(
+        self, temporary: str, final: str, directory: str, files: list[RankFile] | None, metadata: dict
+    ) -> None:
+        """Give this rank's file its final name; in the directory layout, commit once every rank has.
+
+        One rank alone renames and writes the record under an exclusive lock on the directory,
+        so two saves to the same path commit one after the other, each whole (the last wins).
+        """
         os.chmod(temporary, 0o666 & ~_UMASK)
+        if self._config.layout != "directory":
+            os.replace(temporary, final)
+            fsync_directory(directory)
+            return
+        if self._rank_info.global_world_size == 1:
+            with exclusive(directory):
+                os.replace(temporary, final)
+                self._write_record(directory, files or [], metadata)
+            return
         os.replace(temporary, final)
         fsync_directory(directory)
-        if self._config.layout != "directory":
-            return
         try:
             if self._barrier is not None:
                 self._barrier.execute_barrier()
             if self._writes_commit_record:
-                record = CommitRecord(
-                    self._rank_info.global_world_size, tuple(files), metadata=metadata,
-                    shared_filesystem=self._config.shared_filesystem,
-                )
-                write_commit_record(directory, record)
+                with exclusive(directory):
+                    self._write_record(directory, files if files is not None else _files_on_disk(directory, self._rank_info.global_world_size), metadata)
         except BaseException:
             os.unlink(final)
             raise
+
+    def _write_record(self, directory: str, files: list[RankFile], metadata: dict) -> None:
+        """Write commit.json (with the directory locked); with several ranks, first check that every
+        rank's file is still the one this save wrote."""
+        for entry in files if self._rank_info.global_world_size > 1 else ():
+            where = os.path.join(directory, entry.file)
+            if not self._config.shared_filesystem and not os.path.exists(where):
+                continue  # per-node local disks: another node holds that rank's file
+            if _write_id_of(where) != entry.write_id:
+                raise CheckpointCommitError(
+                    f"checkpoint {directory!r} was not committed by this save: rank {entry.rank}'s file {entry.file} "
+                    "was replaced by another save to the same path while this one was committing (that save's "
+                    "commit stands). Save to distinct paths, or from one checkpointer at a time"
+                )
+        record = CommitRecord(
+            self._rank_info.global_world_size, tuple(files), metadata=metadata,
+            shared_filesystem=self._config.shared_filesystem,
+        )
+        write_commit_record(directory, record)
 
     def _maintain(self, path: str) -> None:
         """The retention config's work after a commit, by the rank that commits for this filesystem."""
@@ -257,3 +321,20 @@ class CheckpointWriter:
             self._executor = None
         self._previous_files.close()
 
+
+def _write_id_of(path: str) -> str | None:
+    try:
+        return CheckpointFile(path).write_id
+    except (CheckpointError, OSError):
+        return None
+
+
+def _files_on_disk(directory: str, world_size: int) -> list[RankFile]:
+    """Every rank's file in `directory`, as its manifest describes it (for barriers without exchange)."""
+    files = []
+    for rank in range(world_size):
+        name = os.path.basename(checkpoint_file_path(directory, "directory", rank))
+        manifest = CheckpointFile(os.path.join(directory, name)).manifest or {}
+        size = sum(int(s["nbytes"]) for s in manifest.get("storages", {}).values())
+        files.append(RankFile(rank, name, size, str(manifest.get("write_id"))))
+    return files

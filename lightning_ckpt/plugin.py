@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -17,12 +16,13 @@ from core import (
     AsyncCheckpointer,
     CheckpointerConfig,
     CheckpointReader,
-    CheckpointStagerConfig,
     CheckpointStats,
-    CheckpointWriterConfig,
+    CheckpointWriter,
     RankInfo,
     WriterHook,
+    adapter_config,
     make_async_checkpointer,
+    wait_for_pending_writes,
 )
 
 logger = logging.getLogger(__name__)
@@ -33,8 +33,8 @@ class _AsyncCheckpointCallback(Callback):
     and logs each committed checkpoint's numbers through the LightningModule's log_dict.
 
     A plain callback's epoch-end hook runs before ModelCheckpoint's (Lightning runs checkpoint
-    callbacks last), so the checkpoint ModelCheckpoint saves at this epoch end may still be
-    writing while the next epoch runs.
+    callbacks last), so the checkpoint ModelCheckpoint saves in its own epoch-end hook may still
+    be writing while the next epoch runs.
     """
 
     def __init__(self, plugin: "AsyncCheckpointIO") -> None:
@@ -68,14 +68,19 @@ class AsyncCheckpointIO(CheckpointIO):
         checksums: store checksums so that loads verify the bytes.
         use_direct_io: write with O_DIRECT where the filesystem supports it.
         io_threads: parallel writes per checkpoint (0: chosen from the CPU count).
+        incremental: skip tensors unchanged since the previous save (see CheckpointStagerConfig).
         config: a full CheckpointerConfig instead of the options above.
         commit_hook: a picklable WriterHook run in the writer process around each commit.
 
-    Guarantees: save_checkpoint returns once the snapshot is taken; load_checkpoint and
-    remove_checkpoint first wait for pending writes to that path; writes issued before an
-    epoch ends are durable before the next epoch begins (a callback attached on the first
-    save does this); teardown drains and the next fit starts afresh; interpreter exit drains
-    too. A failed write is raised by the next save, the epoch-end drain or teardown.
+    Guarantees: a save while `fit` trains returns once the snapshot is taken; any other save
+    (after `fit`, in `validate`/`test`, or from a Trainer that is not fitting) is durable before
+    save_checkpoint returns, so the barrier Lightning runs after it, and every reader, finds the
+    file. load_checkpoint and remove_checkpoint first wait for pending writes to that path, from
+    any plugin of the process. Writes issued before an epoch ends are durable before the next
+    epoch begins (a callback attached on the first save does this); teardown drains and the next
+    fit starts afresh; interpreter exit drains too. A failed write is raised by the next save,
+    the epoch-end drain or teardown. Without a Trainer (Fabric, direct calls) saves are
+    asynchronous; call wait() before reading them with other tools.
     """
 
     def __init__(
@@ -85,22 +90,15 @@ class AsyncCheckpointIO(CheckpointIO):
         checksums: bool = True,
         use_direct_io: bool = True,
         io_threads: int = 0,
+        incremental: bool = False,
         config: CheckpointerConfig | None = None,
         commit_hook: WriterHook | None = None,
     ) -> None:
         super().__init__()
-        if config is None:
-            for name, value in (("checksums", checksums), ("use_direct_io", use_direct_io)):
-                if not isinstance(value, bool):
-                    raise TypeError(f"AsyncCheckpointIO({name}=...) must be True or False, got {value!r}")
-            config = CheckpointerConfig(
-                writer_config=CheckpointWriterConfig(
-                    checksums=checksums, use_direct_io=use_direct_io, io_threads=io_threads
-                ),
-                staging_config=CheckpointStagerConfig(max_in_flight=max_in_flight, use_pinned_memory=pin_memory),
-            )
-        # The plugin writes exactly the path Lightning gives; the caller's config is left as it was.
-        self._config = dataclasses.replace(config, writer_config=dataclasses.replace(config.writer_config, layout="file"))
+        self._config = adapter_config(
+            config, max_in_flight=max_in_flight, pin_memory=pin_memory, checksums=checksums,
+            use_direct_io=use_direct_io, io_threads=io_threads, incremental=incremental,
+        )
         self._commit_hook = commit_hook
         self._checkpointer: AsyncCheckpointer | None = None
         self._reader = CheckpointReader(RankInfo(0, 1))
@@ -131,15 +129,29 @@ class AsyncCheckpointIO(CheckpointIO):
             )
         # Now, not in the writer: ModelCheckpoint links last.ckpt into this directory right away.
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._attach_drain_callback()
-        staged, _written = self.checkpointer.save(path, checkpoint, step=checkpoint.get("global_step"))
+        trainer = _calling_trainer()
+        step = checkpoint.get("global_step")
+        if trainer is not None:
+            self._attach_drain_callback(trainer)
+            if not _fitting(trainer):
+                self._save_now(path, checkpoint, step)
+                return
+        staged, _written = self.checkpointer.save(path, checkpoint, step=step)
         staged.result()
+
+    def _save_now(self, path: str, checkpoint: dict[str, Any], step: Any) -> None:
+        """Nothing trains meanwhile: write in this thread, durable before returning (no writer process)."""
+        wait_for_pending_writes(path)  # an earlier asynchronous save to the same path lands first
+        writer = CheckpointWriter(self._config.writer_config, RankInfo(0, 1), commit_hook=self._commit_hook)
+        try:
+            writer.write(path, checkpoint, step=step)
+        finally:
+            writer.close()
 
     def load_checkpoint(
         self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None, **kwargs: Any
     ) -> dict[str, Any]:
-        if self._checkpointer is not None:
-            self._checkpointer.wait_for_path(os.fspath(path))
+        wait_for_pending_writes(path)
         if weights_only is None:  # torch.load's default, as with Lightning's TorchCheckpointIO
             weights_only = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() not in ("1", "true", "yes")
         loaded, _missing = self._reader.read(path, map_location=map_location, weights_only=weights_only, **kwargs)
@@ -147,8 +159,7 @@ class AsyncCheckpointIO(CheckpointIO):
 
     def remove_checkpoint(self, path: _PATH) -> None:
         path = os.fspath(path)
-        if self._checkpointer is not None:
-            self._checkpointer.wait_for_path(path)
+        wait_for_pending_writes(path)
         if os.path.islink(path) or os.path.isfile(path):
             os.remove(path)
         elif os.path.isdir(path):
@@ -177,17 +188,24 @@ class AsyncCheckpointIO(CheckpointIO):
             self._last_fit_stats = checkpointer.stats
             checkpointer.close()
 
-    def _attach_drain_callback(self) -> None:
-        trainer = _calling_trainer()
-        if trainer is not None and self._drain_callback not in trainer.callbacks:
-            # Before every ModelCheckpoint, whose epoch-end saves must not be drained too.
-            trainer.callbacks.insert(0, self._drain_callback)
+    def _attach_drain_callback(self, trainer: Any) -> None:
+        if self._drain_callback not in trainer.callbacks:
+            # First, before every ModelCheckpoint, whose epoch-end saves must not be drained too. A new
+            # list: Lightning may be iterating the current one (a save from a callback's hook).
+            trainer.callbacks = [self._drain_callback, *trainer.callbacks]
 
     def __getstate__(self) -> dict[str, Any]:
         # Strategies may deep-copy or pickle plugins (e.g. for spawn); a running writer stays behind.
         state = self.__dict__.copy()
         state["_checkpointer"] = None
         return state
+
+
+def _fitting(trainer: Any) -> bool:
+    """Whether the trainer's training loop is running (a save then may overlap training)."""
+    from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+
+    return trainer.state.fn == TrainerFn.FITTING and trainer.state.status == TrainerStatus.RUNNING
 
 
 def _calling_trainer() -> Any:
@@ -204,5 +222,5 @@ def _calling_trainer() -> Any:
         if isinstance(candidate, Strategy):
             module = candidate.lightning_module
             return module.trainer if module is not None and module._trainer is not None else None
-        frame = frame.f_back
+        frame = frame.f_back  # type: ignore[assignment]
     return None

@@ -1,3 +1,5 @@
+"""Every test is checked for leaks: no thread, child process or /dev/shm entry may outlive it."""
+
 import os
 import threading
 
@@ -19,7 +21,7 @@ def _child_pids() -> set[int]:
     return pids
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def no_leaks():
     """Fails the test if it leaves threads, child processes or /dev/shm entries behind."""
     threads_before = {t.ident for t in threading.enumerate()}

@@ -1,9 +1,20 @@
-"""State dicts and comparisons shared by the tests."""
+"""What the tests share: state dicts and comparisons, commit hooks, processes and paths."""
 
 import collections
+import contextlib
 import dataclasses
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
 
+import pytest
 import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(REPO, "tests", "scripts")
 
 Point = collections.namedtuple("Point", ["x", "y"])
 
@@ -102,22 +113,38 @@ def train_step(model, optimizer):
 
 
 class SlowCommit:
-    """A picklable WriterHook that makes every commit take `seconds` longer."""
+    """A picklable WriterHook that makes every commit take `seconds` longer (a save's
+    `commit_delay=...` keyword overrides that for the save)."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
 
     def pre_commit(self, path, **kwargs):
-        import time
+        time.sleep(kwargs.get("commit_delay", self.seconds))
 
-        time.sleep(self.seconds)
+    def post_commit(self, path, **kwargs):
+        pass
+
+
+class GatedCommit:
+    """A picklable WriterHook that holds each commit until a test says so: pre_commit creates
+    `reached` (the file is written and fsynced by then) and waits until `gate` exists."""
+
+    def __init__(self, reached, gate) -> None:
+        self.reached, self.gate = str(reached), str(gate)
+
+    def pre_commit(self, path, **kwargs):
+        open(self.reached, "w").close()
+        deadline = time.monotonic() + 300
+        while not os.path.exists(self.gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def post_commit(self, path, **kwargs):
         pass
 
 
 class FailingCommit:
-    """A picklable WriterHook whose pre_commit fails, as a rank's broken write would."""
+    """A picklable WriterHook whose pre_commit fails, as a rank's broken write or an upload would."""
 
     def pre_commit(self, path, **kwargs):
         raise RuntimeError("injected failure before commit")
@@ -134,3 +161,53 @@ def flip_byte(path, record: str, at: int = 0) -> None:
         byte = f.read(1)
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def script_env(**extra: str) -> dict:
+    """The environment of a test's subprocess: this repository importable, plus `extra`."""
+    return {**os.environ, "PYTHONPATH": REPO, **extra}
+
+
+def run_script(name: str, *args, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """Run tests/scripts/NAME with this interpreter; the result's output is text."""
+    return subprocess.run(
+        [sys.executable, os.path.join(SCRIPTS, name), *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=kwargs.pop("env", script_env()), **kwargs,
+    )
+
+
+def wait_until(condition, timeout: float = 60, what: str = "condition") -> None:
+    """Poll `condition` until it holds; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def unwritable(directory):
+    if os.geteuid() != 0:
+        os.chmod(directory, 0o500)
+        try:
+            yield
+        finally:
+            os.chmod(directory, 0o755)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(directory)]).returncode != 0:
+        pytest.skip("running as root without a working chattr: cannot make a directory unwritable")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(directory)], check=True)

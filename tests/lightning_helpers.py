@@ -21,6 +21,18 @@ class TinyClassifier(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
 
 
+class EvaluatedClassifier(TinyClassifier):
+    """TinyClassifier with validation and test steps, for trainer.validate / trainer.test."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.cross_entropy(self.net(x), y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", torch.nn.functional.cross_entropy(self.net(x), y))
+
+
 def tiny_data(width: int = 16, n: int = 64, batch_size: int = 8) -> DataLoader:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, width, generator=g)

@@ -2,8 +2,11 @@
 
 import copy
 import os
+import pickle
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +17,8 @@ from accelerate.utils import DistributedType
 from accelerate_ckpt import ENV_FLAG, async_checkpointing_enabled, enable_async_checkpointing
 from accelerate_ckpt.save_state import PENDING_DIR, unsupported_reason
 from core import CheckpointWriteError
-from tests.accelerate_helpers import next_draws, setup, snapshot, train
-from tests.helpers import SlowCommit, assert_same
-from tests.unwritable import unwritable
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.accelerate_helpers import Counter, next_draws, setup, snapshot, train
+from tests.helpers import REPO, SCRIPTS, FailingCommit, GatedCommit, SlowCommit, assert_same, free_port, script_env, unwritable
 
 
 def test_flag_parsing(monkeypatch):
@@ -30,6 +30,8 @@ def test_flag_parsing(monkeypatch):
     for value in ("0", "false", "No", "off"):
         monkeypatch.setenv(ENV_FLAG, value)
         assert async_checkpointing_enabled() is False
+    monkeypatch.setenv(ENV_FLAG, "")  # empty means unset, as elsewhere
+    assert async_checkpointing_enabled() is True
     monkeypatch.setenv(ENV_FLAG, "maybe")
     with pytest.raises(ValueError, match=ENV_FLAG):
         async_checkpointing_enabled()
@@ -58,7 +60,7 @@ def test_round_trip_matches_accelerates_own_save(tmp_path, safe_serialization):
     handle = enable_async_checkpointing(accelerator, commit_hook=SlowCommit(0.2))
     accelerator.load_state(tmp_path / "own")  # same RNG state for the async save
     accelerator.save_state(tmp_path / "async", safe_serialization=safe_serialization)
-    assert not (tmp_path / "async").exists(), "the checkpoint was visible before it was complete"
+    assert os.listdir(tmp_path / "async") == [PENDING_DIR], "checkpoint files were visible before they were complete"
     train(accelerator, models, optimizers, schedulers, counter)  # mutate everything while it writes
     handle.wait()
     assert sorted(os.listdir(tmp_path / "async")) == sorted(os.listdir(tmp_path / "own"))
@@ -160,24 +162,14 @@ def test_unwritable_target_is_a_clear_error_at_save(tmp_path):
         handle.close()
 
 
-class FailingCommit:
-    """A picklable commit hook that fails in the writer process, as a failing upload would."""
-
-    def pre_commit(self, path, **kwargs):
-        raise OSError(f"upload of {os.path.basename(path)} failed")
-
-    def post_commit(self, path, **kwargs):
-        pass
-
-
 def test_background_write_failure_surfaces_and_publishes_nothing(tmp_path):
     accelerator, *_ = setup()
     handle = enable_async_checkpointing(accelerator, commit_hook=FailingCommit())
     try:
         accelerator.save_state(tmp_path / "ckpt")
-        with pytest.raises(CheckpointWriteError, match="upload of .* failed"):
+        with pytest.raises(CheckpointWriteError, match="injected failure before commit"):
             accelerator.load_state(tmp_path / "ckpt")
-        assert sorted(os.listdir(tmp_path)) == [], "a failed checkpoint left files behind"
+        assert os.listdir(tmp_path / "ckpt") == [], "a failed checkpoint left files (or its pending folder) behind"
         handle.wait()  # reported once
     finally:
         handle.close()
@@ -198,25 +190,153 @@ def test_unsupported_setups_fall_back_with_a_warning():
             accelerator.state.distributed_type = DistributedType.NO
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_with_accelerate_launch(tmp_path):
     """`accelerate launch --multi_gpu` starts torchrun; with cpu=True the ranks use gloo on CPU."""
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-         os.path.join(REPO, "tests", "accelerate_launch_script.py"), str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": REPO, "ACCELERATE_ASYNC_CHECKPOINT": "1"},
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+         os.path.join(SCRIPTS, "accelerate_launch_script.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=REPO, env=script_env(ACCELERATE_ASYNC_CHECKPOINT="1"),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     names = sorted(os.listdir(tmp_path / "ckpt"))
     assert "random_states_0.pkl" in names and "random_states_1.pkl" in names
     for rank in (0, 1):
         assert (tmp_path / f"rng_ok_{rank}").exists()
+
+
+# -- a user's other files, and what stock Accelerate does
+
+
+def _state_files(folder):
+    return sorted(name for name in os.listdir(folder) if name.endswith((".bin", ".pkl", ".safetensors")))
+
+
+def test_saving_into_an_existing_folder_keeps_everything_else(tmp_path):
+    accelerator, models, optimizers, schedulers, counter = setup()
+    handle = enable_async_checkpointing(accelerator)
+    out = tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "events.txt").write_text("step 1")
+    (out / "config.json").write_text("{}")
+    (out / "optimizer.bin").write_text("an older checkpoint's file, replaced by this save")
+    accelerator.save_state(out)
+    handle.wait()
+    assert (out / "logs" / "events.txt").read_text() == "step 1" and (out / "config.json").read_text() == "{}"
+    assert {"config.json", "logs", "model.safetensors", "optimizer.bin", "random_states_0.pkl"} <= set(os.listdir(out))
+    assert PENDING_DIR not in os.listdir(out)
+    train(accelerator, models, optimizers, schedulers, counter)
+    expected = copy.deepcopy(snapshot(models, optimizers, schedulers, counter))
+    accelerator.save_state(out)  # a second checkpoint into the same folder replaces only its own files
+    train(accelerator, models, optimizers, schedulers, counter)
+    accelerator.load_state(out)
+    assert_same(snapshot(models, optimizers, schedulers, counter), expected)
+    assert (out / "logs" / "events.txt").exists() and (out / "config.json").exists()
+    handle.close()
+
+
+def test_saving_into_the_working_directory_keeps_the_training_script(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.py").write_text("print('training')")
+    accelerator, *_ = setup()
+    handle = enable_async_checkpointing(accelerator)
+    returned = accelerator.save_state(".")
+    handle.wait()
+    assert returned == Path(".")  # what Accelerate returns: the folder as given
+    assert (tmp_path / "train.py").read_text() == "print('training')"
+    assert {"train.py", "model.safetensors", "optimizer.bin"} <= set(os.listdir(tmp_path))
+    assert PENDING_DIR not in os.listdir(tmp_path)
+    handle.close()
+
+
+def test_automatic_naming_leaves_the_project_folder_alone(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep")
+    (tmp_path / "checkpoints").mkdir()
+    accelerator, *_ = setup(project_dir=str(tmp_path), automatic_checkpoint_naming=True)
+    handle = enable_async_checkpointing(accelerator)
+    assert accelerator.save_state() == Path(tmp_path / "checkpoints" / "checkpoint_0")
+    handle.wait()
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints", "notes.txt"]
+    handle.close()
+
+
+def test_save_state_without_a_folder_raises_what_accelerate_raises(tmp_path):
+    accelerator, *_ = setup()
+    with pytest.raises(TypeError):
+        accelerator.save_state()  # stock Accelerate: os.makedirs(None)
+    handle = enable_async_checkpointing(accelerator)
+    with pytest.raises(TypeError, match="output_dir"):
+        accelerator.save_state()
+    handle.close()
+
+
+def test_another_accelerator_in_the_process_waits_for_a_pending_save(tmp_path):
+    accelerator, models, optimizers, schedulers, counter = setup()
+    gate = tmp_path / "gate"
+    first = enable_async_checkpointing(accelerator, commit_hook=GatedCommit(tmp_path / "reached", gate))
+    train(accelerator, models, optimizers, schedulers, counter)
+    expected = copy.deepcopy(snapshot(models, optimizers, schedulers, counter))
+    accelerator.save_state(tmp_path / "ckpt")
+
+    other, other_models, other_optimizers, other_schedulers, other_counter = setup()
+    second = enable_async_checkpointing(other)
+    threading.Timer(0.5, gate.touch).start()  # the commit is held until then
+    other.load_state(tmp_path / "ckpt")  # waits for the first accelerator's pending save
+    assert_same(snapshot(other_models, other_optimizers, other_schedulers, other_counter), expected)
+    first.close()
+    second.close()
+
+
+def test_automatic_naming_load_with_another_accelerator_finds_the_pending_save(tmp_path):
+    accelerator, *_ = setup(project_dir=str(tmp_path), automatic_checkpoint_naming=True)
+    first = enable_async_checkpointing(accelerator, commit_hook=SlowCommit(0.5))
+    accelerator.save_state()
+    other, *_ = setup(project_dir=str(tmp_path), automatic_checkpoint_naming=True)
+    second = enable_async_checkpointing(other)
+    other.load_state()  # lists checkpoints/ only after the pending save is published
+    first.close()
+    second.close()
+
+
+def test_model_file_carries_the_metadata_accelerates_loaders_expect(tmp_path):
+    from accelerate.utils import load_checkpoint_in_model
+    from safetensors import safe_open
+
+    accelerator, models, *_ = setup()
+    handle = enable_async_checkpointing(accelerator)
+    accelerator.save_state(tmp_path / "ckpt")
+    handle.wait()
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    fresh = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    load_checkpoint_in_model(fresh, str(tmp_path / "ckpt" / "model.safetensors"))
+    assert_same(fresh.state_dict(), accelerator.unwrap_model(models[0]).state_dict())
+    handle.close()
+
+
+def test_accelerator_stays_picklable_and_unpickles_with_its_own_methods(tmp_path):
+    accelerator, *_ = setup()
+    handle = enable_async_checkpointing(accelerator)
+    copy_of = pickle.loads(pickle.dumps(accelerator))
+    assert "save_state" not in vars(copy_of) and copy_of.save_state.__func__ is Accelerator.save_state
+    assert isinstance(accelerator.__dict__["save_state"], object) and "save_state" in vars(accelerator)
+    handle.close()
+
+
+class _RunningLoss(Counter):
+    """A registered object whose state holds a tensor still attached to the autograd graph."""
+
+    def state_dict(self):
+        weight = torch.ones(3, requires_grad=True)
+        return {**super().state_dict(), "running_loss": (weight * 2).sum()}
+
+
+def test_state_torch_save_accepts_is_accepted(tmp_path):
+    accelerator, *_ = setup()
+    accelerator.register_for_checkpointing(_RunningLoss())
+    handle = enable_async_checkpointing(accelerator)
+    accelerator.save_state(tmp_path / "ckpt")
+    handle.wait()
+    saved = torch.load(tmp_path / "ckpt" / "custom_checkpoint_1.pkl", weights_only=True)
+    assert saved["running_loss"].item() == 6.0
+    handle.close()

@@ -1,4 +1,4 @@
-"""Faults made to happen for real: a killed trainer, SIGTERM, a full disk, a long soak."""
+"""Faults made to happen for real: a killed trainer, fork, Ctrl-C, SIGTERM, a full disk, a long soak."""
 
 import os
 import signal
@@ -10,14 +10,13 @@ import pytest
 import torch
 
 from core import CheckpointWriteError, make_async_checkpointer, make_sync_checkpointer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import SCRIPTS, rss_bytes, script_env, small_training_state, train_step, wait_until
 
 
 def _start(scenario, out):
     return subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "tests", "fault_scripts.py"), scenario, str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": REPO},
+        [sys.executable, os.path.join(SCRIPTS, "fault_scripts.py"), scenario, str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env(),
     )
 
 
@@ -30,21 +29,63 @@ def _alive(pid):
         return f.read().split()[2] != "Z"
 
 
+def _finish_orphan(trainer, writer_pid):
+    """Wait for the orphaned writer to exit; returns what the pair printed to stderr."""
+    wait_until(lambda: not _alive(writer_pid), timeout=120, what="the orphaned writer to exit")
+    return trainer.stderr.read()  # the writer shares the trainer's stderr: at end-of-file both are gone
+
+
 def test_trainer_killed_after_save_still_gets_its_checkpoint(tmp_path):
     trainer = _start("orphan", tmp_path)
     line = trainer.stdout.readline()
     assert line.startswith("saved"), trainer.stderr.read()
     writer_pid = int(line.split()[1])
-    trainer.kill()  # SIGKILL right after save() returned; the commit takes 1.5 s more
+    wait_until(lambda: (tmp_path / "reached").exists(), what="the commit to be reached")
+    trainer.kill()  # SIGKILL right after save() returned, while the writer holds the commit
     trainer.wait()
     assert not (tmp_path / "ck" / "checkpoint_0.pt").exists(), "the commit was not still pending"
-    deadline = time.time() + 60
-    while _alive(writer_pid) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not _alive(writer_pid), "the orphaned writer did not exit"
+    (tmp_path / "gate").touch()
+    errors = _finish_orphan(trainer, writer_pid)
     loaded = torch.load(tmp_path / "ck" / "checkpoint_0.pt", weights_only=True)
     assert loaded["step"] == 7 and torch.all(loaded["w"] == 7.0)
     assert sorted(os.listdir(tmp_path / "ck")) == ["checkpoint_0.pt", "commit.json"]
+    assert "Traceback" not in errors, errors
+
+
+def test_trainer_killed_while_its_writer_still_starts_still_gets_its_checkpoint(tmp_path):
+    trainer = _start("early_death", tmp_path)
+    line = trainer.stdout.readline()
+    assert line.startswith("saved"), trainer.stderr.read()
+    trainer.kill()  # the writer is still importing torch: it has not read anything yet
+    trainer.wait()
+    errors = _finish_orphan(trainer, int(line.split()[1]))
+    loaded = torch.load(tmp_path / "ck" / "checkpoint_0.pt", weights_only=True)
+    assert loaded["step"] == 5 and torch.all(loaded["w"] == 5.0)
+    assert sorted(os.listdir(tmp_path / "ck")) == ["checkpoint_0.pt", "commit.json"]
+    assert "Traceback" not in errors, errors
+
+
+def test_a_forked_child_gets_a_clear_error_and_the_parent_keeps_saving(tmp_path):
+    trainer = _start("fork", tmp_path)
+    out, errors = trainer.communicate(timeout=300)
+    assert trainer.returncode == 0 and "parent done" in out, errors
+    outcome = (tmp_path / "child_outcome").read_text()
+    assert outcome.startswith("refused:") and "fork" in outcome and "create a new checkpointer" in outcome.lower(), outcome
+    assert not (tmp_path / "child").exists()
+    for step in range(3):
+        assert torch.load(tmp_path / f"after_{step}" / "checkpoint_0.pt", weights_only=True)["w"][0] == step
+
+
+def test_ctrl_c_interrupts_the_caller_at_once_and_never_breaks_the_writer(tmp_path):
+    trainer = _start("ctrl_c", tmp_path)
+    out, errors = trainer.communicate(timeout=300)
+    assert trainer.returncode == 0, errors
+    summary = dict(item.split("=") for item in out.split())
+    assert int(summary["interrupts"]) == 40, out
+    assert summary["deferred"] == "0", "a Ctrl-C was raised by a later call instead of at once"
+    assert summary["died"] == "0", f"a Ctrl-C broke the channel to the writer: {errors[-2000:]}"
+    assert int(summary["saves"]) > 0
+    assert "UnpicklingError" not in errors and "Traceback" not in errors, errors[-2000:]
 
 
 def test_sigterm_drains_pending_writes_then_runs_the_previous_handler(tmp_path):
@@ -88,8 +129,6 @@ def test_disk_full_is_a_clear_error_and_keeps_the_previous_checkpoint(tiny_files
             written.result()
         message = str(info.value)
         assert "No space left on device" in message and str(tiny_filesystem / "ck" / "checkpoint_0.pt") in message
-        with pytest.raises(CheckpointWriteError):
-            ckpt.wait()
         assert ckpt.load(tiny_filesystem / "ck")["version"] == 1
         assert sorted(os.listdir(tiny_filesystem / "ck")) == ["checkpoint_0.pt", "commit.json"], "temporary files left behind"
 
@@ -99,9 +138,11 @@ class _CheckTemporaryIsPrivate:
         self.modes = []
 
     def pre_commit(self, path, **kwargs):
-        for name in os.listdir(path):
-            if name.endswith(".tmp"):
-                self.modes.append(os.stat(os.path.join(path, name)).st_mode & 0o777)
+        for folder in os.listdir(path):
+            if folder.endswith(".tmp"):
+                self.modes.append(os.stat(os.path.join(path, folder)).st_mode & 0o777)
+                for name in os.listdir(os.path.join(path, folder)):
+                    self.modes.append(os.stat(os.path.join(path, folder, name)).st_mode & 0o777)
 
     def post_commit(self, path, **kwargs):
         pass
@@ -111,30 +152,22 @@ def test_temporary_files_are_private_until_commit(tmp_path):
     hook = _CheckTemporaryIsPrivate()
     with make_sync_checkpointer(commit_hook=hook) as ckpt:
         ckpt.save(tmp_path / "ck", {"w": torch.ones(3)})
-    assert hook.modes == [0o600]
+    assert hook.modes == [0o700, 0o600]
 
 
 def _fd_count():
     return len(os.listdir("/proc/self/fd"))
 
 
-def _rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def test_soak_hundreds_of_saves_while_training_mutates(tmp_path, no_leaks):
+def test_soak_hundreds_of_saves_while_training_mutates(tmp_path):
     """Every committed checkpoint holds exactly the values of its save; resources stay flat."""
-    from tests.helpers import small_training_state, train_step
-
     model, optimizer = small_training_state()
     weights = torch.zeros(1 << 16)
     expected = {}
     with make_async_checkpointer() as ckpt:
         for step in range(20):  # warm up allocators and the writer
             ckpt.save(tmp_path / "warm", {"w": weights, "model": model.state_dict()})[1].result()
-        fds, rss = _fd_count(), _rss()
-        started = time.time()
+        fds, rss = _fd_count(), rss_bytes()
         for step in range(300):
             weights.fill_(step)
             path = tmp_path / f"slot{step % 8}"
@@ -150,9 +183,8 @@ def test_soak_hundreds_of_saves_while_training_mutates(tmp_path, no_leaks):
                     assert loaded["step"] == saved_step and torch.all(loaded["w"] == saved_step)
                     for name, tensor in saved_model.items():
                         assert torch.equal(loaded["model"][name], tensor), (slot, name)
-            assert time.time() - started < 240, "soak test ran too long"
         assert _fd_count() <= fds + 2, "file descriptors leaked"
-        assert _rss() - rss < 64 << 20, "memory grew during the soak"
+        assert rss_bytes() - rss < 64 << 20, "memory grew during the soak"
 
 
 def test_keys_never_become_paths(tmp_path):

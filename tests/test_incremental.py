@@ -15,7 +15,7 @@ from core import (
     RetentionConfig,
     make_async_checkpointer,
 )
-from core.file_format import filesystem_clones
+from core.fsutil import filesystem_clones
 from tests.helpers import assert_same
 
 BACKBONE_BYTES = 1024 * 1024 * 4 + 1024 * 4  # Linear(1024, 1024) weight and bias, float32
@@ -46,7 +46,7 @@ def _state(model, optimizer, step):
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
 
 
-def test_frozen_backbone_is_neither_copied_nor_rewritten(tmp_path, no_leaks):
+def test_frozen_backbone_is_neither_copied_nor_rewritten(tmp_path):
     model = FrozenBackboneModel()
     # fused AdamW updates the head without bumping tensors' version counters: contents are what count
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-2, fused=True)
@@ -71,7 +71,7 @@ def test_frozen_backbone_is_neither_copied_nor_rewritten(tmp_path, no_leaks):
     assert results[2].copied_nbytes == total - 1024 * 4 and results[2].reused_nbytes == 1024 * 4
 
 
-def test_unchanged_chunks_are_copied_only_where_the_filesystem_clones(tmp_path, no_leaks):
+def test_unchanged_chunks_are_copied_only_where_the_filesystem_clones(tmp_path):
     model = FrozenBackboneModel()
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-2)
     model.step(optimizer)
@@ -86,7 +86,7 @@ def test_unchanged_chunks_are_copied_only_where_the_filesystem_clones(tmp_path, 
     assert_same(torch.load(tmp_path / "step_1" / "checkpoint_0.pt", weights_only=True)["model"], model.state_dict())
 
 
-def test_reuse_survives_retention_and_restarts_after_a_failed_save(tmp_path, no_leaks):
+def test_reuse_survives_retention_and_restarts_after_a_failed_save(tmp_path):
     model = FrozenBackboneModel()
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-2)
     (tmp_path / "not_a_directory").write_text("")

@@ -1,8 +1,7 @@
 """AsyncCheckpointIO in real Lightning Trainer runs on CPU."""
 
 import os
-import subprocess
-import sys
+import threading
 
 import lightning as L
 import pytest
@@ -11,11 +10,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from core import CheckpointWriteError
 from lightning_ckpt import AsyncCheckpointIO
-from tests.helpers import SlowCommit, assert_same
-from tests.lightning_helpers import TinyClassifier, tiny_data, trainer
-from tests.unwritable import unwritable
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import GatedCommit, SlowCommit, assert_same, run_script, unwritable
+from tests.lightning_helpers import EvaluatedClassifier, TinyClassifier, tiny_data, trainer
 
 
 def _fit(dirpath, plugins, save_last, max_epochs=3, ckpt_path=None, model=None, **checkpoint_kwargs):
@@ -109,7 +105,7 @@ def test_checkpoint_costs_reach_the_lightning_logger(tmp_path):
     for name in ("checkpoint/blocking_s", "checkpoint/persist_s", "checkpoint/size_mb", "checkpoint/write_gbps"):
         assert float(t.logged_metrics[name]) > 0, name
     # Lightning's global_step reached the file's metadata, which `python -m core ls` shows
-    from core.file_format import CheckpointFile
+    from core.checkpoint_file import CheckpointFile
 
     assert CheckpointFile(str(tmp_path / "epoch=1-step=15.ckpt")).manifest["metadata"] == {"step": 15}
 
@@ -148,9 +144,8 @@ def test_bad_options_are_clear_errors(tmp_path):
         AsyncCheckpointIO(checksums="yes")
     with pytest.raises(ValueError, match="io_threads"):
         AsyncCheckpointIO(io_threads=-1)
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA"):
-            AsyncCheckpointIO(pin_memory=True)
+    with pytest.raises(TypeError, match="pin_memory"):
+        AsyncCheckpointIO(pin_memory="yes")
     plugin = AsyncCheckpointIO()
     with pytest.raises(TypeError, match="storage_options"):
         plugin.save_checkpoint({"a": 1}, tmp_path / "x.ckpt", storage_options={"compress": True})
@@ -160,13 +155,81 @@ def test_bad_options_are_clear_errors(tmp_path):
 
 
 def test_ddp_two_processes_rank_zero_writes_and_all_ranks_resume(tmp_path):
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tests", "lightning_ddp_script.py"), str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
-    )
+    result = run_script("lightning_ddp_script.py", tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     saves = {rank: int((tmp_path / f"saves_rank{rank}.txt").read_text()) for rank in (0, 1)}
     assert saves[0] > 0 and saves[1] == 0, saves
     resumed = [torch.load(tmp_path / f"resumed_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert resumed[0]["global_step"] == resumed[1]["global_step"] > 0
     assert_same(resumed[0]["state_dict"], resumed[1]["state_dict"])
+
+    # After fit, trainer.save_checkpoint is durable before Lightning's barrier: both ranks test from it.
+    tested = [torch.load(tmp_path / f"tested_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert tested[0]["global_step"] == tested[1]["global_step"] > resumed[0]["global_step"]
+
+
+def test_a_save_after_fit_is_durable_when_it_returns_and_leaves_no_writer(tmp_path):
+    plugin = AsyncCheckpointIO()
+    t, model, _ = _fit(tmp_path / "fit", [plugin], True, max_epochs=1)
+    path = tmp_path / "after_fit.ckpt"
+    t.save_checkpoint(path)
+    assert torch.load(path, weights_only=True)["global_step"] == t.global_step  # no wait needed
+    assert_same(TinyClassifier.load_from_checkpoint(path).state_dict(), model.state_dict())
+    assert plugin._checkpointer is None, "a writer process was started for a save outside fit"
+    t.validate(EvaluatedClassifier(), tiny_data(), ckpt_path="./" + os.path.relpath(path))  # any spelling
+
+
+def test_a_pending_save_is_waited_for_by_every_plugin_under_any_spelling_of_its_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    gate = tmp_path / "gate"
+    writer = AsyncCheckpointIO(commit_hook=GatedCommit(tmp_path / "reached", gate))
+    reader = AsyncCheckpointIO()  # another plugin (another Trainer's) of the same process
+    try:
+        spellings = ("./model_b.ckpt", str(tmp_path / "model_b.ckpt"), "sub/../model_b.ckpt", "model_b.ckpt")
+        for step, spelling in enumerate(spellings):
+            # No Trainer: asynchronous; its commit is held until the gate opens.
+            writer.save_checkpoint({"state_dict": {"w": torch.full((8,), float(step))}, "global_step": step}, "model_b.ckpt")
+            timer = threading.Timer(0.2, gate.touch)
+            timer.start()
+            loaded = reader.load_checkpoint(spelling)  # waits for this save, not an older file
+            timer.join()
+            gate.unlink()
+            assert loaded["global_step"] == step and torch.all(loaded["state_dict"]["w"] == step)
+        writer.save_checkpoint({"global_step": 9}, "model_b.ckpt")
+        threading.Timer(0.2, gate.touch).start()
+        reader.remove_checkpoint("sub/../model_b.ckpt")  # removal waits for the pending write too
+        writer.wait()
+        assert not (tmp_path / "model_b.ckpt").exists()
+    finally:
+        gate.touch()
+        writer.teardown()
+        reader.teardown()
+
+
+def test_a_missing_checkpoint_is_lightnings_error(tmp_path):
+    plugin = AsyncCheckpointIO()
+    with pytest.raises(FileNotFoundError, match="Checkpoint file not found"):
+        plugin.load_checkpoint(tmp_path / "missing.ckpt")
+
+
+class _SavesFromBatchEnd(Callback):
+    """A user callback whose batch-end hook makes the plugin's first save of the fit."""
+
+    def __init__(self, dirpath):
+        self.dirpath = dirpath
+        self.batches = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches.append((trainer.current_epoch, batch_idx))
+        if batch_idx == 1:
+            trainer.save_checkpoint(os.path.join(self.dirpath, f"manual-{trainer.current_epoch}.ckpt"))
+
+
+def test_attaching_the_drain_callback_during_a_hook_runs_no_hook_twice(tmp_path):
+    saver = _SavesFromBatchEnd(tmp_path)
+    t = trainer(max_epochs=2, plugins=[AsyncCheckpointIO()], callbacks=[saver], enable_checkpointing=False,
+                default_root_dir=tmp_path / "root")
+    t.fit(TinyClassifier(), tiny_data())
+    assert len(saver.batches) == len(set(saver.batches)) == 2 * t.num_training_batches
+    assert sorted(os.listdir(tmp_path)) == ["manual-0.ckpt", "manual-1.ckpt"]

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -21,15 +20,13 @@ from core import (
     make_sync_checkpointer,
     read_latest,
 )
-from core.catalog import reading
-from tests.helpers import flip_byte
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from core.locks import reading
+from tests.helpers import REPO, SCRIPTS, flip_byte, script_env, wait_until
 
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "core", *map(str, args)], capture_output=True, text=True,
-                          timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+                          timeout=120, cwd=REPO, env=script_env())
 
 
 def _state(step, frozen=None):
@@ -45,14 +42,11 @@ def _retaining(**retention):
 
 
 def test_find_latest_skips_a_checkpoint_whose_commit_a_crash_interrupted(tmp_path, caplog):
-    trainer = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "fault_scripts.py"), "crash_before_commit",
+    trainer = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "fault_scripts.py"), "crash_before_commit",
                                 str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": REPO}, start_new_session=True)
+                               env=script_env(), start_new_session=True)
     assert trainer.stdout.readline().startswith("pending"), trainer.stderr.read()
-    deadline = time.time() + 60
-    while not list(tmp_path.glob("step_3/.checkpoint_0.pt.*.tmp")) and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # the 4 KB file is written and fsynced before the commit hook that now sleeps
+    wait_until(lambda: (tmp_path / "reached").exists(), what="the held commit")  # the file is written and fsynced
     os.killpg(trainer.pid, signal.SIGKILL)  # trainer and writer die together, mid-commit
     trainer.wait()
 
@@ -153,7 +147,8 @@ def test_every_save_reports_its_costs(tmp_path, caplog):
             result = ckpt.save(tmp_path / "ck", _state(1))[1].result()
             assert ckpt.stats.saves == 1 and ckpt.stats.last is result
         with make_sync_checkpointer() as sync:
-            sync_result = sync.save(tmp_path / "sync", _state(1))
+            assert sync.save(tmp_path / "sync", _state(1)) is None
+            sync_result = sync.stats.last
     assert result.nbytes == sync_result.nbytes == 8256
     assert 0 < result.blocking_seconds <= result.persist_seconds and result.write_seconds > 0
     assert sync_result.blocking_seconds == sync_result.persist_seconds > 0

@@ -1,33 +1,27 @@
 """Several real ranks (gloo on 127.0.0.1): per-rank files, rank 0's commit record, failures across ranks.
 
-Each launch starts WORLD processes of tests/multi_rank_worker.py, as torchrun would, and waits
+Each launch starts WORLD processes of tests/scripts/multi_rank_worker.py, as torchrun would, and waits
 for them with a bounded timeout; the scenarios themselves assert what every rank sees.
 """
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(REPO, "tests", "multi_rank_worker.py")
+from tests.helpers import REPO, SCRIPTS, free_port
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+WORKER = os.path.join(SCRIPTS, "multi_rank_worker.py")
 
 
 def launch(world: int, mode: str, scenario: str, out, timeout: float = 240, nodes: int = 1) -> list[int]:
     """Run one scenario on `world` ranks spread over `nodes`; returns the exit codes, one per rank
     (one per node when nodes > 1). With several nodes each one runs in a mount namespace of its
     own with a private tmpfs at `out`: a machine with its own local disk."""
-    port = _free_port()
+    port = free_port()
     per_node = world // nodes
     procs = []
     for node in range(nodes):

@@ -10,11 +10,12 @@ import torch
 from core import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    MissingKeysError,
     NotACheckpointError,
     UnsupportedFormatVersionError,
     make_sync_checkpointer,
 )
-import core.file_format
+import core.manifest
 from tests.helpers import flip_byte
 
 
@@ -49,8 +50,9 @@ def test_partial_load_reads_only_requested_tensors_in_place(tmp_path, ckpt):
 def test_strict_load_names_missing_keys(tmp_path, ckpt):
     ckpt.save(tmp_path / "ck", _state(2))
     target = {"model": {"layer0.weight": torch.zeros(1 << 16), "layer9.weight": torch.zeros(1)}, "epoch": None}
-    with pytest.raises(KeyError) as info:
+    with pytest.raises(RuntimeError, match="missing keys") as info:  # as torch's checkpointer raises
         ckpt.load(tmp_path / "ck", target, strict=True)
+    assert isinstance(info.value, MissingKeysError)
     assert "model.layer9.weight" in str(info.value) and "epoch" in str(info.value)
     loaded = ckpt.load(tmp_path / "ck", target)  # not strict: loads what is there
     assert torch.all(loaded["model"]["layer0.weight"] == 0.0)
@@ -120,7 +122,7 @@ def test_not_a_checkpoint(tmp_path, ckpt):
 
 
 def test_newer_format_version(tmp_path, ckpt, monkeypatch):
-    monkeypatch.setattr(core.file_format, "FORMAT_VERSION", core.file_format.FORMAT_VERSION + 1)
+    monkeypatch.setattr(core.manifest, "FORMAT_VERSION", core.manifest.FORMAT_VERSION + 1)
     ckpt.save(tmp_path / "ck", _state(1))
     monkeypatch.undo()
     with pytest.raises(UnsupportedFormatVersionError, match="upgrade"):

@@ -1,4 +1,4 @@
-"""One rank of the multi-rank tests: python tests/multi_rank_worker.py MODE SCENARIO OUT_DIR.
+"""One rank of the multi-rank tests: python tests/scripts/multi_rank_worker.py MODE SCENARIO OUT_DIR.
 
 MODE is sync or async; RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT come from the
 launcher (tests/test_multi_rank.py). Each scenario asserts what every rank must see.

@@ -1,6 +1,7 @@
 """Two-process DDP (gloo, CPU) fit with AsyncCheckpointIO, then a resume on both ranks.
 
-Run as: python tests/lightning_ddp_script.py OUT_DIR (Lightning relaunches it for rank 1).
+Then, after fit, trainer.save_checkpoint and trainer.test from that file on both ranks.
+Run as: python tests/scripts/lightning_ddp_script.py OUT_DIR (Lightning relaunches it for rank 1).
 """
 
 import os
@@ -11,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_ckpt import AsyncCheckpointIO
-from tests.lightning_helpers import TinyClassifier, tiny_data, trainer
+from tests.lightning_helpers import EvaluatedClassifier, TinyClassifier, tiny_data, trainer
 
 
 class CountingAsyncCheckpointIO(AsyncCheckpointIO):
@@ -49,6 +50,12 @@ def main() -> None:
         callbacks=[ModelCheckpoint(dirpath=ckpts, save_last=True), RecordAfterResume(out)],
     )
     second.fit(TinyClassifier(), tiny_data(), ckpt_path=os.path.join(ckpts, "last.ckpt"))
+    after_fit = os.path.join(out, "after_fit.ckpt")
+    second.save_checkpoint(after_fit)  # then Lightning's barrier: rank 1 reads it right away
+    tested = EvaluatedClassifier()
+    second.test(tested, tiny_data(), ckpt_path=after_fit)
+    torch.save({"global_step": torch.load(after_fit, weights_only=True)["global_step"]},
+               os.path.join(out, f"tested_rank{second.global_rank}.pt"))
 
 
 if __name__ == "__main__":

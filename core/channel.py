@@ -1,0 +1,128 @@
+"""The socket between the trainer and its writer process: whole pickled messages plus descriptors.
+
+A message is an 8-byte length and a descriptor count, then the pickle, sent with one
+`sendmsg` that also carries up to 250 descriptors (SCM_RIGHTS); further descriptors follow in
+messages of their own. A descriptor in flight keeps its file alive even if the sender dies, so a
+request that reached the socket is complete for the writer whatever happens to the trainer.
+Large pickles travel in an anonymous memory file instead of the socket buffer, so sending a
+request never waits for the writer to read.
+"""
+
+from __future__ import annotations
+
+import array
+import mmap
+import os
+import pickle
+import socket
+import struct
+from typing import Any
+
+_HEADER = struct.Struct("<QII")  # pickle length, descriptors, flags
+_FDS_PER_MESSAGE = 250
+_IN_MEMFD = 1
+_INLINE_LIMIT = 64 << 10
+
+
+class ChannelClosedError(OSError):
+    """The other end is gone (or this end was closed)."""
+
+
+class Channel:
+    """One end of the trainer-writer socket. Not thread-safe: one sender and one receiver."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    @property
+    def closed(self) -> bool:
+        return self._sock.fileno() < 0
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def send(self, obj: Any, fds: list[int] | tuple[int, ...] = ()) -> None:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        flags, memfd = 0, -1
+        if len(data) > _INLINE_LIMIT:
+            memfd = os.memfd_create("async-ckpt-message", os.MFD_CLOEXEC)
+            _write_all(memfd, data)
+            fds, flags, data = [memfd, *fds], _IN_MEMFD, struct.pack("<Q", len(data))
+        try:
+            first, rest = list(fds[:_FDS_PER_MESSAGE]), list(fds[_FDS_PER_MESSAGE:])
+            self._sendmsg(_HEADER.pack(len(data), len(fds), flags) + data, first)
+            for start in range(0, len(rest), _FDS_PER_MESSAGE):
+                self._sendmsg(b"\0", rest[start : start + _FDS_PER_MESSAGE])
+        finally:
+            if memfd >= 0:
+                os.close(memfd)
+
+    def _sendmsg(self, data: bytes, fds: list[int]) -> None:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        view = memoryview(data)
+        try:
+            sent = self._sock.sendmsg([view], ancillary)
+            while sent < len(view):
+                sent += self._sock.send(view[sent:])
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise ChannelClosedError(exc.errno, "the other end of the checkpoint writer channel is gone") from None
+        except OSError as exc:
+            if self.closed:
+                raise ChannelClosedError(exc.errno, "the checkpoint writer channel is closed") from None
+            raise
+
+    def recv(self) -> tuple[Any, list[int]]:
+        """The next message and its descriptors (the caller owns them); EOFError when the peer is gone."""
+        header, fds = self._recv_exactly(_HEADER.size, want_fds=True)
+        length, count, flags = _HEADER.unpack(header)
+        data, more = self._recv_exactly(length, want_fds=len(fds) < count)
+        fds += more
+        while len(fds) < count:
+            _, more = self._recv_exactly(1, want_fds=True)
+            fds += more
+        if flags & _IN_MEMFD:
+            memfd, fds = fds[0], fds[1:]
+            try:
+                (size,) = struct.unpack("<Q", data)
+                with mmap.mmap(memfd, size, prot=mmap.PROT_READ) as mapped:
+                    data = bytes(mapped)
+            finally:
+                os.close(memfd)
+        return pickle.loads(data), fds
+
+    def _recv_exactly(self, nbytes: int, want_fds: bool) -> tuple[bytes, list[int]]:
+        chunks, fds, got = [], [], 0
+        while got < nbytes:
+            space = socket.CMSG_SPACE(_FDS_PER_MESSAGE * 4) if want_fds and not fds else 0
+            try:
+                data, ancillary, _flags, _addr = self._sock.recvmsg(nbytes - got, space)
+            except ConnectionResetError:
+                data, ancillary = b"", []
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    received = array.array("i")
+                    received.frombytes(payload[: len(payload) - len(payload) % 4])
+                    fds += list(received)
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                raise EOFError("the checkpoint writer channel was closed by the other end")
+            chunks.append(data)
+            got += len(data)
+        return b"".join(chunks), fds
+
+    def shutdown(self) -> None:
+        """Tell the other end that nothing more will be sent (it reads end-of-file)."""
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

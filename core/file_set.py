@@ -1,0 +1,241 @@
+"""Checkpoints made of several files, committed as one folder: FileSetCheckpointer.
+
+Each save snapshots every file's state dict (the caller may change them once save() returns),
+writes the files in the background into a private staging folder, and, once every rank's files
+are durable (a vote over the job's TCPStore), publishes the folder (see publish.py). The save's
+future resolves when the folder is published; a failure leaves nothing behind, not even the
+staging folder. Saves are published in the order they were made.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import drain
+from .barriers import TCPStoreBarrier
+from .builder import make_async_checkpointer
+from .checkpointer import AsyncCheckpointer
+from .config import CheckpointerConfig
+from .errors import BarrierTimeoutError, CheckpointWriteError
+from .options import with_slabs_per_save
+from .outstanding import OutstandingWrites, WriteFuture, settle
+from .publish import publish_directory
+from .types import CheckpointStats, RankInfo, WriteResult
+from .writer import WriterHook
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NamedState:
+    """One file of a multi-file checkpoint: its name in the folder and what it holds."""
+
+    name: str
+    state: Any
+    file_format: str = "torch"  # or "safetensors" (a flat dict of tensors)
+
+
+class CommitVote:
+    """Each rank says whether its files of one save are durable; the publishing rank publishes
+    only when every rank said yes, and every rank returns once it has.
+
+    Runs over a TCPStoreBarrier (a client of the MASTER_ADDR:MASTER_PORT store that torchrun and
+    accelerate launch set up), from a background thread, without touching the training process
+    group. A single process needs no store.
+    """
+
+    def __init__(self, rank: int, world_size: int, name: str, timeout_secs: float) -> None:
+        self._name = name
+        self._barrier = None
+        if world_size > 1:
+            self._barrier = TCPStoreBarrier(rank, world_size, barrier_prefix=f"async_ckpt/file_set/{name}", timeout_secs=timeout_secs)
+
+    def cast(self, ok: bool) -> bool:
+        """Vote, wait for every rank's vote, and return whether all of them were yes."""
+        if self._barrier is None:
+            return ok
+        try:
+            return all(vote["ok"] for vote in self._barrier.exchange({"ok": ok}))
+        except BarrierTimeoutError as exc:
+            raise BarrierTimeoutError(f"checkpoint {self._name} was not committed: {exc}") from exc
+
+    def published(self, all_ok: bool) -> None:
+        """Every rank returns once the publishing rank, which arrives after publishing, has."""
+        if self._barrier is not None and all_ok:
+            self._barrier.execute_barrier()
+
+
+@dataclass(frozen=True)
+class _Save:
+    final: str
+    staging: str
+    publishes: bool
+    vote: CommitVote
+    start: float
+    blocking_seconds: float
+    after_publish: Callable[[str], None] | None
+
+
+class FileSetCheckpointer:
+    """Saves several state dicts as the files of one checkpoint folder; see the module docstring.
+
+    `rank`/`world_size` are the job's; every rank calls save() for the same folder, each with the
+    files it writes; the rank that passes publishes=True moves the folder into place.
+    """
+
+    def __init__(
+        self,
+        config: CheckpointerConfig,
+        commit_hook: WriterHook | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self._config = config
+        self._commit_hook = commit_hook
+        self._rank, self._world_size = rank, world_size
+        self._checkpointer: AsyncCheckpointer | None = None
+        self._committer: ThreadPoolExecutor | None = None
+        self._writes = OutstandingWrites()
+        self._generation = 0
+        self.stats = CheckpointStats()
+        self.on_committed: list[Callable[[WriteResult], None]] = []
+        self._open = True
+        drain.register(self, drain_on_sigterm=config.process_config.sigterm_drain_secs > 0)
+
+    def save(
+        self,
+        final: str,
+        files: list[NamedState],
+        *,
+        staging: str,
+        publishes: bool,
+        after_publish: Callable[[str], None] | None = None,
+    ) -> WriteFuture:
+        """Snapshot `files` and write them under `staging` (a new folder on `final`'s filesystem);
+        the future resolves to a WriteResult once every rank's files are published at `final`.
+        `after_publish(final)` runs on the publishing rank right after (e.g. pruning)."""
+        self.raise_unseen()
+        start = time.perf_counter()
+        checkpointer = self._ensure_checkpointer(len(files))
+        writes = []
+        future = self._writes.start(final)
+        try:
+            for file in files:
+                staged, written = checkpointer.save(
+                    os.path.join(staging, file.name), file.state, file_format=file.file_format, report_errors=False
+                )
+                staged.result()
+                writes.append(written)
+        except BaseException as exc:
+            future.observed = True
+            settle(future, error=exc)
+            self._remove_staging(staging, writes)
+            raise
+        self._generation += 1
+        vote = CommitVote(self._rank, self._world_size, f"{os.path.basename(final)}#{self._generation}",
+                          self._config.writer_config.write_barrier_timeout_secs)
+        save = _Save(final, staging, publishes, vote, start, time.perf_counter() - start, after_publish)
+        assert self._committer is not None
+        self._committer.submit(self._commit, save, writes, future)
+        return future
+
+    def _ensure_checkpointer(self, files_per_save: int) -> AsyncCheckpointer:
+        if self._checkpointer is None:
+            config = with_slabs_per_save(self._config, files_per_save)
+            self._checkpointer = make_async_checkpointer(config, RankInfo(0, 1), commit_hook=self._commit_hook)
+            self._committer = ThreadPoolExecutor(1, thread_name_prefix="async-ckpt-file-set-commit")
+        return self._checkpointer
+
+    def _commit(self, save: _Save, writes: list[Future], future: WriteFuture) -> None:
+        try:
+            result = self._publish_when_durable(save, writes)
+        except BaseException as exc:
+            settle(future, error=exc)
+            return
+        self.stats.record(result)
+        logger.info(
+            "checkpoint %s committed: blocked %.3f s, %.1f MB durable after %.3f s",
+            save.final, result.blocking_seconds, result.nbytes / 1e6, result.persist_seconds,
+        )
+        for callback in self.on_committed:
+            callback(result)
+        settle(future, result=result)
+
+    def _publish_when_durable(self, save: _Save, writes: list[Future]) -> WriteResult:
+        errors = [f.exception() for f in writes]  # every file finished, not just up to the first failure
+        failure = next((e for e in errors if e is not None), None)
+        all_ok = save.vote.cast(failure is None)
+        if save.publishes and all_ok:
+            publish_directory(save.staging, save.final)
+            _remove_if_empty(os.path.dirname(save.staging))
+            if save.after_publish is not None:
+                save.after_publish(save.final)
+        elif not all_ok:
+            self._remove_staging(save.staging, [])
+        save.vote.published(all_ok)
+        if failure is not None:
+            raise failure
+        if not all_ok:
+            raise CheckpointWriteError(f"checkpoint {save.final} was not committed: another rank failed to write its files")
+        written = [f.result() for f in writes]
+        return WriteResult(
+            path=save.final,
+            files=tuple(os.path.join(save.final, os.path.basename(w.path)) for w in written),
+            nbytes=sum(w.nbytes for w in written),
+            write_seconds=max((w.write_seconds for w in written), default=0.0),
+            blocking_seconds=save.blocking_seconds,
+            persist_seconds=time.perf_counter() - save.start,
+        )
+
+    @staticmethod
+    def _remove_staging(staging: str, writes: list[Future]) -> None:
+        for write in writes:
+            write.exception()  # nothing may still be writing into it
+        shutil.rmtree(staging, ignore_errors=True)
+        _remove_if_empty(os.path.dirname(staging))
+
+    def raise_unseen(self) -> None:
+        """Raise the first failure of a save that nobody has seen on its future (once)."""
+        self._writes.raise_unseen()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every save so far is published (or failed); raise the first unseen failure."""
+        self._writes.wait(timeout)
+        self._writes.raise_unseen()
+
+    def drain_for_signal(self) -> None:
+        """Wait up to sigterm_drain_secs for pending saves; called from the SIGTERM handler."""
+        self._writes.wait(self._config.process_config.sigterm_drain_secs)
+
+    def release(self) -> None:
+        """Drain (at most drain_timeout_secs), then stop the writer process; the next save starts a new one."""
+        try:
+            self._writes.give_up_after(self._config.process_config.drain_timeout_secs)
+        finally:
+            checkpointer, self._checkpointer = self._checkpointer, None
+            committer, self._committer = self._committer, None
+            if committer is not None:
+                committer.shutdown(wait=True)
+            if checkpointer is not None:
+                checkpointer.close()
+        self._writes.raise_unseen()
+
+    def close(self) -> None:
+        """release(), for good; idempotent."""
+        if self._open:
+            self._open = False
+            drain.unregister(self)
+            self.release()
+
+
+def _remove_if_empty(directory: str) -> None:
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass  # not empty (another checkpoint is pending) or already gone

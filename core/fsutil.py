@@ -1,0 +1,70 @@
+"""Byte and filesystem helpers that every other module may use (this module imports no other)."""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import tempfile
+
+import torch
+
+PAGE_SIZE = 4096
+DEFAULT_CHUNK_BYTES = 64 << 20
+TEMPORARY_PREFIX = ".async-ckpt-"  # names what a writer creates before a commit (see writer.py)
+
+
+def round_up(value: int, multiple: int = PAGE_SIZE) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+def buffer_of(byte_view: torch.Tensor) -> memoryview:
+    """A writable memoryview over a contiguous CPU uint8 tensor's bytes (it must outlive the view)."""
+    if byte_view.numel() == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * byte_view.numel()).from_address(byte_view.data_ptr())).cast("B")
+
+
+def write_all(fd: int, view: memoryview | bytes, offset: int) -> None:
+    """pwrite every byte of `view` at `offset`, however many calls it takes."""
+    view = memoryview(view)
+    while len(view):
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def fsync_directory(directory: str) -> None:
+    """Make the entries of `directory` (renames, new files) durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def resolved(path: str | os.PathLike[str]) -> str:
+    """One spelling for every way of naming a path: absolute, symlinks and `..` resolved."""
+    text = os.fspath(path)
+    if not text:
+        raise ValueError("a checkpoint path must not be empty")
+    return os.path.realpath(os.path.abspath(os.path.expanduser(text)))
+
+
+_FICLONE = 0x40049409  # _IOW(0x94, 9, int): clone a whole file's extents (Linux)
+_clones_on_device: dict[int, bool] = {}
+
+
+def filesystem_clones(directory: str) -> bool:
+    """Whether files in `directory` can share extents (XFS, btrfs, ...): probed once per filesystem
+    by cloning a one-page file. Copies between files there cost no data writes."""
+    device = os.stat(directory).st_dev
+    if device not in _clones_on_device:
+        with tempfile.TemporaryFile(dir=directory) as source, tempfile.TemporaryFile(dir=directory) as dest:
+            source.write(b"\0" * PAGE_SIZE)
+            source.flush()
+            try:
+                fcntl.ioctl(dest.fileno(), _FICLONE, source.fileno())
+                _clones_on_device[device] = True
+            except OSError:
+                _clones_on_device[device] = False
+    return _clones_on_device[device]

@@ -1,0 +1,114 @@
+"""The writes a checkpointer has issued and not yet seen finish, and the failures nobody has seen.
+
+Every write is known process-wide by its path (see pending.py) while it runs. A failure is
+raised once by the owner's next save, wait or close, unless the caller already looked at it
+on the write's future.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import DrainTimeoutError
+from .interrupts import sigint_deferred
+from .pending import register_pending_write
+
+logger = logging.getLogger(__name__)
+
+
+class WriteFuture(Future):
+    """A save's write future; it knows whether anyone has looked at its outcome, so that a
+    failure the caller has already seen on the future is not raised again by save/wait/close."""
+
+    observed = False
+
+    def result(self, timeout: float | None = None) -> Any:
+        try:
+            return super().result(timeout)
+        finally:
+            self.observed = self.observed or self.done()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        error = super().exception(timeout)
+        self.observed = True
+        return error
+
+
+def settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Complete `future` unless something (a drain that gave up) already has."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+@dataclass
+class _Write:
+    path: str
+    report_errors: bool
+
+
+class OutstandingWrites:
+    """Tracks one owner's writes; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._writes: dict[Future, _Write] = {}
+        self._failed: list[WriteFuture] = []
+
+    def start(self, path: str, report_errors: bool = True) -> WriteFuture:
+        """A new write future for `path`, tracked until it completes."""
+        future = WriteFuture()
+        with sigint_deferred():
+            with self._lock:
+                self._writes[future] = _Write(path, report_errors)
+            future.add_done_callback(self._finished)
+            register_pending_write(path, future)
+        return future
+
+    def _finished(self, future: Future) -> None:
+        with self._lock:
+            write = self._writes.pop(future, None)
+            error = future._exception  # type: ignore[attr-defined]  # not exception(): that counts as looking
+            if write is not None and write.report_errors and isinstance(error, Exception):
+                self._failed.append(future)  # type: ignore[arg-type]
+
+    def raise_unseen(self) -> None:
+        """Raise the first failure nobody has looked at on its future (each is raised once)."""
+        with self._lock:
+            unseen = [f for f in self._failed if not f.observed]
+            self._failed = []
+        if unseen:
+            raise unseen[0].exception()  # type: ignore[misc]
+
+    def futures(self) -> list[Future]:
+        with self._lock:
+            return list(self._writes)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every tracked write has finished; False if `timeout` passed first."""
+        _, not_done = wait_futures(self.futures(), timeout=timeout)
+        return not not_done
+
+    def give_up_after(self, timeout: float) -> None:
+        """Wait up to `timeout`; fail what is still running with DrainTimeoutError naming its path."""
+        with self._lock:
+            writes = dict(self._writes)
+        _, not_done = wait_futures(list(writes), timeout=timeout)
+        if not not_done:
+            return
+        paths = sorted(writes[f].path for f in not_done)
+        logger.error("gave up after %.0f s waiting for checkpoint write(s) to %s; they are not committed", timeout, paths)
+        for future in not_done:
+            settle(future, error=DrainTimeoutError(
+                f"gave up waiting for the checkpoint write to {writes[future].path!r} after {timeout:.0f} s "
+                "(CheckpointProcessConfig.drain_timeout_secs); it was not committed"
+            ))

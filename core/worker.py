@@ -1,0 +1,158 @@
+"""The writer process: serves write requests from its trainer until the trainer is gone.
+
+It is a fresh interpreter (not multiprocessing's spawn), so the trainer's `__main__` module is
+never re-run in it. A reader thread takes every request off the socket as it arrives, so
+whatever the trainer handed over is held here even if the trainer dies right after; the main
+thread writes them in order, then exits at end-of-file. The trainer handles Ctrl-C and SIGTERM;
+this process ignores both and finishes what it holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import queue
+import signal
+import socket
+import threading
+import traceback
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from .channel import Channel
+from .plan import materialize
+from .protocol import (
+    RequestType,
+    SharedSource,
+    SlabSource,
+    WorkerInit,
+    WorkerRequest,
+    WorkerResponse,
+    WriteOutcome,
+    WriteRequest,
+)
+from .types import WriteResult
+from .writer import CheckpointWriter
+
+logger = logging.getLogger(__name__)
+
+
+def worker_main(fd: int) -> None:
+    """Entry point of the writer process: serve the trainer on the socket `fd`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    channel = Channel(socket.socket(fileno=fd))
+    inbox: queue.Queue[tuple[WorkerRequest, list[int]] | None] = queue.Queue()
+    threading.Thread(target=_read_all, args=(channel, inbox), name="async-ckpt-inbox", daemon=True).start()
+    first = inbox.get()
+    if first is None:
+        return
+    writer = _init_writer(channel, first[0])
+    if writer is None:
+        return
+    try:
+        _serve(channel, inbox, writer)
+    finally:
+        writer.close()
+
+
+def _read_all(channel: Channel, inbox: "queue.Queue[tuple[WorkerRequest, list[int]] | None]") -> None:
+    while True:
+        try:
+            inbox.put(channel.recv())
+        except (EOFError, OSError):
+            inbox.put(None)  # the trainer is gone or done: finish what is queued, then exit
+            return
+
+
+def _reply(channel: Channel, response: WorkerResponse) -> None:
+    try:
+        channel.send(response)
+    except OSError:
+        logger.debug("the trainer is gone; %s not reported", response.request_type.value)
+
+
+def _init_writer(channel: Channel, request: WorkerRequest) -> Any:
+    init: WorkerInit = request.payload["init"]
+    try:
+        init.subprocess_init_fn(*init.subprocess_init_args)
+        args = dict(init.writer_init_args)
+        args.setdefault("rank_info", init.rank_info)
+        writer = init.writer_init_fn(**args)
+    except BaseException as exc:
+        _reply(channel, WorkerResponse(RequestType.PING, False, traceback.format_exc(), {"error_type": type(exc).__name__}))
+        return None
+    _reply(channel, WorkerResponse(RequestType.PING, True, None, {"pid": os.getpid()}))
+    return writer
+
+
+def _serve(channel: Channel, inbox: "queue.Queue[tuple[WorkerRequest, list[int]] | None]", writer: Any) -> None:
+    slabs: dict[str, mmap.mmap] = {}
+    while True:
+        item = inbox.get()
+        if item is None:
+            return
+        request, fds = item
+        if request.request_type is RequestType.TERMINATE_PROCESS:
+            _reply(channel, WorkerResponse(RequestType.TERMINATE_PROCESS, True))
+            return
+        if request.request_type is RequestType.WRITE_CHECKPOINT:
+            write: WriteRequest = request.payload["write"]
+            _reply(channel, _write(writer, write, fds, slabs))
+        else:
+            for fd in fds:
+                os.close(fd)
+            _reply(channel, WorkerResponse(request.request_type, False, f"unknown request {request.request_type!r}"))
+
+
+def _write(writer: Any, write: WriteRequest, fds: list[int], slabs: dict[str, mmap.mmap]) -> WorkerResponse:
+    try:
+        for slab_id in write.forget:
+            slabs.pop(slab_id, None)
+        storages = _storages(write, fds, slabs)
+        result = _call_writer(writer, write, storages)
+        if isinstance(result, Future):  # torch's CheckpointWriter.write may return one
+            result = result.result()
+        if not isinstance(result, WriteResult):
+            result = None  # only our own result type is sent back; anything else may not pickle
+        return WorkerResponse(RequestType.WRITE_CHECKPOINT, True, None, {"outcome": WriteOutcome(write.request_id, result)})
+    except BaseException as exc:
+        message = f"{type(exc).__name__}: {exc}\n\nWriter traceback:\n{traceback.format_exc()}"
+        outcome = WriteOutcome(write.request_id, error_type=type(exc).__name__)
+        return WorkerResponse(RequestType.WRITE_CHECKPOINT, False, message, {"outcome": outcome})
+
+
+def _storages(write: WriteRequest, fds: list[int], slabs: dict[str, mmap.mmap]) -> list[torch.UntypedStorage]:
+    """One storage per storage of the plan, aliasing the trainer's staged bytes."""
+    source = write.source
+    if isinstance(source, SlabSource):
+        if source.attach:
+            with os.fdopen(fds[0], "rb", buffering=0) as f:
+                slabs[source.slab_id] = mmap.mmap(f.fileno(), source.nbytes)
+        mapped = slabs[source.slab_id]
+        return [_region(mapped, s.slab_offset, s.nbytes) for s in write.plan.storages]
+    assert isinstance(source, SharedSource)
+    try:
+        return [torch.UntypedStorage._new_shared_fd_cpu(fd, nbytes) for fd, nbytes in zip(fds, source.nbytes)]
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _region(mapped: mmap.mmap, offset: int, nbytes: int) -> torch.UntypedStorage:
+    if nbytes == 0:
+        return torch.UntypedStorage(0)
+    return torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset).untyped_storage()
+
+
+def _call_writer(writer: Any, write: WriteRequest, storages: list[torch.UntypedStorage]) -> Any:
+    """CheckpointWriter writes straight from the plan; a writer that brings its own write() gets
+    the state dict, rebuilt on the staged bytes, as torch's _experimental writer would."""
+    if isinstance(writer, CheckpointWriter) and type(writer).write is CheckpointWriter.write:
+        storage_bytes = [torch.empty(0, dtype=torch.uint8).set_(s) for s in storages]
+        return writer.write_staged(write.path, write.plan, storage_bytes, **write.kwargs)
+    state_dict = materialize(write.plan, storages)
+    return writer.write(path=write.path, state_dict=state_dict, **write.kwargs)
