@@ -16,6 +16,7 @@ from typing import Any
 
 from .commit import COMMIT_RECORD, read_commit_record
 from .fsutil import TEMPORARY_PREFIX
+from .reader import structure_problem
 from .errors import CheckpointError, NotACheckpointError
 from .checkpoint_file import CheckpointFile
 
@@ -117,7 +118,7 @@ def _file_problem(path: str, deep: bool, write_id: str | None) -> str | None:
 
 def _problem(ckpt: CheckpointFile, deep: bool, write_id: str | None) -> str | None:
     name = os.path.basename(ckpt.path)
-    if write_id is not None and (ckpt.manifest or {}).get("write_id") != write_id:
+    if write_id is not None and ckpt.write_id != write_id:
         return f"{name} comes from another save than the commit record (unfinished overwrite)"
     try:
         damaged = ckpt.damaged_records() if deep else ([] if _structure_ok(ckpt) else ["data.pkl"])
@@ -125,7 +126,7 @@ def _problem(ckpt: CheckpointFile, deep: bool, write_id: str | None) -> str | No
         return str(exc)
     if damaged:
         return f"{name} is damaged: {', '.join(damaged)} fail their checksums"
-    return None
+    return structure_problem(ckpt)
 
 
 def _structure_ok(ckpt: CheckpointFile) -> bool:

@@ -7,6 +7,8 @@ so code written against that module keeps catching them.
 
 from __future__ import annotations
 
+import pickle
+
 
 class CheckpointError(Exception):
     """Base class of every error raised by async-ckpt."""
@@ -26,6 +28,10 @@ class CorruptCheckpointError(CheckpointError):
 
 class UnsupportedFormatVersionError(CheckpointError):
     """The checkpoint was written by a newer async-ckpt format than this reader knows."""
+
+
+class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
+    """The checkpoint holds objects that weights-only loading refuses to construct."""
 
 
 class UnsupportedStateError(CheckpointError, TypeError):

@@ -23,6 +23,7 @@ from .errors import (
     MissingKeysError,
     NotACheckpointError,
     UncommittedCheckpointError,
+    UnsafeCheckpointError,
     WorldSizeMismatchError,
 )
 from .locks import reading
@@ -314,9 +315,11 @@ class CheckpointReader:
         unpickler.persistent_load = storages.persistent_load
         try:
             return unpickler.load()
-        except (pickle.UnpicklingError, AttributeError, ImportError) as exc:
+        except CheckpointError:
+            raise
+        except (pickle.UnpicklingError, AttributeError, ImportError, EOFError, TypeError, ValueError) as exc:
             if weights_only and isinstance(exc, pickle.UnpicklingError):
-                raise pickle.UnpicklingError(
+                raise UnsafeCheckpointError(
                     f"checkpoint {ckpt.path!r} holds objects that weights_only loading refuses ({exc}). "
                     "Allow the types with torch.serialization.add_safe_globals([...]), or pass "
                     "weights_only=False if, and only if, you trust the file"
@@ -420,3 +423,13 @@ def _copy_pairs(pairs: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
     with torch.no_grad():
         for _, dest, source in pairs:
             dest.copy_(source)
+
+
+def structure_problem(ckpt: CheckpointFile) -> str | None:
+    """Why the checkpoint's object structure cannot be loaded weights-only (a damaged or hostile
+    pickle, storages larger than their records), or None; no tensor bytes are read."""
+    try:
+        CheckpointReader(RankInfo(0, 1))._unpickle(ckpt, _LazyStorages(ckpt), weights_only=True, verify=True)
+    except CheckpointError as exc:
+        return str(exc)
+    return None

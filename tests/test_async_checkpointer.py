@@ -15,7 +15,16 @@ from core import (
     WriterProcessDiedError,
     make_async_checkpointer,
 )
-from tests.helpers import SlowCommit, assert_same, clone_tree, rss_bytes, small_training_state, train_step, wait_until
+from tests.helpers import (
+    GatedCommit,
+    SlowCommit,
+    assert_same,
+    clone_tree,
+    rss_bytes,
+    small_training_state,
+    train_step,
+    wait_until,
+)
 
 
 def test_snapshot_holds_values_at_save_time(tmp_path):
@@ -199,3 +208,52 @@ def test_prepare_readies_the_slab_the_first_save_uses(tmp_path):
         ckpt.save(tmp_path / "ck", state)[1].result()
         assert set(ckpt.stager.pool.slabs) == prepared, "the first save allocated a new slab"
         assert torch.equal(ckpt.load(tmp_path / "ck")["w"], state["w"])
+
+
+def test_two_checkpointers_saving_one_directory_each_commit_whole(tmp_path):
+    with make_async_checkpointer() as first, make_async_checkpointer() as second:
+        for round_ in range(20):
+            a = first.save(tmp_path / "same", {"w": torch.full((1 << 14,), float(round_)), "by": "first"})[1]
+            b = second.save(tmp_path / "same", {"w": torch.full((1 << 14,), float(round_)), "by": "second"})[1]
+            for written in (a, b):
+                written.result(timeout=60)  # both commit, one after the other: the last wins
+            loaded = first.load(tmp_path / "same")  # committed, whole, from one of the two saves
+            assert loaded["by"] in ("first", "second") and torch.all(loaded["w"] == round_)
+
+
+def test_fresh_tensors_every_save_do_not_grow_memory(tmp_path):
+    """The state dict is built from new tensors each save (as {k: v.cpu()} or .clone() do) and
+    carries a changing step; no cache may keep earlier saves' tensors alive."""
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)])  # 32 MiB of weights
+    with make_async_checkpointer() as ckpt:
+        for step in range(3):
+            ckpt.save(tmp_path / "warm", {"model": {k: v.clone() for k, v in model.state_dict().items()}, "step": step})[1].result()
+        before = rss_bytes()
+        for step in range(20):
+            state = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "step": step}
+            ckpt.save(tmp_path / "ck", state)[1].result()
+            del state
+        growth = rss_bytes() - before
+    assert growth < 32 << 20, f"RSS grew by {growth / 1e6:.1f} MB over 20 saves of fresh tensors (one save is 33.6 MB)"
+
+
+def test_prepare_after_close_is_a_clear_error():
+    ckpt = make_async_checkpointer()
+    ckpt.close()
+    with pytest.raises(CheckpointerClosedError):
+        ckpt.prepare({"w": torch.ones(4)})
+
+
+def test_the_second_save_of_a_shape_finds_its_staging_memory_ready(tmp_path):
+    from core import CheckpointerConfig, CheckpointStagerConfig
+
+    config = CheckpointerConfig(staging_config=CheckpointStagerConfig(max_in_flight=2))
+    gate = tmp_path / "gate"
+    state = {"w": torch.randn(1 << 20)}
+    with make_async_checkpointer(config, commit_hook=GatedCommit(tmp_path / "reached", gate)) as ckpt:
+        ckpt.save(tmp_path / "first", state)  # held: the second save needs a second slab
+        wait_until(lambda: len(ckpt.stager.pool.slabs) == 2, what="the spare slab, readied in the background")
+        ready = set(ckpt.stager.pool.slabs)
+        ckpt.save(tmp_path / "second", state)
+        assert set(ckpt.stager.pool.slabs) == ready, "the second save allocated staging memory on the training thread"
+        gate.touch()

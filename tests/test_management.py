@@ -3,6 +3,8 @@
 import json
 import logging
 import os
+import threading
+import zipfile
 import signal
 import subprocess
 import sys
@@ -154,3 +156,64 @@ def test_every_save_reports_its_costs(tmp_path, caplog):
     assert sync_result.blocking_seconds == sync_result.persist_seconds > 0
     assert set(result.metrics()) >= {"checkpoint/blocking_s", "checkpoint/persist_s", "checkpoint/write_gbps"}
     assert caplog.text.count("MB durable after") == 2
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_hostile_and_odd_files_are_clear_errors_everywhere(tmp_path, monkeypatch):
+    """A commit record that is not an object, a pickle that claims a huge storage, a malicious
+    pickle: every command says what is wrong (exit 1, no traceback) and find_latest skips them."""
+    monkeypatch.chdir(tmp_path)
+    with make_sync_checkpointer() as ckpt:
+        ckpt.save(tmp_path / "odd_record", _state(1))
+        ckpt.save(tmp_path / "good", _state(2))
+    (tmp_path / "odd_record" / "commit.json").write_text('"just a string"')
+    torch.save({"payload": _Exploit()}, tmp_path / "evil.pt")
+    torch.save({"w": torch.ones(4)}, tmp_path / "huge.pt")
+    with zipfile.ZipFile(tmp_path / "huge.pt") as archive:
+        records = {name: archive.read(name) for name in archive.namelist()}
+    pkl = next(name for name in records if name.endswith("data.pkl"))
+    records[pkl] = records[pkl].replace(b"K\x04", b"\x8a\x06\x00\x00\x00\x00\x00\x01", 1)
+    with zipfile.ZipFile(tmp_path / "huge.pt", "w") as archive:
+        for name, data in records.items():
+            archive.writestr(name, data)
+
+    for bad in (tmp_path / "odd_record", tmp_path / "evil.pt", tmp_path / "huge.pt"):
+        for command in (["verify", bad], ["inspect", bad], ["diff", bad, tmp_path / "good"]):
+            result = _cli(*command)
+            assert result.returncode == 1, (command, result.stdout, result.stderr)
+            said = result.stdout + result.stderr
+            assert "Traceback" not in said and ("damaged" in said or "refuses" in said or "claims" in said), (command, said)
+    listing = _cli("ls", tmp_path, "--json")
+    assert listing.returncode == 0 and "Traceback" not in listing.stderr, listing.stderr
+    complete = {row["name"]: row["complete"] for row in json.loads(listing.stdout)}
+    assert complete["good"] and not complete["odd_record"] and not complete["evil.pt"] and not complete["huge.pt"]
+    assert find_latest(tmp_path) == str(tmp_path / "good")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_find_latest_while_retention_deletes_never_fails(tmp_path):
+    errors = []
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            try:
+                find_latest(tmp_path)
+            except Exception as exc:  # noqa: BLE001 - any failure is the finding
+                errors.append(repr(exc))
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        with make_async_checkpointer(_retaining(keep_last=2)) as ckpt:
+            for step in range(40):
+                ckpt.save(tmp_path / f"step_{step:03d}", _state(step), step=step)[1].result()
+    finally:
+        stop.set()
+        poller.join()
+    assert errors == []
+    assert find_latest(tmp_path) == str(tmp_path / "step_039")

@@ -147,3 +147,24 @@ def test_plain_torch_save_files_load(tmp_path, ckpt):
     torch.save(state, tmp_path / "plain.pt")
     loaded = ckpt.load(tmp_path / "plain.pt")
     assert torch.equal(loaded["a"], state["a"]) and loaded["n"] == 4
+
+
+def test_a_commit_record_that_is_not_an_object_is_a_clear_error(tmp_path, ckpt):
+    ckpt.save(tmp_path / "ck", _state(1))
+    (tmp_path / "ck" / "commit.json").write_text("[1, 2, 3]")
+    with pytest.raises(CorruptCheckpointError, match="not an object"):
+        ckpt.load(tmp_path / "ck")
+    assert core.find_latest(tmp_path) is None
+
+
+def test_a_structure_that_claims_huge_storages_is_refused_before_allocating(tmp_path, ckpt):
+    torch.save({"w": torch.ones(4)}, tmp_path / "huge.pt")
+    with zipfile.ZipFile(tmp_path / "huge.pt") as archive:
+        records = {name: archive.read(name) for name in archive.namelist()}
+    pkl = next(name for name in records if name.endswith("data.pkl"))
+    records[pkl] = records[pkl].replace(b"K\x04", b"\x8a\x06\x00\x00\x00\x00\x00\x01", 1)  # numel 4 -> 2**40
+    with zipfile.ZipFile(tmp_path / "huge.pt", "w") as archive:
+        for name, data in records.items():
+            archive.writestr(name, data)
+    with pytest.raises(CorruptCheckpointError, match="claims"):
+        ckpt.load(tmp_path / "huge.pt")

@@ -141,3 +141,66 @@ def test_callable_map_location_is_applied(tmp_path, async_ckpt):
     seen = []
     loaded = async_ckpt.load(tmp_path / "ck", default_map_location=lambda storage, loc: seen.append(loc) or storage)
     assert seen == ["cpu"] and torch.equal(loaded["a"], torch.ones(2))
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_what_torch_save_round_trips_we_round_trip(tmp_path, async_ckpt, mode):
+    z = torch.complex(torch.randn(5), torch.randn(5))
+    other = torch.complex(torch.randn(5), torch.randn(5))
+    tagged = torch.arange(3.0)
+    tagged.note = "kept"  # a Python attribute, which torch.save keeps
+    loss = (torch.ones(3, requires_grad=True) * 2).sum()  # part of an autograd graph
+    state = {"conj": z.conj(), "neg": other.conj().imag, "plain": z, "tagged": tagged, "loss": loss}
+    if mode == "async":
+        async_ckpt.save(tmp_path / "ck", state)[1].result()
+    else:
+        with make_sync_checkpointer() as ckpt:
+            ckpt.save(tmp_path / "ck", state)
+    for loaded in (async_ckpt.load(tmp_path / "ck"), torch.load(tmp_path / "ck" / "checkpoint_0.pt", weights_only=False)):
+        assert torch.equal(loaded["conj"], z.conj()) and torch.equal(loaded["neg"], other.conj().imag)
+        assert torch.equal(loaded["plain"], z) and loaded["tagged"].note == "kept"
+        assert loaded["loss"].item() == 6.0 and loaded["loss"].requires_grad
+
+
+def test_quantized_tensors_are_refused_with_the_reason(tmp_path, async_ckpt):
+    quantized = torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.quint8)
+    with pytest.raises(core.UnsupportedStateError, match="quantized"):
+        async_ckpt.save(tmp_path / "ck", {"q": quantized})
+    assert not (tmp_path / "ck").exists()
+
+
+def test_empty_paths_are_refused(async_ckpt):
+    with pytest.raises(ValueError, match="empty"):
+        async_ckpt.save("", {"w": torch.ones(1)})
+    with pytest.raises(ValueError, match="empty"):
+        async_ckpt.load("")
+
+
+def test_zip_records_carry_real_crcs_and_the_final_name_as_their_folder(tmp_path, async_ckpt):
+    import zipfile
+
+    async_ckpt.save(tmp_path / "ck", {"w": torch.arange(10.0), "step": 3})[1].result()
+    with zipfile.ZipFile(tmp_path / "ck" / "checkpoint_0.pt") as archive:
+        names = archive.namelist()
+        assert all(name.startswith("checkpoint_0/") for name in names), names
+        for name in names:
+            if "/data/" not in name:  # storage records carry CRC 0, as torch.save's compute_crc32=False writes them
+                archive.read(name)  # checks the CRC
+
+
+def test_the_first_load_prints_no_deprecation_warning(tmp_path, async_ckpt):
+    import warnings
+
+    async_ckpt.save(tmp_path / "ck", {"w": torch.ones(2), "h": torch.ones(2, dtype=torch.float16)})[1].result()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        async_ckpt.load(tmp_path / "ck", weights_only=False)
+        async_ckpt.load(tmp_path / "ck")
+
+
+def test_legacy_torch_save_files_load(tmp_path, async_ckpt):
+    torch.save({"w": torch.arange(4.0), "n": 2}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    loaded = async_ckpt.load(tmp_path / "legacy.pt")
+    assert torch.equal(loaded["w"], torch.arange(4.0)) and loaded["n"] == 2
+    partial = async_ckpt.load(tmp_path / "legacy.pt", {"w": torch.zeros(4)})
+    assert torch.equal(partial["w"], torch.arange(4.0))
