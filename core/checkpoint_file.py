@@ -30,7 +30,7 @@ class CheckpointFile:
     def __init__(self, path: str) -> None:
         self.path = path
         if not os.path.exists(path):
-            raise CheckpointNotFoundError(f"Checkpoint file not found: {path!r} does not exist")
+            raise CheckpointNotFoundError(f"Checkpoint file not found: {path}")
         if os.path.isdir(path):
             raise NotACheckpointError(f"{path!r} is a directory, not a checkpoint file")
         with open(path, "rb") as f:

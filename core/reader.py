@@ -54,7 +54,7 @@ def resolve_checkpoint_file(path: str, rank_info: RankInfo, source_rank: int | N
         raise ValueError("the checkpoint path is empty; name the file or directory to load")
     if not os.path.isdir(path):
         if not os.path.exists(path):
-            raise CheckpointNotFoundError(f"Checkpoint file not found: {path!r} (no such file or directory)")
+            raise CheckpointNotFoundError(f"Checkpoint file not found: {path}")
         return ResolvedFile(path)
     if not os.path.exists(os.path.join(path, COMMIT_RECORD)):
         candidate = os.path.join(path, f"checkpoint_{rank_info.global_rank if source_rank is None else source_rank}.pt")

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import sys
+import weakref
 from typing import Any
 
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -77,10 +78,12 @@ class AsyncCheckpointIO(CheckpointIO):
     save_checkpoint returns, so the barrier Lightning runs after it, and every reader, finds the
     file. load_checkpoint and remove_checkpoint first wait for pending writes to that path, from
     any plugin of the process. Writes issued before an epoch ends are durable before the next
-    epoch begins (a callback attached on the first save does this); teardown drains and the next
-    fit starts afresh; interpreter exit drains too. A failed write is raised by the next save,
-    the epoch-end drain or teardown. Without a Trainer (Fabric, direct calls) saves are
-    asynchronous; call wait() before reading them with other tools.
+    epoch begins (a callback attached on the first save of a fit does this, and leaves at
+    teardown); the checkpoint saved in the epoch-end hook itself may still be writing then.
+    teardown drains and the next fit starts afresh; interpreter exit drains too. A failed write
+    is raised by the next save, the epoch-end drain or teardown. With Fabric, saves are
+    asynchronous (call wait() or teardown() before reading them with other tools); a direct
+    call, without a Trainer or Fabric, is durable when it returns.
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class AsyncCheckpointIO(CheckpointIO):
         self._checkpointer: AsyncCheckpointer | None = None
         self._reader = CheckpointReader(RankInfo(0, 1))
         self._drain_callback = _AsyncCheckpointCallback(self)
+        self._attached_to: list[weakref.ref] = []
         self._last_fit_stats: CheckpointStats | None = None
 
     @property
@@ -129,13 +133,13 @@ class AsyncCheckpointIO(CheckpointIO):
             )
         # Now, not in the writer: ModelCheckpoint links last.ckpt into this directory right away.
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        trainer = _calling_trainer()
+        caller = _caller()
         step = checkpoint.get("global_step")
-        if trainer is not None:
-            self._attach_drain_callback(trainer)
-            if not _fitting(trainer):
-                self._save_now(path, checkpoint, step)
-                return
+        if isinstance(caller, _Fitting):
+            self._attach_drain_callback(caller.trainer)
+        elif caller is None:
+            self._save_now(path, checkpoint, step)
+            return
         staged, _written = self.checkpointer.save(path, checkpoint, step=step)
         staged.result()
 
@@ -182,8 +186,14 @@ class AsyncCheckpointIO(CheckpointIO):
             self._checkpointer.wait()
 
     def teardown(self) -> None:
-        """Drain every write, stop the writer process and free staging memory; raise a write error."""
+        """Drain every write, stop the writer process and free staging memory; raise a write error.
+        The drain callback leaves the Trainer's callbacks, as they were before the fit."""
         checkpointer, self._checkpointer = self._checkpointer, None
+        trainers, self._attached_to = self._attached_to, []
+        for reference in trainers:
+            trainer = reference()
+            if trainer is not None:
+                trainer.callbacks = [c for c in trainer.callbacks if c is not self._drain_callback]
         if checkpointer is not None:
             self._last_fit_stats = checkpointer.stats
             checkpointer.close()
@@ -193,34 +203,45 @@ class AsyncCheckpointIO(CheckpointIO):
             # First, before every ModelCheckpoint, whose epoch-end saves must not be drained too. A new
             # list: Lightning may be iterating the current one (a save from a callback's hook).
             trainer.callbacks = [self._drain_callback, *trainer.callbacks]
+            self._attached_to.append(weakref.ref(trainer))
 
     def __getstate__(self) -> dict[str, Any]:
         # Strategies may deep-copy or pickle plugins (e.g. for spawn); a running writer stays behind.
         state = self.__dict__.copy()
         state["_checkpointer"] = None
+        state["_attached_to"] = []
         return state
 
 
-def _fitting(trainer: Any) -> bool:
-    """Whether the trainer's training loop is running (a save then may overlap training)."""
-    from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+class _Fitting:
+    """A save from a Trainer's running training loop (it may overlap training)."""
 
-    return trainer.state.fn == TrainerFn.FITTING and trainer.state.status == TrainerStatus.RUNNING
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
 
 
-def _calling_trainer() -> Any:
-    """The Trainer whose strategy is calling save_checkpoint, found on the call stack.
+class _FabricLoop:
+    """A save through Fabric: from the user's own training loop, which Fabric cannot see."""
 
-    A CheckpointIO is never handed its Trainer; this is how the plugin attaches its epoch-end
-    drain without the user adding a callback. None when called outside a Trainer.
-    """
+
+def _caller() -> _Fitting | _FabricLoop | None:
+    """Who is saving, found on the call stack (a CheckpointIO is never handed its Trainer):
+    a fitting Trainer, Fabric, or (None) anything else: a Trainer that is not training, a
+    direct call, another plugin's background thread. Only the first two save asynchronously."""
+    from lightning.fabric.strategies import Strategy as FabricStrategy
     from lightning.pytorch.strategies import Strategy
+    from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 
     frame = sys._getframe(1)
     while frame is not None:
         candidate = frame.f_locals.get("self")
         if isinstance(candidate, Strategy):
             module = candidate.lightning_module
-            return module.trainer if module is not None and module._trainer is not None else None
+            trainer = module._trainer if module is not None else None
+            if trainer is not None and trainer.state.fn == TrainerFn.FITTING and trainer.state.status == TrainerStatus.RUNNING:
+                return _Fitting(trainer)
+            return None
+        if isinstance(candidate, FabricStrategy):
+            return _FabricLoop()
         frame = frame.f_back  # type: ignore[assignment]
     return None

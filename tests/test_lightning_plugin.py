@@ -70,6 +70,7 @@ class _CheckEarlierCheckpointsAreDurable(Callback):
         self.checked = 0
 
     def on_train_epoch_start(self, trainer, pl_module):
+        self.saw_drain_first = type(trainer.callbacks[0]).__name__ == "_AsyncCheckpointCallback"
         if trainer.current_epoch == 0:
             return
         steps_per_epoch = trainer.num_training_batches
@@ -91,7 +92,7 @@ def test_writes_issued_before_an_epoch_end_are_durable_when_the_next_epoch_start
     t = trainer(max_epochs=3, plugins=[plugin], callbacks=[checker, checkpoint])
     t.fit(TinyClassifier(), tiny_data())
     assert checker.checked > 0
-    assert type(t.callbacks[0]).__name__ == "_AsyncCheckpointCallback", "the drain callback was not attached first"
+    assert checker.saw_drain_first, "the drain callback was not attached first"
 
 
 def test_checkpoint_costs_reach_the_lightning_logger(tmp_path):
@@ -110,16 +111,24 @@ def test_checkpoint_costs_reach_the_lightning_logger(tmp_path):
     assert CheckpointFile(str(tmp_path / "epoch=1-step=15.ckpt")).manifest["metadata"] == {"step": 15}
 
 
+def _fabric(plugin):
+    """Fabric: saves from the user's own loop, which the plugin makes asynchronous."""
+    from lightning.fabric import Fabric
+
+    return Fabric(accelerator="cpu", devices=1, plugins=[plugin])
+
+
 def test_load_and_remove_wait_for_the_pending_write(tmp_path):
     plugin = AsyncCheckpointIO()
+    fabric = _fabric(plugin)
     try:
         big = {"state_dict": {"w": torch.randn(16 << 20)}, "epoch": 1}
         path = tmp_path / "a.ckpt"
-        plugin.save_checkpoint(big, path)
+        fabric.save(path, big)
         loaded = plugin.load_checkpoint(path)
         assert torch.equal(loaded["state_dict"]["w"], big["state_dict"]["w"])
 
-        plugin.save_checkpoint(big, tmp_path / "b.ckpt")
+        fabric.save(tmp_path / "b.ckpt", big)
         plugin.remove_checkpoint(tmp_path / "b.ckpt")
         plugin.wait()
         assert sorted(os.listdir(tmp_path)) == ["a.ckpt"]
@@ -184,19 +193,20 @@ def test_a_pending_save_is_waited_for_by_every_plugin_under_any_spelling_of_its_
     (tmp_path / "sub").mkdir()
     gate = tmp_path / "gate"
     writer = AsyncCheckpointIO(commit_hook=GatedCommit(tmp_path / "reached", gate))
+    fabric = _fabric(writer)
     reader = AsyncCheckpointIO()  # another plugin (another Trainer's) of the same process
     try:
         spellings = ("./model_b.ckpt", str(tmp_path / "model_b.ckpt"), "sub/../model_b.ckpt", "model_b.ckpt")
         for step, spelling in enumerate(spellings):
-            # No Trainer: asynchronous; its commit is held until the gate opens.
-            writer.save_checkpoint({"state_dict": {"w": torch.full((8,), float(step))}, "global_step": step}, "model_b.ckpt")
+            # Asynchronous (Fabric); its commit is held until the gate opens.
+            fabric.save("model_b.ckpt", {"state_dict": {"w": torch.full((8,), float(step))}, "global_step": step})
             timer = threading.Timer(0.2, gate.touch)
             timer.start()
             loaded = reader.load_checkpoint(spelling)  # waits for this save, not an older file
             timer.join()
             gate.unlink()
             assert loaded["global_step"] == step and torch.all(loaded["state_dict"]["w"] == step)
-        writer.save_checkpoint({"global_step": 9}, "model_b.ckpt")
+        fabric.save("model_b.ckpt", {"global_step": 9})
         threading.Timer(0.2, gate.touch).start()
         reader.remove_checkpoint("sub/../model_b.ckpt")  # removal waits for the pending write too
         writer.wait()
@@ -233,3 +243,15 @@ def test_attaching_the_drain_callback_during_a_hook_runs_no_hook_twice(tmp_path)
     t.fit(TinyClassifier(), tiny_data())
     assert len(saver.batches) == len(set(saver.batches)) == 2 * t.num_training_batches
     assert sorted(os.listdir(tmp_path)) == ["manual-0.ckpt", "manual-1.ckpt"]
+
+
+def test_a_direct_call_without_a_trainer_is_durable_when_it_returns(tmp_path):
+    plugin = AsyncCheckpointIO()
+    plugin.save_checkpoint({"state_dict": {"w": torch.arange(4.0)}}, tmp_path / "direct.ckpt")
+    assert torch.equal(torch.load(tmp_path / "direct.ckpt", weights_only=True)["state_dict"]["w"], torch.arange(4.0))
+    assert plugin._checkpointer is None  # no writer process was started
+
+
+def test_the_drain_callback_leaves_the_trainer_after_fit(tmp_path):
+    t, _, _ = _fit(tmp_path, [AsyncCheckpointIO()], True, max_epochs=1)
+    assert not any(type(c).__name__ == "_AsyncCheckpointCallback" for c in t.callbacks)
