@@ -31,7 +31,7 @@ class _Disabled:
     def close(self) -> None:
         """Nothing to release."""
 
-    def __enter__(self) -> "_Disabled":
+    def __enter__(self) -> _Disabled:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -73,7 +73,13 @@ def enable_async_checkpointing(
     if not isinstance(barrier_timeout_secs, int) or barrier_timeout_secs <= 0:
         raise ValueError(f"barrier_timeout_secs must be a positive int, got {barrier_timeout_secs!r}")
     config = adapter_config(
-        config, max_in_flight=max_in_flight, pin_memory=pin_memory, checksums=checksums, use_direct_io=use_direct_io,
-        io_threads=io_threads, incremental=incremental, barrier_timeout_secs=barrier_timeout_secs,
+        config,
+        max_in_flight=max_in_flight,
+        pin_memory=pin_memory,
+        checksums=checksums,
+        use_direct_io=use_direct_io,
+        io_threads=io_threads,
+        incremental=incremental,
+        barrier_timeout_secs=barrier_timeout_secs,
     )
     return AsyncSaveState(accelerator, config, commit_hook)

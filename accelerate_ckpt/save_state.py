@@ -19,8 +19,9 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,7 +130,7 @@ class _HookedMethod:
 
 def _reduce_without_hooks(accelerator: Accelerator) -> Any:
     """Pickle an accelerator as Accelerate would, minus the hook: it unpickles with its own methods."""
-    reduced = object.__reduce_ex__(accelerator, 2)
+    reduced: Any = object.__reduce_ex__(accelerator, 2)
     state = {k: v for k, v in reduced[2].items() if not isinstance(v, _HookedMethod)}
     return (reduced[0], reduced[1], state, *reduced[3:])
 
@@ -162,8 +163,12 @@ class AsyncSaveState:
 
     # -- the replacement methods
 
-    def save_state(self, output_dir: str | os.PathLike[str] | None = None, safe_serialization: bool = True,
-                   **save_model_func_kwargs: Any) -> Path:
+    def save_state(
+        self,
+        output_dir: str | os.PathLike[str] | None = None,
+        safe_serialization: bool = True,
+        **save_model_func_kwargs: Any,
+    ) -> Path:
         """Snapshot everything accelerator.save_state() saves and return; the files follow.
 
         Returns what Accelerate returns: the folder, as given (or the automatic one)."""
@@ -247,7 +252,9 @@ class AsyncSaveState:
         if not configuration.automatic_checkpoint_naming or configuration.total_limit is None:
             return
         base = os.path.dirname(final)
-        numbered = sorted((int(m.group(1)), name) for name in os.listdir(base) if (m := _CHECKPOINT_NAME.fullmatch(name)))
+        numbered = sorted(
+            (int(m.group(1)), name) for name in os.listdir(base) if (m := _CHECKPOINT_NAME.fullmatch(name))
+        )
         trash_root = os.path.join(self._accelerator.project_dir, PENDING_DIR)
         for _, name in numbered[: max(len(numbered) - configuration.total_limit, 0)]:
             logger.info("deleting checkpoint %s (total_limit=%d)", name, configuration.total_limit)
@@ -288,7 +295,7 @@ class AsyncSaveState:
                 else:
                     delattr(self._accelerator, name)  # back to the class's own method
 
-    def __enter__(self) -> "AsyncSaveState":
+    def __enter__(self) -> AsyncSaveState:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

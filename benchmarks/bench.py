@@ -27,8 +27,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -143,7 +144,7 @@ class MemorySampler:
             self.peak = max(self.peak, self._sample())
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "MemorySampler":
+    def __enter__(self) -> MemorySampler:
         self.baseline = self._sample()
         self._thread.start()
         return self
@@ -400,15 +401,26 @@ class OursAccelerate(AccelerateSaveState):
 
 def all_methods() -> list[Method]:
     return [
-        SnapshotFloor(), PersistFloor(), TorchSave(), LightningAsyncPeer(), DCPAsync("thread"),
-        DCPAsync("process"), AccelerateSaveState(), OursCore(), OursCorePrepared(), OursLightning(), OursAccelerate(),
+        SnapshotFloor(),
+        PersistFloor(),
+        TorchSave(),
+        LightningAsyncPeer(),
+        DCPAsync("thread"),
+        DCPAsync("process"),
+        AccelerateSaveState(),
+        OursCore(),
+        OursCorePrepared(),
+        OursLightning(),
+        OursAccelerate(),
     ]
 
 
 # ----------------------------------------------------------------------------- running
 
 
-def run_method(method: Method, shape: str, scale: float, reps: int, workdir: str, loop: StepLoop, base_step: float) -> dict:
+def run_method(
+    method: Method, shape: str, scale: float, reps: int, workdir: str, loop: StepLoop, base_step: float
+) -> dict:
     model, optimizer = SHAPES[shape](scale)
     state = training_state(model, optimizer)
     nbytes = nbytes_of(state)
@@ -485,7 +497,7 @@ def partial_load(shape: str, scale: float, workdir: str) -> dict:
     path = os.path.join(workdir, "partial")
     with make_sync_checkpointer() as ckpt:
         ckpt.save(path, state)
-    names = list(state["model"])[:: 10]
+    names = list(state["model"])[::10]
     target = {"model": {n: torch.empty_like(state["model"][n]) for n in names}}
     file = os.path.join(path, "checkpoint_0.pt")
     drop_cache(file)
@@ -495,9 +507,14 @@ def partial_load(shape: str, scale: float, workdir: str) -> dict:
     with open("/proc/self/io") as f:
         read = int(dict(line.split(": ") for line in f.read().splitlines())["rchar"]) - before
     shutil.rmtree(path)
-    return {"shape": shape, "tensors_requested": len(names), "tensors": len(state["model"]),
-            "bytes_read": read, "file_bytes": os.path.getsize(file) if os.path.exists(file) else None,
-            "read_fraction": read / max(1, sum(t.numel() * t.element_size() for t in state["model"].values()))}
+    return {
+        "shape": shape,
+        "tensors_requested": len(names),
+        "tensors": len(state["model"]),
+        "bytes_read": read,
+        "file_bytes": os.path.getsize(file) if os.path.exists(file) else None,
+        "read_fraction": read / max(1, sum(t.numel() * t.element_size() for t in state["model"].values())),
+    }
 
 
 def fmt(value: float | None, unit: str = "s") -> str:
@@ -521,20 +538,24 @@ def print_table(results: list[dict]) -> None:
         best_persist = min((r["persist"] for r in peers), default=None)
         gb = rows[0]["bytes"] / 1e9
         print(f"\n{shape}: {gb:.2f} GB of tensors")
-        header = (f"{'method':<32} {'block s':>8} {'first s':>8} {'persist s':>9} {'load s':>7} {'mem GB':>7} "
-                  f"{'slowdown':>9} {'block/floor':>11} {'persist/floor':>13} {'load floor/ours':>15} "
-                  f"{'block/best peer':>15} {'persist/best peer':>17}")
+        header = (
+            f"{'method':<32} {'block s':>8} {'first s':>8} {'persist s':>9} {'load s':>7} {'mem GB':>7} "
+            f"{'slowdown':>9} {'block/floor':>11} {'persist/floor':>13} {'load floor/ours':>15} "
+            f"{'block/best peer':>15} {'persist/best peer':>17}"
+        )
         print(header)
         for r in rows:
             if "error" in r:
                 print(f"{r['method']:<32} failed here: {r['error'][:120]}")
                 continue
             ratio = lambda a, b: f"{a / b:.2f}x" if a is not None and b else "-"  # noqa: E731
-            print(f"{r['method']:<32} {fmt(r['block']):>8} {fmt(r['first']):>8} {fmt(r['persist']):>9} "
-                  f"{fmt(r['load']):>7} {fmt(r['mem'], 'GB'):>7} {fmt(r['slowdown'], '%'):>9} "
-                  f"{ratio(r['block'], floor_block):>11} {ratio(r['persist'], floor_persist):>13} "
-                  f"{ratio(floor_load, r['load']):>15} {ratio(r['block'], best_block):>15} "
-                  f"{ratio(r['persist'], best_persist):>17}")
+            print(
+                f"{r['method']:<32} {fmt(r['block']):>8} {fmt(r['first']):>8} {fmt(r['persist']):>9} "
+                f"{fmt(r['load']):>7} {fmt(r['mem'], 'GB'):>7} {fmt(r['slowdown'], '%'):>9} "
+                f"{ratio(r['block'], floor_block):>11} {ratio(r['persist'], floor_persist):>13} "
+                f"{ratio(floor_load, r['load']):>15} {ratio(r['block'], best_block):>15} "
+                f"{ratio(r['persist'], best_persist):>17}"
+            )
 
 
 def _free_port() -> int:
@@ -575,17 +596,27 @@ def main() -> None:
         partial = [partial_load(shape, args.scale, workdir) for shape in args.shapes.split(",")]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-               "python": platform.python_version(), "base_step_s": base_step}
+    machine = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "base_step_s": base_step,
+    }
     print(f"machine: {machine}")
     print_table(results)
     for p in partial:
-        print(f"partial load ({p['shape']}): {p['tensors_requested']} of {p['tensors']} tensors, "
-              f"read {100 * p['read_fraction']:.1f}% of the tensor bytes")
+        print(
+            f"partial load ({p['shape']}): {p['tensors_requested']} of {p['tensors']} tensors, "
+            f"read {100 * p['read_fraction']:.1f}% of the tensor bytes"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"machine": machine, "results": results, "partial_load": partial, "reps": args.reps,
-                   "scale": args.scale}, f, indent=2)
+        json.dump(
+            {"machine": machine, "results": results, "partial_load": partial, "reps": args.reps, "scale": args.scale},
+            f,
+            indent=2,
+        )
     print(f"wrote {args.json}")
     dist.destroy_process_group()
 

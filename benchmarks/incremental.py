@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from core import CheckpointerConfig, CheckpointStagerConfig, make_async_checkpointer  # noqa: E402
+from core import CheckpointerConfig, CheckpointStagerConfig, make_async_checkpointer
 
 
 class FineTune(torch.nn.Module):
@@ -70,8 +70,14 @@ def run(method: str, backbone_mib: int, saves: int, root: str) -> dict[str, floa
             model.train_steps(optimizer)
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
             result = ckpt.save(os.path.join(root, f"{method}-{i}"), state)[1].result()
-            rows.append({"block": result.blocking_seconds, "persist": result.persist_seconds,
-                         "copied": result.copied_nbytes, "reused": result.reused_nbytes})
+            rows.append(
+                {
+                    "block": result.blocking_seconds,
+                    "persist": result.persist_seconds,
+                    "copied": result.copied_nbytes,
+                    "reused": result.reused_nbytes,
+                }
+            )
     return _medians(rows[1:])
 
 
@@ -88,18 +94,24 @@ def main() -> None:
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="bench-incremental-", dir=args.dir or os.path.dirname(os.path.abspath(__file__)))
     try:
-        results = {method: run(method, args.backbone_mib, args.saves, root)
-                   for method in ("torch.save", "async full", "incremental")}
+        results = {
+            method: run(method, args.backbone_mib, args.saves, root)
+            for method in ("torch.save", "async full", "incremental")
+        }
     finally:
         shutil.rmtree(root, ignore_errors=True)
     full = results["async full"]
-    lines = [f"frozen-backbone fine-tune, backbone {args.backbone_mib} MiB, medians of saves 2..{args.saves}, "
-             f"{platform.node()} ({os.cpu_count()} CPUs)",
-             f"{'method':<12} {'block s':>8} {'persist s':>10} {'copied MB':>10} {'reused MB':>10} "
-             f"{'block vs full':>14} {'persist vs full':>16}"]
+    lines = [
+        f"frozen-backbone fine-tune, backbone {args.backbone_mib} MiB, medians of saves 2..{args.saves}, "
+        f"{platform.node()} ({os.cpu_count()} CPUs)",
+        f"{'method':<12} {'block s':>8} {'persist s':>10} {'copied MB':>10} {'reused MB':>10} "
+        f"{'block vs full':>14} {'persist vs full':>16}",
+    ]
     for method, r in results.items():
-        lines.append(f"{method:<12} {r['block']:8.3f} {r['persist']:10.3f} {r['copied'] / 1e6:10.1f} "
-                     f"{r['reused'] / 1e6:10.1f} {r['block'] / full['block']:13.2f}x {r['persist'] / full['persist']:15.2f}x")
+        lines.append(
+            f"{method:<12} {r['block']:8.3f} {r['persist']:10.3f} {r['copied'] / 1e6:10.1f} "
+            f"{r['reused'] / 1e6:10.1f} {r['block'] / full['block']:13.2f}x {r['persist'] / full['persist']:15.2f}x"
+        )
     print("\n".join(lines))
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:

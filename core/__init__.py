@@ -23,7 +23,6 @@ from .barriers import (
 from .builder import make_async_checkpointer, make_sync_checkpointer
 from .catalog import CheckpointInfo, describe_checkpoint, find_latest, list_checkpoints, read_latest
 from .checkpointer import AsyncCheckpointer, Checkpointer, SyncCheckpointer
-from .outstanding import WriteFuture
 from .commit import COMMIT_RECORD, CommitRecord, RankFile, read_commit_record
 from .config import (
     BarrierConfig,
@@ -33,12 +32,11 @@ from .config import (
     CheckpointWriterConfig,
     RetentionConfig,
 )
-from .file_set import CommitVote, FileSetCheckpointer, NamedState
 from .errors import (
     CheckpointCommitError,
     CheckpointConfigError,
-    CheckpointError,
     CheckpointerClosedError,
+    CheckpointError,
     CheckpointNotFoundError,
     CheckpointWriteError,
     CorruptCheckpointError,
@@ -54,11 +52,13 @@ from .errors import (
     WriterStartError,
     WriterStartTimeoutError,
 )
+from .file_set import CommitVote, FileSetCheckpointer, NamedState
 from .options import adapter_config, with_slabs_per_save
+from .outstanding import WriteFuture
 from .pending import pending_writes, register_pending_write, wait_for_pending_writes
-from .publish import publish_directory
 from .process import CheckpointProcess, default_subprocess_init_fn, default_writer_init_fn
 from .protocol import RequestType, WorkerRequest, WorkerResponse
+from .publish import publish_directory
 from .reader import CheckpointReader
 from .staging import CheckpointStager, DefaultStager, StagedStateDict
 from .types import STATE_DICT, CheckpointStats, RankInfo, WriteResult
@@ -68,18 +68,76 @@ from .writer import CheckpointWriter, WriterHook
 __async_ckpt__ = True  # marks this distribution's `core`, as opposed to a user's package of that name
 
 __all__ = [
-    "AsyncCheckpointer", "BARRIER_REGISTRY", "Barrier", "BarrierConfig", "BarrierTimeoutError", "COMMIT_RECORD",
-    "CheckpointCommitError", "CheckpointConfigError", "CheckpointError", "CheckpointInfo", "CheckpointNotFoundError",
-    "CheckpointProcess", "CheckpointProcessConfig", "CheckpointReader", "CheckpointStager", "CheckpointStagerConfig",
-    "CheckpointStats", "CheckpointWriteError", "CheckpointWriter", "CheckpointWriterConfig", "Checkpointer",
-    "CheckpointerClosedError", "CheckpointerConfig", "CommitRecord", "CommitVote", "FileSetCheckpointer", "NamedState",
-    "adapter_config", "publish_directory", "with_slabs_per_save", "CorruptCheckpointError", "DefaultStager",
-    "DistBarrier", "DrainTimeoutError", "MissingKeysError", "NotACheckpointError", "RankFile", "RankInfo",
-    "RequestType", "RetentionConfig", "STATE_DICT", "StagedStateDict", "SyncCheckpointer", "TCPStoreBarrier",
-    "UncommittedCheckpointError", "UnsafeCheckpointError", "UnsupportedFormatVersionError", "UnsupportedStateError", "WorkerRequest",
-    "WorkerResponse", "WorldSizeMismatchError", "WriteFuture", "WriteResult", "WriterHook", "WriterProcessDiedError",
-    "WriterStartError", "WriterStartTimeoutError", "create_barrier_from_config", "default_subprocess_init_fn",
-    "default_writer_init_fn", "describe_checkpoint", "find_latest", "list_checkpoints", "make_async_checkpointer",
-    "make_sync_checkpointer", "pending_writes", "read_commit_record", "read_latest", "register_barrier",
-    "register_pending_write", "wait_for_pending_writes", "wrap_future",
+    "AsyncCheckpointer",
+    "BARRIER_REGISTRY",
+    "Barrier",
+    "BarrierConfig",
+    "BarrierTimeoutError",
+    "COMMIT_RECORD",
+    "CheckpointCommitError",
+    "CheckpointConfigError",
+    "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointNotFoundError",
+    "CheckpointProcess",
+    "CheckpointProcessConfig",
+    "CheckpointReader",
+    "CheckpointStager",
+    "CheckpointStagerConfig",
+    "CheckpointStats",
+    "CheckpointWriteError",
+    "CheckpointWriter",
+    "CheckpointWriterConfig",
+    "Checkpointer",
+    "CheckpointerClosedError",
+    "CheckpointerConfig",
+    "CommitRecord",
+    "CommitVote",
+    "FileSetCheckpointer",
+    "NamedState",
+    "adapter_config",
+    "publish_directory",
+    "with_slabs_per_save",
+    "CorruptCheckpointError",
+    "DefaultStager",
+    "DistBarrier",
+    "DrainTimeoutError",
+    "MissingKeysError",
+    "NotACheckpointError",
+    "RankFile",
+    "RankInfo",
+    "RequestType",
+    "RetentionConfig",
+    "STATE_DICT",
+    "StagedStateDict",
+    "SyncCheckpointer",
+    "TCPStoreBarrier",
+    "UncommittedCheckpointError",
+    "UnsafeCheckpointError",
+    "UnsupportedFormatVersionError",
+    "UnsupportedStateError",
+    "WorkerRequest",
+    "WorkerResponse",
+    "WorldSizeMismatchError",
+    "WriteFuture",
+    "WriteResult",
+    "WriterHook",
+    "WriterProcessDiedError",
+    "WriterStartError",
+    "WriterStartTimeoutError",
+    "create_barrier_from_config",
+    "default_subprocess_init_fn",
+    "default_writer_init_fn",
+    "describe_checkpoint",
+    "find_latest",
+    "list_checkpoints",
+    "make_async_checkpointer",
+    "make_sync_checkpointer",
+    "pending_writes",
+    "read_commit_record",
+    "read_latest",
+    "register_barrier",
+    "register_pending_write",
+    "wait_for_pending_writes",
+    "wrap_future",
 ]

@@ -25,7 +25,7 @@ from .types import RankInfo, default_rank_info
 
 logger = logging.getLogger(__name__)
 
-BARRIER_REGISTRY: dict[str, type["Barrier"]] = {}
+BARRIER_REGISTRY: dict[str, type[Barrier]] = {}
 _B = TypeVar("_B", bound=type)
 
 
@@ -36,7 +36,7 @@ def register_barrier(barrier_class_or_name: Any) -> Any:
         name = barrier_class_or_name
 
         def register(cls: _B) -> _B:
-            BARRIER_REGISTRY[name] = cls  # type: ignore[assignment]
+            BARRIER_REGISTRY[name] = cls
             return cls
 
         return register
@@ -52,7 +52,7 @@ def create_barrier_from_config(
     *,
     in_writer_process: bool = False,
     timeout_secs: float | None = None,
-) -> "Barrier | None":
+) -> Barrier | None:
     """The barrier `barrier_config` names, built with its arguments, or None for no barrier.
 
     "auto" resolves as BarrierConfig says; our barriers get rank, world size and timeout from
@@ -228,4 +228,3 @@ class TCPStoreBarrier(Barrier):
                 f"ranks {missing} of {self._world_size} did not arrive ({exc})"
             ) from exc
         return [json.loads(store.get(key)) for key in keys]
-

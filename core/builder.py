@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .barriers import create_barrier_from_config
 from .checkpointer import AsyncCheckpointer, SyncCheckpointer
@@ -15,7 +16,6 @@ from .reader import CheckpointReader
 from .staging import DefaultStager
 from .types import RankInfo, default_rank_info
 from .writer import CheckpointWriter, WriterHook
-
 
 _async_checkpointers_made = itertools.count()
 
@@ -39,7 +39,9 @@ def make_sync_checkpointer(
     config = config or CheckpointerConfig()
     rank_info = rank_info or default_rank_info()
     barrier = create_barrier_from_config(
-        config.barrier_config, rank_info, in_writer_process=False,
+        config.barrier_config,
+        rank_info,
+        in_writer_process=False,
         timeout_secs=config.writer_config.write_barrier_timeout_secs,
     )
     writer = CheckpointWriter(config.writer_config, rank_info, barrier, commit_hook)

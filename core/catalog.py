@@ -14,11 +14,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .checkpoint_file import CheckpointFile
 from .commit import COMMIT_RECORD, read_commit_record
+from .errors import CheckpointError, NotACheckpointError
 from .fsutil import TEMPORARY_PREFIX
 from .reader import structure_problem
-from .errors import CheckpointError, NotACheckpointError
-from .checkpoint_file import CheckpointFile
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +64,14 @@ def describe_checkpoint(path: str, deep: bool = False) -> CheckpointInfo:
 
 
 def _describe_directory(path: str, deep: bool) -> CheckpointInfo:
-    sizes = {name: os.path.getsize(os.path.join(path, name)) for name in os.listdir(path)
-             if os.path.isfile(os.path.join(path, name)) and not name.startswith(".")}
-    info = CheckpointInfo(path, "directory", False, None, sum(sizes.values()), None, step_from_name(os.path.basename(path)))
+    sizes = {
+        name: os.path.getsize(os.path.join(path, name))
+        for name in os.listdir(path)
+        if os.path.isfile(os.path.join(path, name)) and not name.startswith(".")
+    }
+    info = CheckpointInfo(
+        path, "directory", False, None, sum(sizes.values()), None, step_from_name(os.path.basename(path))
+    )
     if not os.path.exists(os.path.join(path, COMMIT_RECORD)):
         info.reason = f"not committed (no {COMMIT_RECORD})"
         return info
@@ -89,7 +94,9 @@ def _describe_directory(path: str, deep: bool) -> CheckpointInfo:
 
 
 def _describe_file(path: str, deep: bool) -> CheckpointInfo:
-    info = CheckpointInfo(path, "file", False, None, os.path.getsize(path), None, step_from_name(os.path.basename(path)))
+    info = CheckpointInfo(
+        path, "file", False, None, os.path.getsize(path), None, step_from_name(os.path.basename(path))
+    )
     try:
         ckpt = CheckpointFile(path)
     except NotACheckpointError:
@@ -147,9 +154,7 @@ def list_checkpoints(root: str, deep: bool = False) -> list[CheckpointInfo]:
         if name.startswith(".") or os.path.islink(path):
             continue
         try:
-            if os.path.isfile(path):
-                found.append(describe_checkpoint(path, deep))
-            elif os.path.isdir(path) and _looks_like_checkpoint_dir(path):
+            if os.path.isfile(path) or os.path.isdir(path) and _looks_like_checkpoint_dir(path):
                 found.append(describe_checkpoint(path, deep))
         except NotACheckpointError:
             continue  # hparams.yaml, logs and the like

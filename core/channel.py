@@ -91,7 +91,9 @@ class Channel:
         return pickle.loads(data), fds
 
     def _recv_exactly(self, nbytes: int, want_fds: bool) -> tuple[bytes, list[int]]:
-        chunks, fds, got = [], [], 0
+        chunks: list[bytes] = []
+        fds: list[int] = []
+        got = 0
         while got < nbytes:
             space = socket.CMSG_SPACE(_FDS_PER_MESSAGE * 4) if want_fds and not fds else 0
             try:

@@ -67,7 +67,9 @@ class CheckpointFile:
         except (RuntimeError, ValueError, TypeError) as exc:
             raise CorruptCheckpointError(f"checkpoint {self.path!r}: its manifest is unreadable ({exc})") from None
         if manifest.get("format") != FORMAT_NAME:
-            raise CorruptCheckpointError(f"checkpoint {self.path!r}: its manifest names format {manifest.get('format')!r}")
+            raise CorruptCheckpointError(
+                f"checkpoint {self.path!r}: its manifest names format {manifest.get('format')!r}"
+            )
         if version > FORMAT_VERSION:
             raise UnsupportedFormatVersionError(
                 f"checkpoint {self.path!r} has format version {version}, newer than the "
@@ -103,14 +105,16 @@ class CheckpointFile:
         return data
 
     def storage_offset(self, key: str) -> int:
-        return self._zip.get_record_offset(f"data/{key}")
+        return self._zip.get_record_offset(f"data/{key}")  # type: ignore[attr-defined]
 
     def _digests(self, key: str) -> list[str]:
         assert self.manifest is not None
         try:
             return list(self.manifest["storages"][key]["digests"])
         except (KeyError, TypeError):
-            raise CorruptCheckpointError(f"checkpoint {self.path!r}: its manifest has no checksums for data/{key}") from None
+            raise CorruptCheckpointError(
+                f"checkpoint {self.path!r}: its manifest has no checksums for data/{key}"
+            ) from None
 
     def read_storage(self, fd: int, key: str, dest: torch.Tensor, verify: bool = True) -> bool:
         """Fill `dest` (CPU uint8) with storage `key`; False when verified bytes fail their checksum."""

@@ -9,7 +9,6 @@ import os
 import threading
 import time
 from concurrent.futures import Future
-from concurrent.futures import wait as wait_futures
 from typing import Any
 
 from . import drain
@@ -51,14 +50,14 @@ class Checkpointer(abc.ABC):
         (load another rank's file of a directory checkpoint; see CheckpointReader.read).
         """
 
-    def wait(self) -> None:
+    def wait(self) -> None:  # noqa: B027 - a synchronous checkpointer has nothing to wait for
         """Block until every save issued so far is committed; raise the first unreported error."""
 
     @abc.abstractmethod
     def close(self) -> None:
         """Finish outstanding work and release every resource; idempotent."""
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -69,7 +68,11 @@ def _record(stats: CheckpointStats, result: WriteResult) -> None:
     stats.record(result)
     logger.info(
         "checkpoint %s: blocked %.3f s, %.1f MB durable after %.3f s (written at %.2f GB/s%s)",
-        result.path, result.blocking_seconds, result.nbytes / 1e6, result.persist_seconds, result.throughput_gbps,
+        result.path,
+        result.blocking_seconds,
+        result.nbytes / 1e6,
+        result.persist_seconds,
+        result.throughput_gbps,
         f", {result.reused_nbytes / 1e6:.1f} MB reused" if result.reused_nbytes else "",
     )
 
@@ -100,13 +103,23 @@ class SyncCheckpointer(Checkpointer):
         result = self._writer.write(path, state_dict, **kwargs)
         if isinstance(result, WriteResult):
             elapsed = time.perf_counter() - start
-            _record(self.stats, dataclasses.replace(
-                result, blocking_seconds=elapsed, persist_seconds=elapsed, copied_nbytes=result.nbytes
-            ))
+            _record(
+                self.stats,
+                dataclasses.replace(
+                    result, blocking_seconds=elapsed, persist_seconds=elapsed, copied_nbytes=result.nbytes
+                ),
+            )
         return None
 
-    def load(self, path: str, state_dict: STATE_DICT | None = None, *, default_map_location: Any = None,
-             strict: bool = False, **kwargs: Any) -> STATE_DICT:
+    def load(
+        self,
+        path: str,
+        state_dict: STATE_DICT | None = None,
+        *,
+        default_map_location: Any = None,
+        strict: bool = False,
+        **kwargs: Any,
+    ) -> STATE_DICT:
         return _load(self._reader, path, state_dict, default_map_location, strict, **kwargs)
 
     def close(self) -> None:
@@ -144,7 +157,9 @@ class AsyncCheckpointer(Checkpointer):
         if not isinstance(process_config, CheckpointProcessConfig):
             process_config = CheckpointProcessConfig()
         self._drain_timeout = drain_timeout_secs or process_config.drain_timeout_secs
-        self._sigterm_drain_secs = process_config.sigterm_drain_secs if sigterm_drain_secs is None else sigterm_drain_secs
+        self._sigterm_drain_secs = (
+            process_config.sigterm_drain_secs if sigterm_drain_secs is None else sigterm_drain_secs
+        )
         self._owner_pid = os.getpid()
         self._lock = threading.Lock()  # stats
         self._writes = OutstandingWrites()
@@ -219,18 +234,21 @@ class AsyncCheckpointer(Checkpointer):
         lease = getattr(staged, "lease", None)
         with sigint_deferred():
             held = lease is not None and lease.hold()  # the stager must not reuse the slab while it is written
+
+            def release() -> None:
+                if held and lease is not None:
+                    lease.release()
+
             try:
                 written = self._process.write(staged, path, **kwargs)
             except BaseException as exc:
-                if held:
-                    lease.release()
+                release()
                 write_future.observed = True
                 settle(write_future, error=exc)
                 raise
 
             def finish(done: Future) -> None:
-                if held:
-                    lease.release()
+                release()
                 error = done.exception()
                 if error is not None:
                     settle(write_future, error=error)
@@ -280,21 +298,22 @@ class AsyncCheckpointer(Checkpointer):
         self._writes.raise_unseen()
 
     def wait_for_path(self, path: str) -> None:
-        """Block until every pending write to `path` (any spelling), by any checkpointer of the process, has finished."""
+        """Block until every pending write to `path` (any spelling), by any checkpointer of the process, is done."""
         wait_for_pending_writes(path)
 
     def drain_for_signal(self) -> None:
         """Wait up to sigterm_drain_secs for pending writes; called from the SIGTERM handler."""
-        # No locks: the code the signal interrupted may hold them.
-        pending = self._writes.futures()
-        if pending and self._sigterm_drain_secs > 0:
-            logger.warning("SIGTERM: waiting up to %.0f s for %d checkpoint write(s)", self._sigterm_drain_secs, len(pending))
-            _, not_done = wait_futures(pending, timeout=self._sigterm_drain_secs)
-            if not_done:
-                logger.error("SIGTERM: %d checkpoint write(s) did not finish in time", len(not_done))
+        self._writes.wait_for_signal(self._sigterm_drain_secs)
 
-    def load(self, path: str, state_dict: STATE_DICT | None = None, *, default_map_location: Any = None,
-             strict: bool = False, **kwargs: Any) -> STATE_DICT:
+    def load(
+        self,
+        path: str,
+        state_dict: STATE_DICT | None = None,
+        *,
+        default_map_location: Any = None,
+        strict: bool = False,
+        **kwargs: Any,
+    ) -> STATE_DICT:
         """Load `path` after any pending write to it has finished (see Checkpointer.load)."""
         return _load(self._reader, path, state_dict, default_map_location, strict, **kwargs)
 

@@ -13,7 +13,8 @@ import datetime
 import json
 import math
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -42,8 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core", description="Inspect and verify async-ckpt checkpoints.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, run: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help)
+    def command(name: str, run: Callable[[argparse.Namespace], int], summary: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=summary)
         sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
         sub.set_defaults(run=run)
         return sub
@@ -73,22 +74,32 @@ def _ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return EXIT_OK
-    table = [[
-        row["name"] + (" -> latest" if row["latest"] else ""),
-        "" if row["step"] is None else str(row["step"]),
-        _size(row["nbytes"]),
-        _time(row["committed_at"]),
-        "complete" if row["complete"] else f"INCOMPLETE: {row['reason']}",
-    ] for row in rows]
+    table = [
+        [
+            row["name"] + (" -> latest" if row["latest"] else ""),
+            "" if row["step"] is None else str(row["step"]),
+            _size(row["nbytes"]),
+            _time(row["committed_at"]),
+            "complete" if row["complete"] else f"INCOMPLETE: {row['reason']}",
+        ]
+        for row in rows
+    ]
     _print_table(["name", "step", "size", "committed", "status"], table)
     return EXIT_OK
 
 
 def _info_json(info: CheckpointInfo) -> dict[str, Any]:
     return {
-        "name": info.name, "path": info.path, "kind": info.kind, "step": info.step, "nbytes": info.nbytes,
-        "committed_at": info.committed_at, "complete": info.complete, "reason": info.reason,
-        "world_size": info.world_size, "metadata": info.metadata,
+        "name": info.name,
+        "path": info.path,
+        "kind": info.kind,
+        "step": info.step,
+        "nbytes": info.nbytes,
+        "committed_at": info.committed_at,
+        "complete": info.complete,
+        "reason": info.reason,
+        "world_size": info.world_size,
+        "metadata": info.metadata,
     }
 
 
@@ -107,8 +118,10 @@ def _inspect(args: argparse.Namespace) -> int:
         group["tensors"] += 1
         group["nbytes"] += _nbytes(tensor)
     report = _info_json(info) | {
-        "tensors": [{"key": k, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "nbytes": _nbytes(t)}
-                    for k, t in tensors.items()],
+        "tensors": [
+            {"key": k, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "nbytes": _nbytes(t)}
+            for k, t in tensors.items()
+        ],
         "groups": groups,
         "values": {k: _short_repr(v) for k, v in values.items()},
     }
@@ -120,8 +133,10 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"\n{len(tensors)} tensors, {_size(sum(g['nbytes'] for g in groups.values()))} of tensor data\n")
     _print_table(["group", "tensors", "bytes"], [[g, str(v["tensors"]), _size(v["nbytes"])] for g, v in groups.items()])
     print()
-    _print_table(["key", "shape", "dtype", "bytes"],
-                 [[t["key"], str(tuple(t["shape"])), t["dtype"], _size(t["nbytes"])] for t in report["tensors"]])
+    _print_table(
+        ["key", "shape", "dtype", "bytes"],
+        [[t["key"], str(tuple(t["shape"])), t["dtype"], _size(t["nbytes"])] for t in report["tensors"]],
+    )
     if values:
         print()
         _print_table(["key", "value"], [[k, v] for k, v in report["values"].items()])
@@ -163,7 +178,10 @@ def _verify(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=1))
     else:
         for result in results:
-            print(f"{'OK     ' if result['ok'] else 'DAMAGED'} {result['path']}" + (f": {result['reason']}" if result["reason"] else ""))
+            print(
+                f"{'OK     ' if result['ok'] else 'DAMAGED'} {result['path']}"
+                + (f": {result['reason']}" if result["reason"] else "")
+            )
     return EXIT_OK if all(r["ok"] for r in results) else EXIT_DIFFERENT
 
 
@@ -182,20 +200,30 @@ def _diff(args: argparse.Namespace) -> int:
         else:
             changed.append({"key": key, **change})
     report = {
-        "a": args.a, "b": args.b, "unchanged": unchanged, "changed": changed,
-        "only_in_a": [k for k in a if k not in b], "only_in_b": [k for k in b if k not in a],
+        "a": args.a,
+        "b": args.b,
+        "unchanged": unchanged,
+        "changed": changed,
+        "only_in_a": [k for k in a if k not in b],
+        "only_in_b": [k for k in b if k not in a],
     }
     same = not (changed or report["only_in_a"] or report["only_in_b"])
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"{unchanged} unchanged, {len(changed)} changed, {len(report['only_in_a'])} only in a, "
-              f"{len(report['only_in_b'])} only in b")
+        print(
+            f"{unchanged} unchanged, {len(changed)} changed, {len(report['only_in_a'])} only in a, "
+            f"{len(report['only_in_b'])} only in b"
+        )
         if changed:
             print()
-            _print_table(["key", "change", "max |a-b|", "|a-b| / |a|"], [
-                [c["key"], c["kind"], _number(c.get("max_abs_diff")), _number(c.get("relative_change"))] for c in changed
-            ])
+            _print_table(
+                ["key", "change", "max |a-b|", "|a-b| / |a|"],
+                [
+                    [c["key"], c["kind"], _number(c.get("max_abs_diff")), _number(c.get("relative_change"))]
+                    for c in changed
+                ],
+            )
         for side in ("only_in_a", "only_in_b"):
             for key in report[side]:
                 print(f"{side.replace('_', ' ')}: {key}")
@@ -214,8 +242,11 @@ def _compare(a: Any, b: Any) -> dict[str, Any] | None:
         wide = torch.complex128 if a.dtype.is_complex else torch.float64
         difference = b.to(wide) - a.to(wide)
         scale = float(torch.linalg.vector_norm(a.to(wide)))
-        return {"kind": "values", "max_abs_diff": float(difference.abs().max()),
-                "relative_change": float(torch.linalg.vector_norm(difference)) / scale if scale > 0 else math.inf}
+        return {
+            "kind": "values",
+            "max_abs_diff": float(difference.abs().max()),
+            "relative_change": float(torch.linalg.vector_norm(difference)) / scale if scale > 0 else math.inf,
+        }
     if type(a) is not type(b) or isinstance(a, torch.Tensor) or a != b:
         return {"kind": f"{_short_repr(a, 30)} -> {_short_repr(b, 30)}"}
     return None
@@ -231,11 +262,12 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 
 
 def _size(nbytes: int) -> str:
+    size = float(nbytes)
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.1f} TiB"
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
 
 
 def _time(timestamp: float | None) -> str:

@@ -53,7 +53,7 @@ class CommitRecord:
         return json.dumps({"format": COMMIT_FORMAT, "version": COMMIT_VERSION, **record}, indent=1)
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> "CommitRecord":
+    def from_json(cls, text: str, where: str) -> CommitRecord:
         try:
             raw = json.loads(text)
             if not isinstance(raw, dict):
@@ -62,11 +62,16 @@ class CommitRecord:
                 raise ValueError(f"format is {raw.get('format')!r}, not {COMMIT_FORMAT!r}")
             files = tuple(RankFile(**entry) for entry in raw["files"])
             record = cls(
-                int(raw["world_size"]), files, float(raw["committed_at"]), dict(raw.get("metadata") or {}),
+                int(raw["world_size"]),
+                files,
+                float(raw["committed_at"]),
+                dict(raw.get("metadata") or {}),
                 bool(raw.get("shared_filesystem", True)),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CorruptCheckpointError(f"commit record {where!r} is damaged ({exc}); use an earlier checkpoint") from None
+            raise CorruptCheckpointError(
+                f"commit record {where!r} is damaged ({exc}); use an earlier checkpoint"
+            ) from None
         if [f.rank for f in files] != list(range(record.world_size)):
             raise CorruptCheckpointError(f"commit record {where!r} does not list one file per rank")
         return record

@@ -90,8 +90,14 @@ class RetentionConfig:
     update_latest: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.keep_last is None or self.keep_last >= 1, f"RetentionConfig.keep_last must be >= 1 or None, got {self.keep_last}")
-        _require(self.keep_every is None or self.keep_every >= 1, f"RetentionConfig.keep_every must be >= 1 or None, got {self.keep_every}")
+        _require(
+            self.keep_last is None or self.keep_last >= 1,
+            f"RetentionConfig.keep_last must be >= 1 or None, got {self.keep_last}",
+        )
+        _require(
+            self.keep_every is None or self.keep_every >= 1,
+            f"RetentionConfig.keep_every must be >= 1 or None, got {self.keep_every}",
+        )
 
 
 @dataclass

@@ -26,7 +26,7 @@ class Drainable(Protocol):
         """Wait, within the object's own deadline and without taking locks, for pending saves."""
 
 
-_registered: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_registered: weakref.WeakSet[Any] = weakref.WeakSet()
 _previous_sigterm: Any = None
 _sigterm_installed = False
 

@@ -13,9 +13,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from . import drain
 from .barriers import TCPStoreBarrier
@@ -54,7 +55,9 @@ class CommitVote:
         self._name = name
         self._barrier = None
         if world_size > 1:
-            self._barrier = TCPStoreBarrier(rank, world_size, barrier_prefix=f"async_ckpt/file_set/{name}", timeout_secs=timeout_secs)
+            self._barrier = TCPStoreBarrier(
+                rank, world_size, barrier_prefix=f"async_ckpt/file_set/{name}", timeout_secs=timeout_secs
+            )
 
     def cast(self, ok: bool) -> bool:
         """Vote, wait for every rank's vote, and return whether all of them were yes."""
@@ -138,8 +141,12 @@ class FileSetCheckpointer:
             self._remove_staging(staging, writes)
             raise
         self._generation += 1
-        vote = CommitVote(self._rank, self._world_size, f"{os.path.basename(final)}#{self._generation}",
-                          self._config.writer_config.write_barrier_timeout_secs)
+        vote = CommitVote(
+            self._rank,
+            self._world_size,
+            f"{os.path.basename(final)}#{self._generation}",
+            self._config.writer_config.write_barrier_timeout_secs,
+        )
         save = _Save(final, staging, publishes, vote, start, time.perf_counter() - start, after_publish)
         assert self._committer is not None
         self._committer.submit(self._commit, save, writes, future)
@@ -161,7 +168,10 @@ class FileSetCheckpointer:
         self.stats.record(result)
         logger.info(
             "checkpoint %s committed: blocked %.3f s, %.1f MB durable after %.3f s",
-            save.final, result.blocking_seconds, result.nbytes / 1e6, result.persist_seconds,
+            save.final,
+            result.blocking_seconds,
+            result.nbytes / 1e6,
+            result.persist_seconds,
         )
         for callback in self.on_committed:
             callback(result)
@@ -182,7 +192,9 @@ class FileSetCheckpointer:
         if failure is not None:
             raise failure
         if not all_ok:
-            raise CheckpointWriteError(f"checkpoint {save.final} was not committed: another rank failed to write its files")
+            raise CheckpointWriteError(
+                f"checkpoint {save.final} was not committed: another rank failed to write its files"
+            )
         written = [f.result() for f in writes]
         return WriteResult(
             path=save.final,
@@ -211,7 +223,7 @@ class FileSetCheckpointer:
 
     def drain_for_signal(self) -> None:
         """Wait up to sigterm_drain_secs for pending saves; called from the SIGTERM handler."""
-        self._writes.wait(self._config.process_config.sigterm_drain_secs)
+        self._writes.wait_for_signal(self._config.process_config.sigterm_drain_secs)
 
     def release(self) -> None:
         """Drain (at most drain_timeout_secs), then stop the writer process; the next save starts a new one."""

@@ -17,9 +17,10 @@ import struct
 import sys
 import zipfile
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -84,16 +85,21 @@ def _write_skeleton(path: str, data_pkl: bytes, storage_sizes: Sequence[int], ma
     """Every record but the storages' bytes; returns each record's data offset ("0", "1", ..., manifest)."""
     writer = torch._C.PyTorchFileWriter(path, True, STORAGE_ALIGNMENT)
     writer.write_record("data.pkl", data_pkl, len(data_pkl))
-    for name, value in ((".format_version", "1"), (".storage_alignment", str(STORAGE_ALIGNMENT)), ("byteorder", sys.byteorder)):
-        writer.write_record(name, value, len(value))
+    for name, value in (
+        (".format_version", "1"),
+        (".storage_alignment", str(STORAGE_ALIGNMENT)),
+        ("byteorder", sys.byteorder),
+    ):
+        writer.write_record(name, value, len(value))  # type: ignore[arg-type]  # str records, as torch.save writes
     for key, nbytes in enumerate(storage_sizes):
-        writer.write_record_metadata(f"data/{key}", nbytes)
+        writer.write_record_metadata(f"data/{key}", nbytes)  # type: ignore[attr-defined]  # no stub for it
     writer.write_record(MANIFEST_RECORD, manifest, len(manifest))
     writer.write_end_of_file()
     del writer
     reader = torch._C.PyTorchFileReader(path)
-    offsets = {str(key): reader.get_record_offset(f"data/{key}") for key in range(len(storage_sizes))}
-    offsets[MANIFEST_RECORD] = reader.get_record_offset(MANIFEST_RECORD)
+    record_offset = reader.get_record_offset  # type: ignore[attr-defined]  # no stub for it
+    offsets = {str(key): record_offset(f"data/{key}") for key in range(len(storage_sizes))}
+    offsets[MANIFEST_RECORD] = record_offset(MANIFEST_RECORD)
     return offsets
 
 
@@ -110,7 +116,15 @@ def _chunks(
         known = known_digests[index] if known_digests else None
         for n, (start, size) in enumerate(chunk_ranges(data.numel(), chunk_bytes)):
             chunks.append(
-                Chunk(key, n, offsets[key] + start, data[start : start + size], start, known[n] if known else None, previous.get(key))
+                Chunk(
+                    key,
+                    n,
+                    offsets[key] + start,
+                    data[start : start + size],
+                    start,
+                    known[n] if known else None,
+                    previous.get(key),
+                )
             )
     return chunks
 
@@ -132,7 +146,7 @@ def _patch_crc(fd: int, path: str, record: str, old: int, new: int) -> None:
     name = f"{_archive_name(path)}/{record}"
     with zipfile.ZipFile(path) as archive:
         info = archive.getinfo(name)
-        central_start = archive.start_dir  # type: ignore[attr-defined]
+        central_start = archive.start_dir
     old_bytes, new_bytes = struct.pack("<I", old), struct.pack("<I", new)
     header = os.pread(fd, 30, info.header_offset)
     name_length, extra_length = struct.unpack("<HH", header[26:30])

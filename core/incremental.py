@@ -37,6 +37,7 @@ class PreviousFiles:
         self._forget(lineage.name)
         if not ckpt.verifiable:
             return
+        assert ckpt.manifest is not None
         fd = os.open(path, os.O_RDONLY)
         self._files[lineage.name] = (
             lineage.sequence,

@@ -13,8 +13,8 @@ import contextlib
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from types import FrameType
-from typing import Iterator
 
 
 @contextlib.contextmanager

@@ -9,8 +9,9 @@ placeholders of the final width), so it is filled in place afterwards.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from concurrent.futures import Executor
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import xxhash
@@ -33,7 +34,9 @@ def chunk_ranges(nbytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
     return [(start, min(chunk_bytes, nbytes - start)) for start in range(0, nbytes, chunk_bytes)]
 
 
-def chunk_digests(tensors: Sequence[torch.Tensor], chunk_bytes: int, executor: Executor | None = None) -> list[list[str]]:
+def chunk_digests(
+    tensors: Sequence[torch.Tensor], chunk_bytes: int, executor: Executor | None = None
+) -> list[list[str]]:
     """The manifest's digests of CPU uint8 tensors, one list per tensor with one digest per
     chunk; every chunk of every tensor hashed in parallel on `executor` (xxh3 releases the GIL)."""
     parts, owners = [], []

@@ -25,9 +25,9 @@ def adapter_config(
     """The configuration an adapter saves with: `config` when given (its writer layout set to
     "file", the caller's object left as it was), else one built from the options."""
     if config is None:
-        for name, value in (("checksums", checksums), ("use_direct_io", use_direct_io), ("incremental", incremental)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be True or False, got {value!r}")
+        for name, flag in (("checksums", checksums), ("use_direct_io", use_direct_io), ("incremental", incremental)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         if pin_memory is not None and not isinstance(pin_memory, bool):
             raise TypeError(f"pin_memory must be True, False or None, got {pin_memory!r}")
         for name, value in (("io_threads", io_threads), ("barrier_timeout_secs", barrier_timeout_secs)):
@@ -35,7 +35,9 @@ def adapter_config(
                 raise TypeError(f"{name} must be an int, got {value!r}")
         config = CheckpointerConfig(
             writer_config=CheckpointWriterConfig(
-                checksums=checksums, use_direct_io=use_direct_io, io_threads=io_threads,
+                checksums=checksums,
+                use_direct_io=use_direct_io,
+                io_threads=io_threads,
                 write_barrier_timeout_secs=barrier_timeout_secs,
             ),
             staging_config=CheckpointStagerConfig(
@@ -50,5 +52,6 @@ def with_slabs_per_save(config: CheckpointerConfig, files_per_save: int) -> Chec
     (every file of a save holds a staging slab of its own); everything else kept."""
     staging = config.staging_config
     return dataclasses.replace(
-        config, staging_config=dataclasses.replace(staging, max_in_flight=staging.max_in_flight * max(files_per_save, 1))
+        config,
+        staging_config=dataclasses.replace(staging, max_in_flight=staging.max_in_flight * max(files_per_save, 1)),
     )

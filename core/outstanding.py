@@ -77,7 +77,7 @@ class OutstandingWrites:
     def _finished(self, future: Future) -> None:
         with self._lock:
             write = self._writes.pop(future, None)
-            error = future._exception  # type: ignore[attr-defined]  # not exception(): that counts as looking
+            error = future._exception  # not exception(): that counts as looking
             if write is not None and write.report_errors and isinstance(error, Exception):
                 self._failed.append(future)  # type: ignore[arg-type]
 
@@ -98,6 +98,22 @@ class OutstandingWrites:
         _, not_done = wait_futures(self.futures(), timeout=timeout)
         return not not_done
 
+    def wait_for_signal(self, timeout: float) -> None:
+        """wait(), from a signal handler: without the lock, which the interrupted code may hold."""
+        for _ in range(100):
+            try:
+                pending = list(self._writes)
+                break
+            except RuntimeError:  # changed size during iteration: another thread finished a write
+                continue
+        else:
+            return
+        if pending and timeout > 0:
+            logger.warning("SIGTERM: waiting up to %.0f s for %d checkpoint write(s)", timeout, len(pending))
+            _, not_done = wait_futures(pending, timeout=timeout)
+            if not_done:
+                logger.error("SIGTERM: %d checkpoint write(s) did not finish in time", len(not_done))
+
     def give_up_after(self, timeout: float) -> None:
         """Wait up to `timeout`; fail what is still running with DrainTimeoutError naming its path."""
         with self._lock:
@@ -106,9 +122,14 @@ class OutstandingWrites:
         if not not_done:
             return
         paths = sorted(writes[f].path for f in not_done)
-        logger.error("gave up after %.0f s waiting for checkpoint write(s) to %s; they are not committed", timeout, paths)
+        logger.error(
+            "gave up after %.0f s waiting for checkpoint write(s) to %s; they are not committed", timeout, paths
+        )
         for future in not_done:
-            settle(future, error=DrainTimeoutError(
-                f"gave up waiting for the checkpoint write to {writes[future].path!r} after {timeout:.0f} s "
-                "(CheckpointProcessConfig.drain_timeout_secs); it was not committed"
-            ))
+            settle(
+                future,
+                error=DrainTimeoutError(
+                    f"gave up waiting for the checkpoint write to {writes[future].path!r} after {timeout:.0f} s "
+                    "(CheckpointProcessConfig.drain_timeout_secs); it was not committed"
+                ),
+            )

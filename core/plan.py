@@ -21,8 +21,9 @@ import json
 import pickle
 import struct
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -97,7 +98,7 @@ class _StorageRef:
         self.key, self.storage_type, self.numel = key, storage_type, numel
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dtypes_of_legacy_storage_types() -> dict[Any, torch.dtype]:
     return {getattr(torch, name): dtype for dtype, name in torch.storage._dtype_to_storage_type_map().items()}
 
@@ -111,7 +112,7 @@ def storage_dtype(storage_type: Any) -> torch.dtype:
     return legacy if legacy is not None else storage_type.dtype
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _legacy_storage_type(dtype: torch.dtype) -> Any:
     """The storage class torch.save names for `dtype` (UntypedStorage for newer dtypes)."""
     if dtype in torch.storage._new_dtypes():
@@ -137,8 +138,23 @@ def _check_tensor(tensor: torch.Tensor) -> None:
 
 
 _PLAIN_TYPES = frozenset(
-    {str, int, float, bool, type(None), tuple, list, dict, OrderedDict, bytes, torch.Tensor, torch.nn.Parameter,
-     torch.dtype, torch.device, torch.Size}
+    {
+        str,
+        int,
+        float,
+        bool,
+        type(None),
+        tuple,
+        list,
+        dict,
+        OrderedDict,
+        bytes,
+        torch.Tensor,
+        torch.nn.Parameter,
+        torch.dtype,
+        torch.device,
+        torch.Size,
+    }
 )
 
 
@@ -158,7 +174,9 @@ class _CapturePickler(pickle.Pickler):
         identity = (str(storage.device), storage._cdata)
         if identity not in self._refs:
             storage_type = _legacy_storage_type(tensor.dtype)
-            numel = storage.nbytes() if storage_type is torch.UntypedStorage else storage.nbytes() // tensor.element_size()
+            numel = (
+                storage.nbytes() if storage_type is torch.UntypedStorage else storage.nbytes() // tensor.element_size()
+            )
             self._refs[identity] = (_StorageRef(str(len(self.storages)), storage_type, numel), tensor.dtype)
             self.storages.append(storage)
         ref, dtype = self._refs[identity]
@@ -173,12 +191,18 @@ class _CapturePickler(pickle.Pickler):
         """torch.save's reduction of a dense tensor (Tensor.__reduce_ex__), storages by reference."""
         _check_tensor(tensor)
         ref = self._storage_ref(tensor)
-        args: tuple = (ref, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.requires_grad, OrderedDict())
+        args: tuple = (
+            ref,
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.stride(),
+            tensor.requires_grad,
+            OrderedDict(),
+        )
         metadata = torch._utils.get_tensor_metadata(tensor)  # the conjugate and negative bits
+        rebuild: Any = torch._utils._rebuild_tensor_v2
         if ref.storage_type is torch.UntypedStorage:
             rebuild, args = torch._utils._rebuild_tensor_v3, (*args, tensor.dtype)
-        else:
-            rebuild = torch._utils._rebuild_tensor_v2
         if metadata:
             args = (*args, metadata)
         state = torch._utils._get_obj_state(tensor)
@@ -189,7 +213,12 @@ class _CapturePickler(pickle.Pickler):
     def _reduce_parameter(self, parameter: torch.nn.Parameter) -> tuple:
         state = torch._utils._get_obj_state(parameter)
         if state:
-            return torch._utils._rebuild_parameter_with_state, (parameter.data, parameter.requires_grad, OrderedDict(), state)
+            return torch._utils._rebuild_parameter_with_state, (
+                parameter.data,
+                parameter.requires_grad,
+                OrderedDict(),
+                state,
+            )
         return torch._utils._rebuild_parameter, (parameter.data, parameter.requires_grad, OrderedDict())
 
     def persistent_id(self, obj: Any) -> Any:
@@ -279,8 +308,13 @@ def capture_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, st
             raise UnsupportedStateError(f"safetensors cannot store {name!r} of dtype {tensor.dtype}")
         tensor = tensor.detach().contiguous()
         nbytes = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": codes[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
-        sources.append(_bytes_of(tensor.untyped_storage(), tensor.storage_offset() * tensor.element_size(), nbytes))
+        header[name] = {
+            "dtype": codes[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        start = int(tensor.storage_offset()) * tensor.element_size()
+        sources.append(_bytes_of(tensor.untyped_storage(), start, nbytes))
         offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     padded = round_up(8 + len(text)) - 8
@@ -324,7 +358,10 @@ class PlanCache:
                 sources = [_bytes_of(storage, 0, storage.nbytes()) for storage in storages]
                 return CapturedState(plan=dataclasses.replace(cached.plan), sources=sources)
         captured = capture_torch(state_dict)
-        self._cached = [*self._cached[-(self._entries - 1):], _CachedPlan(skeleton, dataclasses.replace(captured.plan))]
+        self._cached = [
+            *self._cached[-(self._entries - 1) :],
+            _CachedPlan(skeleton, dataclasses.replace(captured.plan)),
+        ]
         return captured
 
 
@@ -369,8 +406,22 @@ def _walk_skeleton(state_dict: Any) -> tuple[list[Any], list[torch.UntypedStorag
         elif (kind is torch.Tensor or kind is torch.nn.Parameter) and not obj.__dict__:
             storage = obj.untyped_storage()
             index = storages.setdefault(storage._cdata, (len(storages), storage))[0]
-            skeleton.append((kind, obj.dtype, obj.shape, obj.stride(), obj.storage_offset(), obj.device,
-                             obj.requires_grad, obj.is_conj(), obj.is_neg(), obj.layout, index, storage.nbytes()))
+            skeleton.append(
+                (
+                    kind,
+                    obj.dtype,
+                    obj.shape,
+                    obj.stride(),
+                    obj.storage_offset(),
+                    obj.device,
+                    obj.requires_grad,
+                    obj.is_conj(),
+                    obj.is_neg(),
+                    obj.layout,
+                    index,
+                    storage.nbytes(),
+                )
+            )
         else:
             raise TypeError(kind)
 
@@ -389,7 +440,9 @@ def materialize(plan: CheckpointPlan, storages: Sequence[torch.UntypedStorage]) 
 
     def persistent_load(saved_id: Any) -> Any:
         _, storage_type, key, _location, _numel = saved_id
-        return torch.storage.TypedStorage(wrap_storage=storages[int(key)], dtype=storage_dtype(storage_type), _internal=True)
+        return torch.storage.TypedStorage(
+            wrap_storage=storages[int(key)], dtype=storage_dtype(storage_type), _internal=True
+        )
 
     unpickler = pickle.Unpickler(io.BytesIO(plan.structure))
     unpickler.persistent_load = persistent_load  # type: ignore[method-assign]

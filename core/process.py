@@ -30,15 +30,15 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from .channel import Channel
 from .config import BarrierConfig, CheckpointProcessConfig, CheckpointWriterConfig
-from .interrupts import sigint_deferred
 from .errors import (
     BarrierTimeoutError,
     CheckpointCommitError,
@@ -48,6 +48,7 @@ from .errors import (
     WriterStartError,
     WriterStartTimeoutError,
 )
+from .interrupts import sigint_deferred
 from .plan import capture
 from .protocol import (
     RequestType,
@@ -64,8 +65,13 @@ from .types import STATE_DICT, RankInfo, default_rank_info
 from .writer import CheckpointWriter, WriterHook, remove_temporaries
 
 __all__ = [
-    "CheckpointProcess", "CheckpointProcessConfig", "RequestType", "WorkerRequest", "WorkerResponse",
-    "default_subprocess_init_fn", "default_writer_init_fn",
+    "CheckpointProcess",
+    "CheckpointProcessConfig",
+    "RequestType",
+    "WorkerRequest",
+    "WorkerResponse",
+    "default_subprocess_init_fn",
+    "default_writer_init_fn",
 ]
 
 logger = logging.getLogger(__name__)
@@ -94,7 +100,9 @@ def default_writer_init_fn(
 
     writer_config = writer_config or CheckpointWriterConfig()
     barrier = create_barrier_from_config(
-        barrier_config or BarrierConfig(), rank_info, in_writer_process=True,
+        barrier_config or BarrierConfig(),
+        rank_info,
+        in_writer_process=True,
         timeout_secs=writer_config.write_barrier_timeout_secs,
     )
     return CheckpointWriter(writer_config, rank_info, barrier, commit_hook)
@@ -152,6 +160,16 @@ class WriterProcessContext:
         return not self.processes[0].is_alive()
 
 
+class WriterFuture(Future):
+    """What CheckpointProcess.write returns: a future of the write, with `handed_over`, an event
+    set once the request is in the writer's socket (from then on the writer commits it even if
+    this process dies)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handed_over = threading.Event()
+
+
 @dataclass
 class _Pending:
     future: Future
@@ -166,7 +184,7 @@ class _Worker:
     inbox: Channel  # receives, on its own descriptor
     ready: Future = field(default_factory=Future)
     pending: dict[int, _Pending] = field(default_factory=dict)
-    attached: dict[str, "weakref.ref[Slab]"] = field(default_factory=dict)
+    attached: dict[str, weakref.ref[Slab]] = field(default_factory=dict)
     alive: bool = True
     receiver: threading.Thread | None = None
 
@@ -206,7 +224,10 @@ class CheckpointProcess:
         self._rank_info = rank_info or default_rank_info()
         self.config = config or CheckpointProcessConfig()
         self._init = WorkerInit(
-            self._rank_info, subprocess_init_fn, tuple(subprocess_init_args), checkpoint_writer_init_fn,
+            self._rank_info,
+            subprocess_init_fn,
+            tuple(subprocess_init_args),
+            checkpoint_writer_init_fn,
             dict(checkpoint_writer_init_args or {}),
         )
         self._owner_pid = os.getpid()
@@ -243,24 +264,18 @@ class CheckpointProcess:
 
     # -- writes
 
-    def write(self, state_dict: STATE_DICT | Future[STATE_DICT], path: str, **kwargs: Any) -> Future:
+    def write(self, state_dict: STATE_DICT | Future[STATE_DICT], path: str, **kwargs: Any) -> WriterFuture:
         """Write `state_dict` (or the state dict a future yields) to `path`; the future resolves
-        to the writer's result (a WriteResult for CheckpointWriter) once it is committed.
-
-        The future's `handed_over` event is set once the request is in the writer's socket
-        (from then on the writer commits it even if this process dies).
-        """
+        to the writer's result (a WriteResult for CheckpointWriter) once it is committed."""
         self._check_usable()
-        future: Future = Future()
-        handed_over = threading.Event()
-        future.handed_over = handed_over  # type: ignore[attr-defined]
+        future = WriterFuture()
         if isinstance(state_dict, Future):
             state_dict.add_done_callback(lambda done: self._write_resolved(done, os.fspath(path), kwargs, future))
         else:
             self._submit(state_dict, os.fspath(path), kwargs, future)
         return future
 
-    def _write_resolved(self, done: Future, path: str, kwargs: dict, future: Future) -> None:
+    def _write_resolved(self, done: Future, path: str, kwargs: dict, future: WriterFuture) -> None:
         try:
             self._submit(done.result(), path, kwargs, future)
         except BaseException as exc:
@@ -279,7 +294,7 @@ class CheckpointProcess:
         if self._start_failure is not None:
             raise self._start_failure
 
-    def _submit(self, state_dict: STATE_DICT, path: str, kwargs: dict, future: Future) -> None:
+    def _submit(self, state_dict: STATE_DICT, path: str, kwargs: dict, future: WriterFuture) -> None:
         lease = getattr(state_dict, "lease", None)
         plan = getattr(state_dict, "plan", None)
         if lease is not None and plan is not None:
@@ -301,7 +316,7 @@ class CheckpointProcess:
         shared: list[tuple[torch.UntypedStorage, int]] | None,
         path: str,
         kwargs: dict,
-        future: Future,
+        future: WriterFuture,
         on_done: Callable[[], None],
     ) -> None:
         try:
@@ -350,7 +365,9 @@ class CheckpointProcess:
                 [sys.executable, "-c", _WORKER_BOOTSTRAP, str(child.fileno())], pass_fds=(child.fileno(),), env=env
             )
         worker = _Worker(WriterProcessContext(WriterProcess(popen)), Channel(parent), Channel(parent.dup()))
-        worker.receiver = threading.Thread(target=self._receive_loop, args=(worker,), name="async-ckpt-receiver", daemon=True)
+        worker.receiver = threading.Thread(
+            target=self._receive_loop, args=(worker,), name="async-ckpt-receiver", daemon=True
+        )
         worker.receiver.start()
         self._outbox.put(_Outgoing(worker, WorkerRequest(RequestType.PING, {"init": self._init}), []))
         return worker
@@ -511,7 +528,7 @@ def _finish(pending: _Pending, result: Any = None, error: BaseException | None =
         pending.future.set_result(result)
 
 
-def _gone(ref: "weakref.ref[Slab]") -> bool:
+def _gone(ref: weakref.ref[Slab]) -> bool:
     slab = ref()
     return slab is None or slab.closed
 

@@ -8,9 +8,10 @@ use) or one shared-memory descriptor per storage, and carries only the plan.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable
+from typing import Any
 
 from .plan import CheckpointPlan
 from .types import RankInfo

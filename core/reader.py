@@ -7,9 +7,10 @@ import json
 import logging
 import os
 import pickle
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch._weights_only_unpickler import Unpickler as WeightsOnlyUnpickler
@@ -92,7 +93,9 @@ def _source_rank(path: str, record: CommitRecord, rank_info: RankInfo, source_ra
     if _replicated(path, record):
         logger.info(
             "checkpoint %s: written by %d ranks with identical state; loading rank 0's on %d ranks",
-            path, record.world_size, rank_info.global_world_size,
+            path,
+            record.world_size,
+            rank_info.global_world_size,
         )
         return 0
     raise WorldSizeMismatchError(
@@ -150,6 +153,7 @@ def _walk_tensors(obj: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
     """(dotted path, tensor) for every tensor under nested dicts, lists and tuples."""
     if isinstance(obj, torch.Tensor):
         return [(prefix, obj)]
+    items: Any
     if isinstance(obj, dict):
         items = obj.items()
     elif isinstance(obj, (list, tuple)):
@@ -183,7 +187,8 @@ def _storage_map(map_location: Any) -> StorageMap | None:
         map_location = target
     if not isinstance(map_location, (str, torch.device)):
         raise TypeError(
-            f"map_location must be None, a device, a device string, a dict or a callable, got {type(map_location).__name__}"
+            "map_location must be None, a device, a device string, a dict or a callable, "
+            f"got {type(map_location).__name__}"
         )
     device = torch.device(map_location)
     if device.type == "cpu":
@@ -281,7 +286,7 @@ class CheckpointReader:
             return self._read_into(ckpt, storages, loaded, state_dict, options)
 
     def _read_legacy(
-        self, path: str, state_dict: STATE_DICT | None, map_location: Any, options: "_ReadOptions"
+        self, path: str, state_dict: STATE_DICT | None, map_location: Any, options: _ReadOptions
     ) -> tuple[Any, list[str]]:
         """A torch.save file in the format before PyTorch 1.6: loaded whole by torch.load (no checksums)."""
         try:
@@ -324,11 +329,11 @@ class CheckpointReader:
                     "Allow the types with torch.serialization.add_safe_globals([...]), or pass "
                     "weights_only=False if, and only if, you trust the file"
                 ) from None
-            raise NotACheckpointError(f"checkpoint {ckpt.path!r}: its object structure cannot be read ({exc})") from None
+            raise NotACheckpointError(
+                f"checkpoint {ckpt.path!r}: its object structure cannot be read ({exc})"
+            ) from None
 
-    def _fill(
-        self, ckpt: CheckpointFile, storages: _LazyStorages, keys: set[str], loaded: Any, verify: bool
-    ) -> None:
+    def _fill(self, ckpt: CheckpointFile, storages: _LazyStorages, keys: set[str], loaded: Any, verify: bool) -> None:
         fd = os.open(ckpt.path, os.O_RDONLY)
         try:
 
@@ -351,7 +356,7 @@ class CheckpointReader:
             )
 
     def _read_into(
-        self, ckpt: CheckpointFile, storages: _LazyStorages, loaded: Any, target: STATE_DICT, options: "_ReadOptions"
+        self, ckpt: CheckpointFile, storages: _LazyStorages, loaded: Any, target: STATE_DICT, options: _ReadOptions
     ) -> tuple[STATE_DICT, list[str]]:
         missing: list[str] = []
         pairs: list[tuple[str, torch.Tensor, torch.Tensor]] = []
@@ -404,7 +409,7 @@ class _ReadOptions:
     source_rank: int | None = None
 
     @classmethod
-    def of(cls, kwargs: dict[str, Any]) -> "_ReadOptions":
+    def of(cls, kwargs: dict[str, Any]) -> _ReadOptions:
         known = {name: kwargs[name] for name in ("strict", "weights_only", "verify", "source_rank") if name in kwargs}
         ignored = sorted(set(kwargs) - set(known))
         if ignored:

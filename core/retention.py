@@ -8,8 +8,8 @@ import shutil
 import uuid
 
 from .catalog import CheckpointInfo, list_checkpoints, update_latest
-from .locks import unless_in_use
 from .config import RetentionConfig
+from .locks import unless_in_use
 
 logger = logging.getLogger(__name__)
 
@@ -27,13 +27,14 @@ def apply_retention(committed: str, config: RetentionConfig) -> list[str]:
     if newest is None:
         logger.warning("retention: %s is not listed as complete; nothing deleted", committed)
         return []
-    older = [info for info in complete[: -config.keep_last] if info.committed_at <= newest.committed_at]
+    newest_at = newest.committed_at or 0.0
+    older = [info for info in complete[: -config.keep_last] if (info.committed_at or 0.0) <= newest_at]
     deleted = [info.path for info in older if info.path != committed and not _kept(info, config) and _delete(info.path)]
     return deleted
 
 
 def _kept(info: CheckpointInfo, config: RetentionConfig) -> bool:
-    return bool(config.keep_every) and info.step is not None and info.step % config.keep_every == 0
+    return config.keep_every is not None and info.step is not None and info.step % config.keep_every == 0
 
 
 def _delete(path: str) -> bool:

@@ -17,8 +17,8 @@ import logging
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -96,7 +96,7 @@ class Slab:
 class StagingLease:
     """One staged snapshot's claim on its slab; see the module docstring."""
 
-    def __init__(self, pool: "SlabPool", slab: Slab, fresh: bool) -> None:
+    def __init__(self, pool: SlabPool, slab: Slab, fresh: bool) -> None:
         self._pool = pool
         self.slab = slab
         self.fresh = fresh  # the slab was created for this snapshot (its pages were not faulted in yet)
@@ -219,7 +219,12 @@ class SlabPool:
 
     def _free_if_idle(self, slab: Slab) -> None:
         slab_id = slab.slab_id
-        if slab_id in self._all and not self._holds.get(slab_id) and slab_id not in self._staging and slab not in self._free:
+        if (
+            slab_id in self._all
+            and not self._holds.get(slab_id)
+            and slab_id not in self._staging
+            and slab not in self._free
+        ):
             self._free.append(slab)
             self._changed.notify_all()
 

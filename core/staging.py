@@ -14,8 +14,9 @@ import itertools
 import logging
 import os
 import weakref
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import xxhash
@@ -86,7 +87,7 @@ class StagedStateDict(dict):
         self._build()
         return dict.__eq__(self, other)
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None
 
     def get(self, key: Any, default: Any = None) -> Any:
         self._build()
@@ -112,7 +113,7 @@ class StagedStateDict(dict):
         return dict, (self.copy(),)
 
 
-def _build_if_alive(snapshot: "weakref.ref[StagedStateDict]") -> None:
+def _build_if_alive(snapshot: weakref.ref[StagedStateDict]) -> None:
     staged = snapshot()
     if staged is not None:
         staged._build()
@@ -130,7 +131,9 @@ class CheckpointStager(abc.ABC):
         """Release every buffer; idempotent."""
 
 
-def _copy_into(slab: Slab, captured: CapturedState, non_blocking: bool, skip: set[int] = frozenset()) -> int:
+def _copy_into(
+    slab: Slab, captured: CapturedState, non_blocking: bool, skip: frozenset[int] | set[int] = frozenset()
+) -> int:
     """Copy every storage but those in `skip` into the slab; returns the bytes copied."""
     destinations, sources = [], []
     for index, (meta, source) in enumerate(zip(captured.plan.storages, captured.sources)):
@@ -200,7 +203,7 @@ class DefaultStager(CheckpointStager):
         finally:
             self.pool.abandon(lease)
 
-    def stage(self, state_dict: STATE_DICT, **kwargs: Any) -> StagedStateDict | Future[StagedStateDict]:
+    def stage(self, state_dict: STATE_DICT, **kwargs: Any) -> STATE_DICT | Future[STATE_DICT]:
         """Snapshot `state_dict` for a file of kwargs' `file_format` ("torch", the default, or "safetensors")."""
         if self._closed:
             raise CheckpointerClosedError("stage() on a closed DefaultStager; create a new one")
@@ -219,7 +222,7 @@ class DefaultStager(CheckpointStager):
                 self.pool.staged(lease)
                 self._warm_spare(lease, fresh)
                 return staged
-            future: Future[StagedStateDict] = Future()
+            future: Future[STATE_DICT] = Future()
             if on_cuda:
                 self._stage_cuda(captured, lease, future)
             else:
@@ -228,12 +231,14 @@ class DefaultStager(CheckpointStager):
             self.pool.abandon(lease)
             raise
         if not self._config.async_staging:
-            staged = future.result()
+            result = future.result()
             self._warm_spare(lease, fresh)
-            return staged
+            return result
         return future
 
-    def _copy(self, captured: CapturedState, lease: StagingLease, skip: set[int], digests: list | None) -> StagedStateDict:
+    def _copy(
+        self, captured: CapturedState, lease: StagingLease, skip: set[int], digests: list | None
+    ) -> StagedStateDict:
         copied = _copy_into(lease.slab, captured, non_blocking=False, skip=skip)
         if digests is not None:
             lease.slab.contents = SlabContents(captured.plan.slab_shape, digests)
@@ -314,7 +319,7 @@ class DefaultStager(CheckpointStager):
         self._plans.clear()
         self.pool.close()
 
-    def __enter__(self) -> "DefaultStager":
+    def __enter__(self) -> DefaultStager:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

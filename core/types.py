@@ -25,9 +25,7 @@ class RankInfo:
         if self.global_world_size < 1:
             raise ValueError(f"RankInfo.global_world_size must be >= 1, got {self.global_world_size}")
         if not 0 <= self.global_rank < self.global_world_size:
-            raise ValueError(
-                f"RankInfo.global_rank must be in [0, {self.global_world_size}), got {self.global_rank}"
-            )
+            raise ValueError(f"RankInfo.global_rank must be in [0, {self.global_world_size}), got {self.global_rank}")
 
 
 def default_rank_info() -> RankInfo:

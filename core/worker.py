@@ -59,7 +59,7 @@ def worker_main(fd: int) -> None:
         writer.close()
 
 
-def _read_all(channel: Channel, inbox: "queue.Queue[tuple[WorkerRequest, list[int]] | None]") -> None:
+def _read_all(channel: Channel, inbox: queue.Queue[tuple[WorkerRequest, list[int]] | None]) -> None:
     while True:
         try:
             inbox.put(channel.recv())
@@ -83,13 +83,15 @@ def _init_writer(channel: Channel, request: WorkerRequest) -> Any:
         args.setdefault("rank_info", init.rank_info)
         writer = init.writer_init_fn(**args)
     except BaseException as exc:
-        _reply(channel, WorkerResponse(RequestType.PING, False, traceback.format_exc(), {"error_type": type(exc).__name__}))
+        _reply(
+            channel, WorkerResponse(RequestType.PING, False, traceback.format_exc(), {"error_type": type(exc).__name__})
+        )
         return None
     _reply(channel, WorkerResponse(RequestType.PING, True, None, {"pid": os.getpid()}))
     return writer
 
 
-def _serve(channel: Channel, inbox: "queue.Queue[tuple[WorkerRequest, list[int]] | None]", writer: Any) -> None:
+def _serve(channel: Channel, inbox: queue.Queue[tuple[WorkerRequest, list[int]] | None], writer: Any) -> None:
     slabs: dict[str, mmap.mmap] = {}
     while True:
         item = inbox.get()
@@ -118,7 +120,9 @@ def _write(writer: Any, write: WriteRequest, fds: list[int], slabs: dict[str, mm
             result = result.result()
         if not isinstance(result, WriteResult):
             result = None  # only our own result type is sent back; anything else may not pickle
-        return WorkerResponse(RequestType.WRITE_CHECKPOINT, True, None, {"outcome": WriteOutcome(write.request_id, result)})
+        return WorkerResponse(
+            RequestType.WRITE_CHECKPOINT, True, None, {"outcome": WriteOutcome(write.request_id, result)}
+        )
     except BaseException as exc:
         message = f"{type(exc).__name__}: {exc}\n\nWriter traceback:\n{traceback.format_exc()}"
         outcome = WriteOutcome(write.request_id, error_type=type(exc).__name__)
@@ -136,7 +140,7 @@ def _storages(write: WriteRequest, fds: list[int], slabs: dict[str, mmap.mmap]) 
         return [_region(mapped, s.slab_offset, s.nbytes) for s in write.plan.storages]
     assert isinstance(source, SharedSource)
     try:
-        return [torch.UntypedStorage._new_shared_fd_cpu(fd, nbytes) for fd, nbytes in zip(fds, source.nbytes)]
+        return [torch.UntypedStorage._new_shared_fd_cpu(fd, nbytes) for fd, nbytes in zip(fds, source.nbytes)]  # type: ignore[attr-defined]
     finally:
         for fd in fds:
             os.close(fd)

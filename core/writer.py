@@ -9,9 +9,10 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -36,12 +37,15 @@ os.umask(_UMASK)
 
 class WriterHook(abc.ABC):
     """Actions around a commit: pre_commit runs once the files are durable, before they take
-    their final names; post_commit after they have."""
+    their final names; post_commit after they have. Both receive the save's keyword arguments.
+    Any object with these two methods serves (it must be picklable for the writer process)."""
 
-    def pre_commit(self, path: str, **kwargs: Any) -> None:  # noqa: B027 - optional hook
+    @abc.abstractmethod
+    def pre_commit(self, path: str, **kwargs: Any) -> None:
         """Called with the checkpoint path before the commit."""
 
-    def post_commit(self, path: str, **kwargs: Any) -> None:  # noqa: B027 - optional hook
+    @abc.abstractmethod
+    def post_commit(self, path: str, **kwargs: Any) -> None:
         """Called with the checkpoint path after the commit."""
 
 
@@ -156,7 +160,10 @@ class CheckpointWriter:
         seconds = time.perf_counter() - start
         logger.info(
             "checkpoint %s committed: %.1f MB in %.3f s (%.2f GB/s)",
-            final, written.nbytes / 1e6, seconds, written.nbytes / max(seconds, 1e-9) / 1e9,
+            final,
+            written.nbytes / 1e6,
+            seconds,
+            written.nbytes / max(seconds, 1e-9) / 1e9,
         )
         return WriteResult(
             path=path, files=(final,), nbytes=written.nbytes, write_seconds=seconds, reused_nbytes=written.reused_nbytes
@@ -165,9 +172,11 @@ class CheckpointWriter:
     def _write_file(
         self, path: str, plan: CheckpointPlan, storage_bytes: Sequence[torch.Tensor], write_id: str, metadata: dict
     ) -> WrittenFile:
-        io_options: dict[str, Any] = dict(
-            executor=self._executor, use_direct_io=self._config.use_direct_io, chunk_bytes=self._config.chunk_bytes
-        )
+        io_options: dict[str, Any] = {
+            "executor": self._executor,
+            "use_direct_io": self._config.use_direct_io,
+            "chunk_bytes": self._config.chunk_bytes,
+        }
         if plan.format == "safetensors":
             return write_safetensors_file(path, plan.structure, storage_bytes, **io_options)
         known_digests, previous = None, None
@@ -275,7 +284,11 @@ class CheckpointWriter:
                 self._barrier.execute_barrier()
             if self._writes_commit_record:
                 with exclusive(directory):
-                    self._write_record(directory, files if files is not None else _files_on_disk(directory, self._rank_info.global_world_size), metadata)
+                    self._write_record(
+                        directory,
+                        files if files is not None else _files_on_disk(directory, self._rank_info.global_world_size),
+                        metadata,
+                    )
         except BaseException:
             os.unlink(final)
             raise
@@ -294,7 +307,9 @@ class CheckpointWriter:
                     "commit stands). Save to distinct paths, or from one checkpointer at a time"
                 )
         record = CommitRecord(
-            self._rank_info.global_world_size, tuple(files), metadata=metadata,
+            self._rank_info.global_world_size,
+            tuple(files),
+            metadata=metadata,
             shared_filesystem=self._config.shared_filesystem,
         )
         write_commit_record(directory, record)

@@ -49,7 +49,9 @@ def make_dataset(n: int, seed: int) -> TensorDataset:
     return TensorDataset(torch.where(torch.rand(n, SEQ, generator=g) < 0.6, signal, noise), labels)
 
 
-def fine_tune(enabled: bool | None, args: argparse.Namespace, project_dir: str, resume: bool = False) -> tuple[list[float], float]:
+def fine_tune(
+    enabled: bool | None, args: argparse.Namespace, project_dir: str, resume: bool = False
+) -> tuple[list[float], float]:
     set_seed(0)
     accelerator = Accelerator(
         project_config=ProjectConfiguration(project_dir=project_dir, automatic_checkpoint_naming=True, total_limit=3)

@@ -70,8 +70,9 @@ def pretrained_model(width: int, cache: str) -> TextClassifier:
         model.load_state_dict(torch.load(path, weights_only=True))
         return model
     L.seed_everything(1)
-    quick = L.Trainer(max_steps=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False)
+    quick = L.Trainer(
+        max_steps=20, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
     quick.fit(model, DataLoader(make_dataset(640, seed=1), batch_size=32, shuffle=True))
     os.makedirs(cache, exist_ok=True)
     torch.save(model.state_dict(), path)
@@ -102,11 +103,20 @@ def fine_tune(mode: str, args: argparse.Namespace, epochs: int, ckpt_path: str |
     timer = Timed()
     plugin = timer.wrap(AsyncCheckpointIO() if mode == "async" else TorchCheckpointIO())
     checkpoint = ModelCheckpoint(
-        dirpath=os.path.join(args.out, mode), save_top_k=2, save_last=True, monitor="train_loss",
+        dirpath=os.path.join(args.out, mode),
+        save_top_k=2,
+        save_last=True,
+        monitor="train_loss",
         every_n_train_steps=args.every,
     )
-    trainer = L.Trainer(max_epochs=epochs, plugins=[plugin], callbacks=[checkpoint], logger=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        plugins=[plugin],
+        callbacks=[checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     data = DataLoader(make_dataset(args.samples, seed=0), batch_size=32, shuffle=True)
     start = time.perf_counter()
     trainer.fit(model, data, ckpt_path=ckpt_path)
@@ -128,7 +138,8 @@ def main() -> None:
     print(f"\ncheckpoint blocking time and fit time ({len(results['sync'][0].blocked)} checkpoints each)")
     print(f"{'mode':<6} {'median block (ms)':>18} {'max block (ms)':>15} {'fit total (s)':>14}")
     for mode, (timer, total) in results.items():
-        print(f"{mode:<6} {1e3 * statistics.median(timer.blocked):>18.1f} {1e3 * max(timer.blocked):>15.1f} {total:>14.2f}")
+        median, worst = 1e3 * statistics.median(timer.blocked), 1e3 * max(timer.blocked)
+        print(f"{mode:<6} {median:>18.1f} {worst:>15.1f} {total:>14.2f}")
     print("files:", sorted(os.listdir(os.path.join(args.out, "async"))))
 
     last = os.path.join(args.out, "async", "last.ckpt")

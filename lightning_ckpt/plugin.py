@@ -38,7 +38,7 @@ class _AsyncCheckpointCallback(Callback):
     be writing while the next epoch runs.
     """
 
-    def __init__(self, plugin: "AsyncCheckpointIO") -> None:
+    def __init__(self, plugin: AsyncCheckpointIO) -> None:
         self.plugin = plugin
         self._logged: tuple[Any, int] = (None, 0)  # (stats object, saves already logged)
 
@@ -99,8 +99,13 @@ class AsyncCheckpointIO(CheckpointIO):
     ) -> None:
         super().__init__()
         self._config = adapter_config(
-            config, max_in_flight=max_in_flight, pin_memory=pin_memory, checksums=checksums,
-            use_direct_io=use_direct_io, io_threads=io_threads, incremental=incremental,
+            config,
+            max_in_flight=max_in_flight,
+            pin_memory=pin_memory,
+            checksums=checksums,
+            use_direct_io=use_direct_io,
+            io_threads=io_threads,
+            incremental=incremental,
         )
         self._commit_hook = commit_hook
         self._checkpointer: AsyncCheckpointer | None = None
@@ -158,7 +163,9 @@ class AsyncCheckpointIO(CheckpointIO):
         wait_for_pending_writes(path)
         if weights_only is None:  # torch.load's default, as with Lightning's TorchCheckpointIO
             weights_only = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() not in ("1", "true", "yes")
-        loaded, _missing = self._reader.read(path, map_location=map_location, weights_only=weights_only, **kwargs)
+        loaded, _missing = self._reader.read(
+            os.fspath(path), map_location=map_location, weights_only=weights_only, **kwargs
+        )
         return loaded
 
     def remove_checkpoint(self, path: _PATH) -> None:
@@ -238,7 +245,11 @@ def _caller() -> _Fitting | _FabricLoop | None:
         if isinstance(candidate, Strategy):
             module = candidate.lightning_module
             trainer = module._trainer if module is not None else None
-            if trainer is not None and trainer.state.fn == TrainerFn.FITTING and trainer.state.status == TrainerStatus.RUNNING:
+            if (
+                trainer is not None
+                and trainer.state.fn == TrainerFn.FITTING
+                and trainer.state.status == TrainerStatus.RUNNING
+            ):
                 return _Fitting(trainer)
             return None
         if isinstance(candidate, FabricStrategy):

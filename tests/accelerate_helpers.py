@@ -26,12 +26,16 @@ class Counter:
 def setup(project_dir=None, n_models=1, **project_kwargs):
     set_seed(0)
     accelerator = Accelerator(cpu=True, project_config=ProjectConfiguration(project_dir=project_dir, **project_kwargs))
-    models = [torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)) for _ in range(n_models)]
+    models = [
+        torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)) for _ in range(n_models)
+    ]
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in models]
     schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.9) for o in optimizers]
     prepared = accelerator.prepare(*models, *optimizers, *schedulers)
     models, optimizers, schedulers = (
-        list(prepared[:n_models]), list(prepared[n_models : 2 * n_models]), list(prepared[2 * n_models :])
+        list(prepared[:n_models]),
+        list(prepared[n_models : 2 * n_models]),
+        list(prepared[2 * n_models :]),
     )
     counter = Counter()
     accelerator.register_for_checkpointing(counter)

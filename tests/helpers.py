@@ -85,7 +85,11 @@ def assert_same(a, b, path="root"):
 
 def clone_tree(obj):
     if isinstance(obj, torch.Tensor):
-        return obj.detach().clone() if not isinstance(obj, torch.nn.Parameter) else torch.nn.Parameter(obj.detach().clone(), obj.requires_grad)
+        return (
+            obj.detach().clone()
+            if not isinstance(obj, torch.nn.Parameter)
+            else torch.nn.Parameter(obj.detach().clone(), obj.requires_grad)
+        )
     if isinstance(obj, dict):
         return type(obj)((k, clone_tree(v)) for k, v in obj.items())
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):
@@ -189,7 +193,12 @@ def run_script(name: str, *args, timeout: float = 600, **kwargs) -> subprocess.C
     """Run tests/scripts/NAME with this interpreter; the result's output is text."""
     return subprocess.run(
         [sys.executable, os.path.join(SCRIPTS, name), *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=kwargs.pop("env", script_env()), **kwargs,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=kwargs.pop("env", script_env()),
+        **kwargs,
     )
 
 

@@ -41,14 +41,13 @@ def tiny_data(width: int = 16, n: int = 64, batch_size: int = 8) -> DataLoader:
 
 
 def trainer(**kwargs) -> L.Trainer:
-    defaults = dict(
-        max_epochs=3,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
+    defaults = {
+        "max_epochs": 3,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "deterministic": True,
+    }
+    return L.Trainer(**{**defaults, **kwargs})

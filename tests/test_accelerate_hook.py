@@ -18,7 +18,17 @@ from accelerate_ckpt import ENV_FLAG, async_checkpointing_enabled, enable_async_
 from accelerate_ckpt.save_state import PENDING_DIR, unsupported_reason
 from core import CheckpointWriteError
 from tests.accelerate_helpers import Counter, next_draws, setup, snapshot, train
-from tests.helpers import REPO, SCRIPTS, FailingCommit, GatedCommit, SlowCommit, assert_same, free_port, script_env, unwritable
+from tests.helpers import (
+    REPO,
+    SCRIPTS,
+    FailingCommit,
+    GatedCommit,
+    SlowCommit,
+    assert_same,
+    free_port,
+    script_env,
+    unwritable,
+)
 
 
 def test_flag_parsing(monkeypatch):
@@ -67,8 +77,14 @@ def test_round_trip_matches_accelerates_own_save(tmp_path, safe_serialization):
     names = sorted(os.listdir(tmp_path / "async"))
     assert ("model.safetensors" in names and "model_1.safetensors" in names) == safe_serialization
     assert ("pytorch_model.bin" in names and "pytorch_model_1.bin" in names) != safe_serialization
-    assert {"optimizer.bin", "optimizer_1.bin", "scheduler.bin", "scheduler_1.bin", "random_states_0.pkl",
-            "custom_checkpoint_0.pkl"} <= set(names)
+    assert {
+        "optimizer.bin",
+        "optimizer_1.bin",
+        "scheduler.bin",
+        "scheduler_1.bin",
+        "random_states_0.pkl",
+        "custom_checkpoint_0.pkl",
+    } <= set(names)
     assert PENDING_DIR not in os.listdir(tmp_path)
 
     accelerator.load_state(tmp_path / "async")  # stock load_state reads the async files
@@ -151,9 +167,8 @@ def test_unwritable_target_is_a_clear_error_at_save(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     try:
-        with unwritable(target):
-            with pytest.raises(PermissionError, match="out"):
-                accelerator.save_state(target / "ckpt")
+        with unwritable(target), pytest.raises(PermissionError, match="out"):
+            accelerator.save_state(target / "ckpt")
         assert not (target / "ckpt").exists()
         accelerator.save_state(target / "ckpt")  # works again once the directory is writable
         handle.wait()
@@ -193,10 +208,29 @@ def test_unsupported_setups_fall_back_with_a_warning():
 def test_two_processes_with_accelerate_launch(tmp_path):
     """`accelerate launch --multi_gpu` starts torchrun; with cpu=True the ranks use gloo on CPU."""
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-         os.path.join(SCRIPTS, "accelerate_launch_script.py"), str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=REPO, env=script_env(ACCELERATE_ASYNC_CHECKPOINT="1"),
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            os.path.join(SCRIPTS, "accelerate_launch_script.py"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env=script_env(ACCELERATE_ASYNC_CHECKPOINT="1"),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     names = sorted(os.listdir(tmp_path / "ckpt"))

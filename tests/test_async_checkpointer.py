@@ -58,7 +58,7 @@ def test_slab_is_reused_across_saves_of_one_shape(tmp_path):
             ckpt.save(tmp_path / f"warm{i}", big)[1].result()
         slabs_before = set(ckpt.stager.pool.slabs)
         rss_before = rss_bytes()
-        for i in range(20):
+        for _ in range(20):
             big["weights"].add_(1)
             ckpt.save(tmp_path / "ck", big)[1].result()
         assert set(ckpt.stager.pool.slabs) == slabs_before, "a new staging slab was allocated"
@@ -89,7 +89,7 @@ def test_saves_in_flight_are_bounded_and_ordered(tmp_path):
 def test_unsupported_values_fail_at_save_before_writing(tmp_path):
     bad_values = {
         "lambda": lambda x: x,
-        "open file": open(__file__),
+        "open file": open(__file__),  # noqa: SIM115 - the value under test; closed in `finally`
         "meta tensor": torch.empty(3, device="meta"),
         "lock": threading.Lock(),
     }
@@ -227,7 +227,9 @@ def test_fresh_tensors_every_save_do_not_grow_memory(tmp_path):
     model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)])  # 32 MiB of weights
     with make_async_checkpointer() as ckpt:
         for step in range(3):
-            ckpt.save(tmp_path / "warm", {"model": {k: v.clone() for k, v in model.state_dict().items()}, "step": step})[1].result()
+            ckpt.save(
+                tmp_path / "warm", {"model": {k: v.clone() for k, v in model.state_dict().items()}, "step": step}
+            )[1].result()
         before = rss_bytes()
         for step in range(20):
             state = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "step": step}

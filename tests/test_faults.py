@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,7 +15,10 @@ from tests.helpers import SCRIPTS, rss_bytes, script_env, small_training_state, 
 def _start(scenario, out):
     return subprocess.Popen(
         [sys.executable, os.path.join(SCRIPTS, "fault_scripts.py"), scenario, str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=script_env(),
     )
 
 
@@ -70,7 +72,9 @@ def test_a_forked_child_gets_a_clear_error_and_the_parent_keeps_saving(tmp_path)
     out, errors = trainer.communicate(timeout=300)
     assert trainer.returncode == 0 and "parent done" in out, errors
     outcome = (tmp_path / "child_outcome").read_text()
-    assert outcome.startswith("refused:") and "fork" in outcome and "create a new checkpointer" in outcome.lower(), outcome
+    assert outcome.startswith("refused:") and "fork" in outcome and "create a new checkpointer" in outcome.lower(), (
+        outcome
+    )
     assert not (tmp_path / "child").exists()
     for step in range(3):
         assert torch.load(tmp_path / f"after_{step}" / "checkpoint_0.pt", weights_only=True)["w"][0] == step
@@ -88,21 +92,27 @@ def test_ctrl_c_interrupts_the_caller_at_once_and_never_breaks_the_writer(tmp_pa
     assert "UnpicklingError" not in errors and "Traceback" not in errors, errors[-2000:]
 
 
-def test_sigterm_drains_pending_writes_then_runs_the_previous_handler(tmp_path):
-    trainer = _start("sigterm", tmp_path)
+def _terminate_while_draining(trainer, tmp_path):
+    """SIGTERM the trainer while its commit is held, open the gate once the drain has begun."""
     assert trainer.stdout.readline().startswith("saved"), trainer.stderr.read()
+    wait_until(lambda: (tmp_path / "reached").exists(), what="the held commit")
     trainer.send_signal(signal.SIGTERM)
-    assert trainer.wait(timeout=60) == 0, trainer.stderr.read()
+    for line in trainer.stderr:  # the drain announces itself before it waits
+        if "SIGTERM: waiting" in line:
+            break
+    (tmp_path / "gate").touch()
+    assert trainer.wait(timeout=120) == 0, trainer.stderr.read()
+
+
+def test_sigterm_drains_pending_writes_then_runs_the_previous_handler(tmp_path):
+    _terminate_while_draining(_start("sigterm", tmp_path), tmp_path)
     # The user's handler ran after the drain: it saw the committed file.
     assert (tmp_path / "user_handler_ran").read_text() == "True"
     assert torch.all(torch.load(tmp_path / "ck" / "checkpoint_0.pt", weights_only=True)["w"] == 3.0)
 
 
 def test_sigterm_publishes_a_pending_accelerate_checkpoint_first(tmp_path):
-    trainer = _start("accelerate_sigterm", tmp_path)
-    assert trainer.stdout.readline().startswith("saved"), trainer.stderr.read()
-    trainer.send_signal(signal.SIGTERM)
-    assert trainer.wait(timeout=120) == 0, trainer.stderr.read()
+    _terminate_while_draining(_start("accelerate_sigterm", tmp_path), tmp_path)
     seen = (tmp_path / "user_handler_ran").read_text()
     assert "random_states_0.pkl" in seen and "model.safetensors" in seen, seen
 
@@ -111,9 +121,13 @@ def test_sigterm_publishes_a_pending_accelerate_checkpoint_first(tmp_path):
 def tiny_filesystem(tmp_path):
     mount_point = tmp_path / "small"
     mount_point.mkdir()
-    if os.geteuid() != 0 or subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True
-    ).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         yield mount_point
@@ -130,7 +144,9 @@ def test_disk_full_is_a_clear_error_and_keeps_the_previous_checkpoint(tiny_files
         message = str(info.value)
         assert "No space left on device" in message and str(tiny_filesystem / "ck" / "checkpoint_0.pt") in message
         assert ckpt.load(tiny_filesystem / "ck")["version"] == 1
-        assert sorted(os.listdir(tiny_filesystem / "ck")) == ["checkpoint_0.pt", "commit.json"], "temporary files left behind"
+        assert sorted(os.listdir(tiny_filesystem / "ck")) == ["checkpoint_0.pt", "commit.json"], (
+            "temporary files left behind"
+        )
 
 
 class _CheckTemporaryIsPrivate:
@@ -165,7 +181,7 @@ def test_soak_hundreds_of_saves_while_training_mutates(tmp_path):
     weights = torch.zeros(1 << 16)
     expected = {}
     with make_async_checkpointer() as ckpt:
-        for step in range(20):  # warm up allocators and the writer
+        for _ in range(20):  # warm up allocators and the writer
             ckpt.save(tmp_path / "warm", {"w": weights, "model": model.state_dict()})[1].result()
         fds, rss = _fd_count(), rss_bytes()
         for step in range(300):

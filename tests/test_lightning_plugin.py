@@ -18,7 +18,11 @@ def _fit(dirpath, plugins, save_last, max_epochs=3, ckpt_path=None, model=None, 
     L.seed_everything(0)
     model = model or TinyClassifier()
     checkpoint = ModelCheckpoint(
-        dirpath=dirpath, save_top_k=2, monitor="train_loss", every_n_train_steps=3, save_last=save_last,
+        dirpath=dirpath,
+        save_top_k=2,
+        monitor="train_loss",
+        every_n_train_steps=3,
+        save_last=save_last,
         **checkpoint_kwargs,
     )
     t = trainer(max_epochs=max_epochs, plugins=plugins, callbacks=[checkpoint])
@@ -27,7 +31,9 @@ def _fit(dirpath, plugins, save_last, max_epochs=3, ckpt_path=None, model=None, 
 
 
 def _listing(directory):
-    return sorted((name, os.path.islink(directory / name) and os.readlink(directory / name)) for name in os.listdir(directory))
+    return sorted(
+        (name, os.path.islink(directory / name) and os.readlink(directory / name)) for name in os.listdir(directory)
+    )
 
 
 @pytest.mark.parametrize("save_last", [True, "link"])
@@ -58,9 +64,7 @@ def test_resume_matches_a_synchronous_resume_and_plugin_rearms(tmp_path):
     assert async_trainer.global_step == sync_trainer.global_step
     assert async_trainer.current_epoch == sync_trainer.current_epoch
     assert_same(async_model.state_dict(), sync_model.state_dict())
-    assert_same(
-        async_trainer.optimizers[0].state_dict()["state"], sync_trainer.optimizers[0].state_dict()["state"]
-    )
+    assert_same(async_trainer.optimizers[0].state_dict()["state"], sync_trainer.optimizers[0].state_dict()["state"])
     assert _listing(tmp_path / "async") == _listing(tmp_path / "sync")
 
 
@@ -140,9 +144,8 @@ def test_load_and_remove_wait_for_the_pending_write(tmp_path):
 def test_failing_write_fails_the_fit_with_the_writers_message(tmp_path):
     dirpath = tmp_path / "ckpts"
     dirpath.mkdir()
-    with unwritable(dirpath):
-        with pytest.raises(CheckpointWriteError) as info:
-            _fit(dirpath, [AsyncCheckpointIO()], True)
+    with unwritable(dirpath), pytest.raises(CheckpointWriteError) as info:
+        _fit(dirpath, [AsyncCheckpointIO()], True)
     assert "ckpts" in str(info.value) and "Writer traceback" in str(info.value)
 
 
@@ -238,8 +241,13 @@ class _SavesFromBatchEnd(Callback):
 
 def test_attaching_the_drain_callback_during_a_hook_runs_no_hook_twice(tmp_path):
     saver = _SavesFromBatchEnd(tmp_path)
-    t = trainer(max_epochs=2, plugins=[AsyncCheckpointIO()], callbacks=[saver], enable_checkpointing=False,
-                default_root_dir=tmp_path / "root")
+    t = trainer(
+        max_epochs=2,
+        plugins=[AsyncCheckpointIO()],
+        callbacks=[saver],
+        enable_checkpointing=False,
+        default_root_dir=tmp_path / "root",
+    )
     t.fit(TinyClassifier(), tiny_data())
     assert len(saver.batches) == len(set(saver.batches)) == 2 * t.num_training_batches
     assert sorted(os.listdir(tmp_path)) == ["manual-0.ckpt", "manual-1.ckpt"]

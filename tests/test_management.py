@@ -3,11 +3,11 @@
 import json
 import logging
 import os
-import threading
-import zipfile
 import signal
 import subprocess
 import sys
+import threading
+import zipfile
 
 import pytest
 import torch
@@ -27,8 +27,14 @@ from tests.helpers import REPO, SCRIPTS, flip_byte, script_env, wait_until
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "core", *map(str, args)], capture_output=True, text=True,
-                          timeout=120, cwd=REPO, env=script_env())
+    return subprocess.run(
+        [sys.executable, "-m", "core", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=script_env(),
+    )
 
 
 def _state(step, frozen=None):
@@ -44,9 +50,14 @@ def _retaining(**retention):
 
 
 def test_find_latest_skips_a_checkpoint_whose_commit_a_crash_interrupted(tmp_path, caplog):
-    trainer = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "fault_scripts.py"), "crash_before_commit",
-                                str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=script_env(), start_new_session=True)
+    trainer = subprocess.Popen(
+        [sys.executable, os.path.join(SCRIPTS, "fault_scripts.py"), "crash_before_commit", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=script_env(),
+        start_new_session=True,
+    )
     assert trainer.stdout.readline().startswith("pending"), trainer.stderr.read()
     wait_until(lambda: (tmp_path / "reached").exists(), what="the held commit")  # the file is written and fsynced
     os.killpg(trainer.pid, signal.SIGKILL)  # trainer and writer die together, mid-commit
@@ -61,7 +72,10 @@ def test_find_latest_skips_a_checkpoint_whose_commit_a_crash_interrupted(tmp_pat
 
     listing = json.loads(_cli("ls", tmp_path, "--json").stdout)
     assert [(r["name"], r["step"], r["complete"], r["latest"]) for r in listing] == [
-        ("step_1", 1, True, False), ("step_2", 2, True, True), ("step_3", 3, False, False)]
+        ("step_1", 1, True, False),
+        ("step_2", 2, True, True),
+        ("step_3", 3, False, False),
+    ]
     verify = _cli("verify", tmp_path / "step_2", tmp_path / "step_3")
     assert verify.returncode == 1 and "DAMAGED " + str(tmp_path / "step_3") + ": not committed" in verify.stdout
 
@@ -107,8 +121,10 @@ def test_cli_inspect_verify_and_diff(tmp_path):
     report = json.loads(inspect.stdout)
     assert report["step"] == 1 and report["complete"]
     assert {t["key"]: (t["shape"], t["dtype"], t["nbytes"]) for t in report["tensors"]} == {
-        "model.w": ([1000], "float32", 4000), "model.frozen": ([64], "float32", 256),
-        "optimizer.exp_avg": ([1000], "float32", 4000)}
+        "model.w": ([1000], "float32", 4000),
+        "model.frozen": ([64], "float32", 256),
+        "optimizer.exp_avg": ([1000], "float32", 4000),
+    }
     assert report["groups"] == {"model": {"tensors": 2, "nbytes": 4256}, "optimizer": {"tensors": 1, "nbytes": 4000}}
     assert report["values"] == {"optimizer.lr": "0.1", "step": "1"}
     table = _cli("inspect", tmp_path / "a").stdout
@@ -186,7 +202,10 @@ def test_hostile_and_odd_files_are_clear_errors_everywhere(tmp_path, monkeypatch
             result = _cli(*command)
             assert result.returncode == 1, (command, result.stdout, result.stderr)
             said = result.stdout + result.stderr
-            assert "Traceback" not in said and ("damaged" in said or "refuses" in said or "claims" in said), (command, said)
+            assert "Traceback" not in said and ("damaged" in said or "refuses" in said or "claims" in said), (
+                command,
+                said,
+            )
     listing = _cli("ls", tmp_path, "--json")
     assert listing.returncode == 0 and "Traceback" not in listing.stderr, listing.stderr
     complete = {row["name"]: row["complete"] for row in json.loads(listing.stdout)}
@@ -203,7 +222,7 @@ def test_find_latest_while_retention_deletes_never_fails(tmp_path):
         while not stop.is_set():
             try:
                 find_latest(tmp_path)
-            except Exception as exc:  # noqa: BLE001 - any failure is the finding
+            except Exception as exc:
                 errors.append(repr(exc))
 
     poller = threading.Thread(target=poll)

@@ -28,19 +28,37 @@ def launch(world: int, mode: str, scenario: str, out, timeout: float = 240, node
         commands = []
         for local in range(per_node):
             rank = node * per_node + local
-            env = {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": local, "LOCAL_WORLD_SIZE": per_node,
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONPATH": REPO}
-            commands.append(" ".join(f"{k}={v}" for k, v in env.items()) +
-                            f" {sys.executable} {WORKER} {mode} {scenario} {out}")
+            env = {
+                "RANK": rank,
+                "WORLD_SIZE": world,
+                "LOCAL_RANK": local,
+                "LOCAL_WORLD_SIZE": per_node,
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "PYTHONPATH": REPO,
+            }
+            commands.append(
+                " ".join(f"{k}={v}" for k, v in env.items()) + f" {sys.executable} {WORKER} {mode} {scenario} {out}"
+            )
         if nodes == 1:
             for command in commands:
-                procs.append(subprocess.Popen(["sh", "-c", f"exec env {command}"], stdout=subprocess.PIPE,
-                                              stderr=subprocess.STDOUT, text=True))
+                procs.append(
+                    subprocess.Popen(
+                        ["sh", "-c", f"exec env {command}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                    )
+                )
             continue
-        ranks = " ".join(f"env {command} & pids=\"$pids $!\";" for command in commands)
-        script = f"mount -t tmpfs tmpfs {out} && {ranks} status=0; for p in $pids; do wait $p || status=1; done; exit $status"
-        procs.append(subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        ranks = " ".join(f'env {command} & pids="$pids $!";' for command in commands)
+        wait_all = "status=0; for p in $pids; do wait $p || status=1; done; exit $status"
+        script = f"mount -t tmpfs tmpfs {out} && {ranks} {wait_all}"
+        procs.append(
+            subprocess.Popen(
+                ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = []
     try:
         for proc in procs:
@@ -61,7 +79,11 @@ def test_ranks_commit_together_fail_together_and_resume(tmp_path, mode, world):
     assert codes == [0] * (world - 1) + [-signal.SIGKILL], codes
 
     step1 = tmp_path / "step1"
-    assert sorted(os.listdir(step1)) == ["checkpoint_0.pt", *[f"checkpoint_{r}.pt" for r in range(1, world)], "commit.json"]
+    assert sorted(os.listdir(step1)) == [
+        "checkpoint_0.pt",
+        *[f"checkpoint_{r}.pt" for r in range(1, world)],
+        "commit.json",
+    ]
     record = json.loads((step1 / "commit.json").read_text())
     assert record["world_size"] == world and record["metadata"] == {"step": 1}
     assert [f["file"] for f in record["files"]] == [f"checkpoint_{r}.pt" for r in range(world)]

@@ -12,9 +12,15 @@ def _base():
     weight = torch.nn.Parameter(torch.randn(4, 4))
     return {
         "model": OrderedDict(weight=weight, bias=torch.zeros(4), view=weight.detach()[1:, :2]),
-        "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(4, 4)}},
-                      "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0]}]},
-        "epoch": 1, "name": "run", "flag": False, "none": None, "loss": 0.0,
+        "optimizer": {
+            "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(4, 4)}},
+            "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0]}],
+        },
+        "epoch": 1,
+        "name": "run",
+        "flag": False,
+        "none": None,
+        "loss": 0.0,
     }
 
 
@@ -25,6 +31,7 @@ def _replace(path, value=None, transform=None):
             target = target[key]
         target[path[-1]] = transform(target[path[-1]]) if transform else value
         return state
+
     return change
 
 

@@ -7,6 +7,7 @@ import zipfile
 import pytest
 import torch
 
+import core.manifest
 from core import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -15,7 +16,6 @@ from core import (
     UnsupportedFormatVersionError,
     make_sync_checkpointer,
 )
-import core.manifest
 from tests.helpers import flip_byte
 
 

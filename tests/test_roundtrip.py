@@ -18,10 +18,26 @@ def async_ckpt():
 
 def test_public_api_names():
     for name in [
-        "Checkpointer", "SyncCheckpointer", "AsyncCheckpointer", "CheckpointStager", "DefaultStager",
-        "CheckpointStagerConfig", "CheckpointProcess", "CheckpointProcessConfig", "CheckpointWriter",
-        "CheckpointWriterConfig", "WriterHook", "CheckpointReader", "Barrier", "BarrierConfig", "DistBarrier",
-        "TCPStoreBarrier", "CheckpointerConfig", "RankInfo", "make_sync_checkpointer", "make_async_checkpointer",
+        "Checkpointer",
+        "SyncCheckpointer",
+        "AsyncCheckpointer",
+        "CheckpointStager",
+        "DefaultStager",
+        "CheckpointStagerConfig",
+        "CheckpointProcess",
+        "CheckpointProcessConfig",
+        "CheckpointWriter",
+        "CheckpointWriterConfig",
+        "WriterHook",
+        "CheckpointReader",
+        "Barrier",
+        "BarrierConfig",
+        "DistBarrier",
+        "TCPStoreBarrier",
+        "CheckpointerConfig",
+        "RankInfo",
+        "make_sync_checkpointer",
+        "make_async_checkpointer",
     ]:
         assert hasattr(core, name), name
 
@@ -84,7 +100,9 @@ def test_tied_weights_and_views_keep_sharing(tmp_path, async_ckpt):
 
 def test_parameters_stay_parameters(tmp_path, async_ckpt):
     parameter = torch.nn.Parameter(torch.randn(3, 3))
-    async_ckpt.save(tmp_path / "ck", {"p": parameter, "frozen": torch.nn.Parameter(torch.ones(2), requires_grad=False)})[1].result()
+    async_ckpt.save(
+        tmp_path / "ck", {"p": parameter, "frozen": torch.nn.Parameter(torch.ones(2), requires_grad=False)}
+    )[1].result()
     loaded = async_ckpt.load(tmp_path / "ck")
     assert isinstance(loaded["p"], torch.nn.Parameter) and loaded["p"].requires_grad
     assert not loaded["frozen"].requires_grad
@@ -133,7 +151,9 @@ def test_safetensors_files_load_with_safetensors(tmp_path, async_ckpt, mode):
     loaded = load_file(target)
     assert list(loaded) == list(state)
     for name, tensor in state.items():
-        assert torch.equal(loaded[name].reshape(-1).view(torch.uint8), tensor.contiguous().reshape(-1).view(torch.uint8)), name
+        assert torch.equal(
+            loaded[name].reshape(-1).view(torch.uint8), tensor.contiguous().reshape(-1).view(torch.uint8)
+        ), name
 
 
 def test_callable_map_location_is_applied(tmp_path, async_ckpt):
@@ -156,7 +176,10 @@ def test_what_torch_save_round_trips_we_round_trip(tmp_path, async_ckpt, mode):
     else:
         with make_sync_checkpointer() as ckpt:
             ckpt.save(tmp_path / "ck", state)
-    for loaded in (async_ckpt.load(tmp_path / "ck"), torch.load(tmp_path / "ck" / "checkpoint_0.pt", weights_only=False)):
+    for loaded in (
+        async_ckpt.load(tmp_path / "ck"),
+        torch.load(tmp_path / "ck" / "checkpoint_0.pt", weights_only=False),
+    ):
         assert torch.equal(loaded["conj"], z.conj()) and torch.equal(loaded["neg"], other.conj().imag)
         assert torch.equal(loaded["plain"], z) and loaded["tagged"].note == "kept"
         assert loaded["loss"].item() == 6.0 and loaded["loss"].requires_grad

@@ -37,7 +37,11 @@ from core import (
 from tests.helpers import GatedCommit, free_port
 
 ONE_RANK = RankInfo(global_rank=0, global_world_size=1)
-STATE = {"model": {"w": torch.arange(6.0), "b": torch.ones(2)}, "optimizer": {"param_groups": [{"lr": 0.01}]}, "epoch": 5}
+STATE = {
+    "model": {"w": torch.arange(6.0), "b": torch.ones(2)},
+    "optimizer": {"param_groups": [{"lr": 0.01}]},
+    "epoch": 5,
+}
 
 
 # -- writer-process side functions must be importable module-level functions
@@ -80,15 +84,17 @@ def slow_subprocess_init_fn(*args):
 
 
 def _upstream_process(**overrides):
+    """A CheckpointProcess built as torch's tests build theirs."""
     config = CheckpointProcessConfig(subprocess_init_timeout_secs=overrides.pop("timeout", 30))
-    args = dict(
-        rank_info=ONE_RANK, config=config, subprocess_init_fn=lambda *a: None, subprocess_init_args=(),
-        checkpoint_writer_init_fn=upstream_writer_init_fn,
-        checkpoint_writer_init_args={"config": CheckpointWriterConfig(), "rank_info": ONE_RANK},
-    )
-    args["subprocess_init_fn"] = overrides.pop("subprocess_init_fn", _noop)
-    args.update(overrides)
-    return CheckpointProcess(**args)
+    arguments = {
+        "rank_info": ONE_RANK,
+        "config": config,
+        "subprocess_init_fn": _noop,
+        "subprocess_init_args": (),
+        "checkpoint_writer_init_fn": upstream_writer_init_fn,
+        "checkpoint_writer_init_args": {"config": CheckpointWriterConfig(), "rank_info": ONE_RANK},
+    }
+    return CheckpointProcess(**{**arguments, **overrides})
 
 
 def _noop(*args):
@@ -115,7 +121,9 @@ class FutureStager(CheckpointStager):
         self._pool = ThreadPoolExecutor(1)
 
     def stage(self, state_dict, **kwargs):
-        return self._pool.submit(lambda: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in state_dict.items()})
+        return self._pool.submit(
+            lambda: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in state_dict.items()}
+        )
 
     def close(self):
         self._pool.shutdown()
@@ -134,7 +142,8 @@ def test_a_custom_stager_returning_a_future_works_with_async_checkpointer(tmp_pa
 
 def test_writer_init_args_may_name_rank_info(tmp_path):
     with make_async_checkpointer(
-        rank_info=ONE_RANK, checkpoint_writer_init_fn=upstream_writer_init_fn,
+        rank_info=ONE_RANK,
+        checkpoint_writer_init_fn=upstream_writer_init_fn,
         checkpoint_writer_init_args={"config": CheckpointWriterConfig(), "rank_info": RankInfo(0, 1)},
     ) as checkpointer:
         checkpointer.save(str(tmp_path / "ck"), STATE)[1].result(timeout=60)
@@ -142,8 +151,9 @@ def test_writer_init_args_may_name_rank_info(tmp_path):
 
 
 def test_a_writer_that_overrides_write_is_called_with_the_state_dict(tmp_path):
-    with make_async_checkpointer(rank_info=ONE_RANK, checkpoint_writer_init_fn=marking_writer_init_fn,
-                                 checkpoint_writer_init_args={}) as checkpointer:
+    with make_async_checkpointer(
+        rank_info=ONE_RANK, checkpoint_writer_init_fn=marking_writer_init_fn, checkpoint_writer_init_args={}
+    ) as checkpointer:
         staged, written = checkpointer.save(str(tmp_path / "ck"), STATE)
         assert written.result(timeout=60) is None  # what that writer returned
     marker = (tmp_path / "ck.marker").read_text()
@@ -287,8 +297,13 @@ def test_register_barrier_the_torch_way_and_a_barrier_without_exchange(tmp_path)
 
 def test_tcp_store_barrier_with_torchs_arguments_hosts_its_own_store():
     barrier = TCPStoreBarrier(
-        global_rank=0, global_world_size=1, barrier_prefix="test", timeout_barrier_init_secs=30,
-        use_checkpoint_barrier_tcpstore_libuv=False, tcpstore_port=free_port(), master_address="127.0.0.1",
+        global_rank=0,
+        global_world_size=1,
+        barrier_prefix="test",
+        timeout_barrier_init_secs=30,
+        use_checkpoint_barrier_tcpstore_libuv=False,
+        tcpstore_port=free_port(),
+        master_address="127.0.0.1",
         timeout_secs=30,
     )
     barrier.execute_barrier()
@@ -361,7 +376,9 @@ def test_a_dead_pipe_a_failing_writer_a_failing_hook_and_a_lonely_barrier_all_fa
         checkpointer.close()
     (tmp_path / "a_file").write_text("")
     with make_async_checkpointer() as checkpointer:  # the writer raises: a file where a folder must go
-        _failed_quickly(checkpointer.save(str(tmp_path / "a_file" / "x"), STATE)[1], CheckpointWriteError, "Writer traceback")
+        _failed_quickly(
+            checkpointer.save(str(tmp_path / "a_file" / "x"), STATE)[1], CheckpointWriteError, "Writer traceback"
+        )
     from tests.helpers import FailingCommit
 
     with make_async_checkpointer(commit_hook=FailingCommit()) as checkpointer:
@@ -378,7 +395,9 @@ def test_a_dead_pipe_a_failing_writer_a_failing_hook_and_a_lonely_barrier_all_fa
 
 
 def test_close_gives_up_after_the_drain_timeout_and_names_the_write(tmp_path):
-    config = CheckpointerConfig(process_config=CheckpointProcessConfig(drain_timeout_secs=1, subprocess_shutdown_timeout_secs=1))
+    config = CheckpointerConfig(
+        process_config=CheckpointProcessConfig(drain_timeout_secs=1, subprocess_shutdown_timeout_secs=1)
+    )
     checkpointer = make_async_checkpointer(config, commit_hook=GatedCommit(tmp_path / "reached", tmp_path / "never"))
     _, write = checkpointer.save(str(tmp_path / "held"), STATE)
     with pytest.raises(DrainTimeoutError, match="held"):

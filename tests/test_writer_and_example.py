@@ -83,7 +83,10 @@ def test_cuda_tensors_stage_through_pinned_memory(tmp_path):
 def _run_example(script, tmp_path, *args):
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "examples", script), *args, "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout

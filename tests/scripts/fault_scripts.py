@@ -10,7 +10,7 @@ import time
 import torch
 
 from core import CheckpointerClosedError, WriterProcessDiedError, make_async_checkpointer
-from tests.helpers import GatedCommit, SlowCommit
+from tests.helpers import GatedCommit
 
 
 def orphan(out: str) -> None:
@@ -99,8 +99,13 @@ def ctrl_c(out: str) -> None:
     print(f"interrupts={interrupts} deferred={deferred} died={died} saves={len(futures)}", flush=True)
 
 
+def _held_commit(out: str) -> GatedCommit:
+    """Commits wait until the test opens OUT/gate (it does once SIGTERM's drain has begun)."""
+    return GatedCommit(os.path.join(out, "reached"), os.path.join(out, "gate"))
+
+
 def sigterm(out: str) -> None:
-    """A user SIGTERM handler, then a checkpointer; a pending slow write when SIGTERM comes."""
+    """A user SIGTERM handler, then a checkpointer; a pending write when SIGTERM comes."""
 
     def user_handler(signum, frame):
         with open(os.path.join(out, "user_handler_ran"), "w") as f:
@@ -108,10 +113,10 @@ def sigterm(out: str) -> None:
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, user_handler)
-    ckpt = make_async_checkpointer(commit_hook=SlowCommit(1.5))
+    ckpt = make_async_checkpointer(commit_hook=_held_commit(out))
     ckpt.save(os.path.join(out, "ck"), {"w": torch.full((1 << 20,), 3.0)})[0].result()
     print("saved", flush=True)
-    time.sleep(60)
+    time.sleep(600)
 
 
 def accelerate_sigterm(out: str) -> None:
@@ -127,10 +132,10 @@ def accelerate_sigterm(out: str) -> None:
 
     signal.signal(signal.SIGTERM, user_handler)
     accelerator, *_ = setup()
-    enable_async_checkpointing(accelerator, commit_hook=SlowCommit(0.5))
+    enable_async_checkpointing(accelerator, commit_hook=_held_commit(out))
     accelerator.save_state(os.path.join(out, "ckpt"))
     print("saved", flush=True)
-    time.sleep(60)
+    time.sleep(600)
 
 
 def crash_before_commit(out: str) -> None:
@@ -150,5 +155,7 @@ def crash_before_commit(out: str) -> None:
 
 
 if __name__ == "__main__":
-    scenarios = {f.__name__: f for f in (orphan, early_death, fork, ctrl_c, sigterm, accelerate_sigterm, crash_before_commit)}
+    scenarios = {
+        f.__name__: f for f in (orphan, early_death, fork, ctrl_c, sigterm, accelerate_sigterm, crash_before_commit)
+    }
     scenarios[sys.argv[1]](sys.argv[2])

@@ -39,14 +39,20 @@ def main() -> None:
     ckpts = os.path.join(out, "ckpts")
     L.seed_everything(0)
     first = trainer(
-        max_epochs=2, strategy="ddp", devices=2, plugins=[CountingAsyncCheckpointIO()],
+        max_epochs=2,
+        strategy="ddp",
+        devices=2,
+        plugins=[CountingAsyncCheckpointIO()],
         callbacks=[ModelCheckpoint(dirpath=ckpts, save_last=True, every_n_train_steps=2)],
     )
     first.fit(TinyClassifier(), tiny_data())
     with open(os.path.join(out, f"saves_rank{first.global_rank}.txt"), "w") as f:
         f.write(str(CountingAsyncCheckpointIO.saves))
     second = trainer(
-        max_epochs=3, strategy="ddp", devices=2, plugins=[AsyncCheckpointIO()],
+        max_epochs=3,
+        strategy="ddp",
+        devices=2,
+        plugins=[AsyncCheckpointIO()],
         callbacks=[ModelCheckpoint(dirpath=ckpts, save_last=True), RecordAfterResume(out)],
     )
     second.fit(TinyClassifier(), tiny_data(), ckpt_path=os.path.join(ckpts, "last.ckpt"))
@@ -54,8 +60,10 @@ def main() -> None:
     second.save_checkpoint(after_fit)  # then Lightning's barrier: rank 1 reads it right away
     tested = EvaluatedClassifier()
     second.test(tested, tiny_data(), ckpt_path=after_fit)
-    torch.save({"global_step": torch.load(after_fit, weights_only=True)["global_step"]},
-               os.path.join(out, f"tested_rank{second.global_rank}.pt"))
+    torch.save(
+        {"global_step": torch.load(after_fit, weights_only=True)["global_step"]},
+        os.path.join(out, f"tested_rank{second.global_rank}.pt"),
+    )
 
 
 if __name__ == "__main__":

@@ -89,11 +89,16 @@ def train(mode: str, out: str, rank: int, world: int) -> None:
         if rank == 1:
             # the hook's RuntimeError itself (sync), or as the writer process reports it (async)
             expect_failure(
-                lambda: save(ckpt, f"{out}/failed", rank_state(rank, 3)), (RuntimeError, CheckpointWriteError), "injected"
+                lambda: save(ckpt, f"{out}/failed", rank_state(rank, 3)),
+                (RuntimeError, CheckpointWriteError),
+                "injected",
             )
         else:
             expect_failure(
-                lambda: save(ckpt, f"{out}/failed", rank_state(rank, 3)), CheckpointCommitError, "rank(s) [1]", "injected"
+                lambda: save(ckpt, f"{out}/failed", rank_state(rank, 3)),
+                CheckpointCommitError,
+                "rank(s) [1]",
+                "injected",
             )
         assert_uncommitted(ckpt, f"{out}/failed")
 
@@ -135,7 +140,9 @@ def per_node(mode: str, out: str, rank: int, world: int) -> None:
         for step in (0, 1):
             save(ckpt, f"{out}/step{step}", rank_state(rank, step), step=step)
         dist.barrier()
-        assert sorted(os.listdir(f"{out}/step1")) == sorted([f"checkpoint_{r}.pt" for r in node_ranks] + ["commit.json"])
+        assert sorted(os.listdir(f"{out}/step1")) == sorted(
+            [f"checkpoint_{r}.pt" for r in node_ranks] + ["commit.json"]
+        )
         assert_same(ckpt.load(f"{out}/step1"), rank_state(rank, 1))
         assert find_latest(out) == f"{out}/step1", "this node's part of the checkpoint counts as complete"
 
