@@ -364,14 +364,19 @@ class OursLightning(Method):
 
     def setup(self, model, optimizer, workdir):
         super().setup(model, optimizer, workdir)
+        from lightning.fabric import Fabric
+
         from lightning_ckpt import AsyncCheckpointIO
 
         self.plugin = AsyncCheckpointIO()
+        # Saves from a training loop: through Fabric (a direct call outside any loop is synchronous).
+        self.fabric = Fabric(accelerator="cpu", devices=1, plugins=[self.plugin])
 
     def save(self, state, path):
-        self.plugin.save_checkpoint(state, path)
-        checkpointer = self.plugin.checkpointer
-        return lambda: not checkpointer._outstanding
+        from core import pending_writes
+
+        self.fabric.save(path, state)
+        return lambda: not pending_writes(path)
 
     def load(self, path, state):
         self.plugin.load_checkpoint(path)
@@ -390,9 +395,10 @@ class OursAccelerate(AccelerateSaveState):
         self.handle = enable_async_checkpointing(self.accelerator, enabled=True)
 
     def save(self, state, path):
+        from core import pending_writes
+
         self.accelerator.save_state(path, safe_serialization=False)
-        commits = list(self.handle._commits)
-        return lambda: all(c.done() for c in commits)
+        return lambda: not pending_writes(path)
 
     def close(self):
         self.handle.close()

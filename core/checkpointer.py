@@ -198,19 +198,27 @@ class AsyncCheckpointer(Checkpointer):
         if not path:
             raise ValueError("the checkpoint path is empty; name a file or directory to save to")
         start = time.perf_counter()
-        write_future = self._writes.start(path, report_errors)
+        write_future: WriteFuture | None = None
+        handed_over: threading.Event | None = None
         try:
+            # A Ctrl-C during these steps is raised after each assignment, inside this try: the save
+            # then either fails here as a whole or, once handed over, goes on to completion.
+            with sigint_deferred():
+                write_future = self._writes.start(path, report_errors)
             staging = self._stager.stage(state_dict, **kwargs)
+            if isinstance(staging, Future):
+                with sigint_deferred():
+                    write_future.handed_over = True
+                    staging.add_done_callback(lambda done: self._staged_later(done, path, kwargs, write_future, start))
+            else:
+                handed_over = self._hand_over(staging, path, kwargs, write_future, start)
         except BaseException as exc:
-            write_future.observed = True  # raised to the caller right here
-            settle(write_future, error=exc)
+            if write_future is not None and not write_future.handed_over:
+                write_future.observed = True  # raised to the caller right here
+                settle(write_future, error=exc)
             raise
-        if isinstance(staging, Future):
-            staging.add_done_callback(lambda done: self._staged_later(done, path, kwargs, write_future, start))
-        else:
-            handed_over = self._hand_over(staging, path, kwargs, write_future, start)
-            if handed_over is not None:
-                handed_over.wait()  # a Ctrl-C here interrupts the caller; the write still completes
+        if handed_over is not None:
+            handed_over.wait()  # a Ctrl-C here interrupts the caller; the write still completes
         return wrap_future(staging), write_future
 
     def _staged_later(self, done: Future, path: str, kwargs: dict, write_future: WriteFuture, start: float) -> None:
@@ -232,6 +240,7 @@ class AsyncCheckpointer(Checkpointer):
         """
         blocking_seconds = time.perf_counter() - start
         lease = getattr(staged, "lease", None)
+        handed_over = None
         with sigint_deferred():
             held = lease is not None and lease.hold()  # the stager must not reuse the slab while it is written
 
@@ -266,7 +275,9 @@ class AsyncCheckpointer(Checkpointer):
                 settle(write_future, result=result)
 
             written.add_done_callback(finish)
-        return getattr(written, "handed_over", None)
+            write_future.handed_over = True
+            handed_over = getattr(written, "handed_over", None)
+        return handed_over
 
     def prepare(self, state_dict: STATE_DICT, *, file_format: str = "torch") -> Future[None]:
         """Get the staging memory for saves of `state_dict`'s shape ready in the background.
@@ -296,10 +307,6 @@ class AsyncCheckpointer(Checkpointer):
         first failure not yet seen on its future."""
         self._writes.wait(timeout)
         self._writes.raise_unseen()
-
-    def wait_for_path(self, path: str) -> None:
-        """Block until every pending write to `path` (any spelling), by any checkpointer of the process, is done."""
-        wait_for_pending_writes(path)
 
     def drain_for_signal(self) -> None:
         """Wait up to sigterm_drain_secs for pending writes; called from the SIGTERM handler."""

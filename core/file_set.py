@@ -24,6 +24,7 @@ from .builder import make_async_checkpointer
 from .checkpointer import AsyncCheckpointer
 from .config import CheckpointerConfig
 from .errors import BarrierTimeoutError, CheckpointWriteError
+from .interrupts import sigint_deferred
 from .options import with_slabs_per_save
 from .outstanding import OutstandingWrites, WriteFuture, settle
 from .publish import publish_directory
@@ -126,30 +127,35 @@ class FileSetCheckpointer:
         self.raise_unseen()
         start = time.perf_counter()
         checkpointer = self._ensure_checkpointer(len(files))
-        writes = []
-        future = self._writes.start(final)
+        writes: list[Future] = []
+        future: WriteFuture | None = None
         try:
+            with sigint_deferred():  # a Ctrl-C is raised after the assignment, inside this try
+                future = self._writes.start(final)
             for file in files:
                 staged, written = checkpointer.save(
                     os.path.join(staging, file.name), file.state, file_format=file.file_format, report_errors=False
                 )
                 staged.result()
                 writes.append(written)
+            self._generation += 1
+            vote = CommitVote(
+                self._rank,
+                self._world_size,
+                f"{os.path.basename(final)}#{self._generation}",
+                self._config.writer_config.write_barrier_timeout_secs,
+            )
+            save = _Save(final, staging, publishes, vote, start, time.perf_counter() - start, after_publish)
+            assert self._committer is not None
+            with sigint_deferred():
+                self._committer.submit(self._commit, save, writes, future)
+                future.handed_over = True
         except BaseException as exc:
-            future.observed = True
-            settle(future, error=exc)
-            self._remove_staging(staging, writes)
+            if future is not None and not future.handed_over:
+                future.observed = True
+                settle(future, error=exc)
+                self._remove_staging(staging, writes)
             raise
-        self._generation += 1
-        vote = CommitVote(
-            self._rank,
-            self._world_size,
-            f"{os.path.basename(final)}#{self._generation}",
-            self._config.writer_config.write_barrier_timeout_secs,
-        )
-        save = _Save(final, staging, publishes, vote, start, time.perf_counter() - start, after_publish)
-        assert self._committer is not None
-        self._committer.submit(self._commit, save, writes, future)
         return future
 
     def _ensure_checkpointer(self, files_per_save: int) -> AsyncCheckpointer:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import os
 import struct
 import sys
+import time
 import zipfile
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,11 +34,12 @@ STORAGE_ALIGNMENT = PAGE_SIZE
 
 @dataclass(frozen=True)
 class WrittenFile:
-    """What writing one checkpoint file did: tensor bytes in it, and how many were copied from
-    the previous file of its lineage instead of written."""
+    """What writing one checkpoint file did: tensor bytes in it, how many were copied from the
+    previous file of its lineage instead of written, and the seconds each step took."""
 
     nbytes: int
     reused_nbytes: int = 0
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def write_checkpoint_file(
@@ -60,20 +62,38 @@ def write_checkpoint_file(
     when already computed. `previous`: records of the previous checkpoint of this lineage, by
     key; chunks whose digest matches are copied from that file instead of written.
     """
+    clock = StepClock()
     manifest = Manifest(data_pkl, [b.numel() for b in storage_bytes], chunk_bytes, checksums, extra_metadata or {})
     offsets = _write_skeleton(path, data_pkl, [b.numel() for b in storage_bytes], manifest.placeholder)
     chunks = _chunks(storage_bytes, offsets, chunk_bytes, known_digests, previous or {})
+    clock.mark("skeleton")
     out = DirectIO(path, use_direct_io)
     try:
         reused = 0
         for written in write_chunks(out, chunks, executor, checksums):
             manifest.set_digest(written.chunk.key, written.chunk.index, written.digest)
             reused += written.chunk.data.numel() if written.copied else 0
+        clock.mark("data")
         _write_manifest(out.buffered, path, offsets[MANIFEST_RECORD], manifest)
+        clock.mark("manifest")
         os.fsync(out.buffered)
+        clock.mark("fsync")
     finally:
         out.close()
-    return WrittenFile(sum(b.numel() for b in storage_bytes), reused)
+    return WrittenFile(sum(b.numel() for b in storage_bytes), reused, clock.seconds)
+
+
+class StepClock:
+    """Seconds spent in each named step, measured back to back."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
 
 
 def _archive_name(path: str) -> str:

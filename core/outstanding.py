@@ -26,6 +26,7 @@ class WriteFuture(Future):
     failure the caller has already seen on the future is not raised again by save/wait/close."""
 
     observed = False
+    handed_over = False  # the save's state reached the writer: from here the write completes on its own
 
     def result(self, timeout: float | None = None) -> Any:
         try:
@@ -72,7 +73,7 @@ class OutstandingWrites:
                 self._writes[future] = _Write(path, report_errors)
             future.add_done_callback(self._finished)
             register_pending_write(path, future)
-        return future
+        return future  # callers defer SIGINT around this call too, so that they hold the future
 
     def _finished(self, future: Future) -> None:
         with self._lock:

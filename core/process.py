@@ -295,19 +295,16 @@ class CheckpointProcess:
             raise self._start_failure
 
     def _submit(self, state_dict: STATE_DICT, path: str, kwargs: dict, future: WriterFuture) -> None:
+        """A state dict DefaultStager staged goes as its plan and slab; any other (or a staged one
+        whose slab a later stage() took over: it kept a private copy) by shared memory."""
         lease = getattr(state_dict, "lease", None)
         plan = getattr(state_dict, "plan", None)
-        if lease is not None and plan is not None:
-            if not lease.hold():
-                raise CheckpointWriteError(
-                    f"the staged state for {path!r} was overwritten by a later stage() before it was written; "
-                    "hand each staged state dict to write() before staging the next one"
-                )
+        if lease is not None and plan is not None and lease.hold():
             self._send_write(lease.slab, plan, None, path, kwargs, future, lease.release)
-        else:
-            captured = capture(state_dict)
-            shared = [_shared_fd(source.untyped_storage()) for source in captured.sources]
-            self._send_write(None, captured.plan, shared, path, kwargs, future, lambda: None)
+            return
+        captured = capture(state_dict)
+        shared = [_shared_fd(source.untyped_storage()) for source in captured.sources]
+        self._send_write(None, captured.plan, shared, path, kwargs, future, lambda: None)
 
     def _send_write(
         self,

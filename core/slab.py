@@ -17,6 +17,7 @@ import logging
 import mmap
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -114,9 +115,9 @@ class StagingLease:
 class SlabPool:
     """Reuses slabs across saves: a save of the same shape gets the same, already faulted, slab.
 
-    At most `max_slabs` exist at once. `acquire` takes a free slab (one whose snapshot no write
-    holds), preferring one `prefer` accepts; it waits only while every slab is being staged or
-    written. A free slab too small for the request is replaced.
+    At most `max_slabs` exist at once. `try_acquire` takes a free slab (one whose snapshot no
+    write holds), preferring one `prefer` accepts; when every slab is being staged or written the
+    caller waits with `wait_for_room`. A free slab too small for the request is replaced.
     """
 
     def __init__(self, max_slabs: int, *, pin: bool = False) -> None:
@@ -139,36 +140,60 @@ class SlabPool:
             return tuple(self._all)
 
     @property
+    def pinned(self) -> bool:
+        """Whether slabs exist and every one is pinned (registered with CUDA)."""
+        with self._changed:
+            return bool(self._all) and all(slab.pinned for slab in self._all.values())
+
+    @property
     def has_room(self) -> bool:
         """Whether another slab may be created without replacing one."""
         with self._changed:
             return len(self._all) < self._max_slabs
 
-    def acquire(self, nbytes: int, prefer: Callable[[Slab], bool] | None = None) -> StagingLease:
-        """A lease on a free slab of at least `nbytes`, for a snapshot being staged now."""
-        fresh = False
+    def try_acquire(self, nbytes: int, prefer: Callable[[Slab], bool] | None = None) -> StagingLease | None:
+        """A lease on a free slab of at least `nbytes` (one `prefer` accepts, if any) for a snapshot
+        being staged now, or None when every slab is being staged or written. Never waits."""
         with self._changed:
-            while True:
-                if self._closed:
-                    raise CheckpointerClosedError("the staging memory was released (the stager is closed)")
-                fitting = [s for s in self._free if s.nbytes >= nbytes]
-                if fitting:
-                    slab = min(fitting, key=lambda s: (not (prefer and prefer(s)), s.nbytes))
-                    self._free.remove(slab)
-                    break
+            if self._closed:
+                raise CheckpointerClosedError("the staging memory was released (the stager is closed)")
+            fresh = False
+            fitting = [s for s in self._free if s.nbytes >= nbytes]
+            if fitting:
+                slab = min(fitting, key=lambda s: (not (prefer and prefer(s)), s.nbytes))
+                self._free.remove(slab)
+            else:
                 if len(self._all) >= self._max_slabs and self._free:
                     self._discard(self._free.pop(0))
-                if len(self._all) < self._max_slabs:
-                    slab, fresh = Slab(nbytes, pin=self._pin), True
-                    self._all[slab.slab_id] = slab
-                    logger.debug("new staging slab %s of %d bytes", slab.slab_id, slab.nbytes)
-                    break
-                self._changed.wait()
+                if len(self._all) >= self._max_slabs:
+                    return None
+                slab, fresh = Slab(nbytes, pin=self._pin), True
+                self._all[slab.slab_id] = slab
+                logger.debug("new staging slab %s of %d bytes", slab.slab_id, slab.nbytes)
             self._supersede(slab)
             lease = StagingLease(self, slab, fresh)
             self._leases[slab.slab_id] = lease
             self._staging.add(slab.slab_id)
             return lease
+
+    def wait_for_room(self, waited: float = 0.0) -> float:
+        """Wait until a write releases a slab (or 5 s pass); returns the seconds waited so far, and
+        says why once the wait is noticeable."""
+        started = time.monotonic()
+        with self._changed:
+            if not self._free and len(self._all) >= self._max_slabs and not self._closed:
+                self._changed.wait(timeout=5.0)
+        waited += time.monotonic() - started
+        if waited >= 5.0 and waited - (time.monotonic() - started) < 5.0:
+            logger.warning(
+                "the checkpoint writer is falling behind: all %d staging buffers belong to writes still in progress, "
+                "so this save has waited %.0f s for the oldest to finish. Saves come faster than the writer persists "
+                "them (a slow disk, or training starving the writer of CPU). Save less often, raise max_in_flight "
+                "(memory: one copy of the state each), or leave the writer a CPU core. Every checkpoint is kept",
+                self._max_slabs,
+                waited,
+            )
+        return waited
 
     def new_spare(self, nbytes: int, besides: Slab | None = None) -> StagingLease | None:
         """A lease on a newly created slab of `nbytes` to warm up, or None when a free slab other

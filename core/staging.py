@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -24,6 +24,7 @@ import xxhash
 from .config import CheckpointStagerConfig
 from .errors import CheckpointConfigError, CheckpointerClosedError
 from .fsutil import DEFAULT_CHUNK_BYTES
+from .interrupts import sigint_deferred
 from .manifest import chunk_digests
 from .plan import CapturedState, CheckpointPlan, Lineage, PlanCache, materialize
 from .slab import Slab, SlabContents, SlabPool, StagingLease
@@ -111,6 +112,11 @@ class StagedStateDict(dict):
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         return dict, (self.copy(),)
+
+
+def _holding(slab_shape: tuple) -> Callable[[Slab], bool]:
+    """Prefers the slab that held the last snapshot of this shape (incremental saves skip what it holds)."""
+    return lambda slab: slab.contents is not None and slab.contents.slab_shape == slab_shape
 
 
 def _build_if_alive(snapshot: weakref.ref[StagedStateDict]) -> None:
@@ -209,18 +215,23 @@ class DefaultStager(CheckpointStager):
             raise CheckpointerClosedError("stage() on a closed DefaultStager; create a new one")
         captured = self._plans.capture(state_dict, kwargs.get("file_format", "torch"))
         slab_shape = captured.plan.slab_shape
-        lease = self.pool.acquire(
-            captured.plan.slab_nbytes, prefer=lambda s: s.contents is not None and s.contents.slab_shape == slab_shape
-        )
-        fresh = lease.fresh
+        lease: StagingLease | None = None
         try:
+            # Waiting for a slab stays interruptible; taking one is not: a Ctrl-C arrives after the
+            # assignment, inside this try, which gives the slab back.
+            waited = 0.0
+            while lease is None:
+                with sigint_deferred():
+                    lease = self.pool.try_acquire(captured.plan.slab_nbytes, prefer=_holding(slab_shape))
+                if lease is None:
+                    waited = self.pool.wait_for_room(waited)
             skip, digests = self._unchanged(captured, lease.slab) if self._config.incremental else (set(), None)
             lease.slab.contents = None  # until the copy below has finished
             on_cuda = "cuda" in {d.type for d in captured.devices}
             if not (self._config.async_staging or on_cuda):
                 staged = self._copy(captured, lease, skip, digests)
                 self.pool.staged(lease)
-                self._warm_spare(lease, fresh)
+                self._warm_spare(lease)
                 return staged
             future: Future[STATE_DICT] = Future()
             if on_cuda:
@@ -228,11 +239,12 @@ class DefaultStager(CheckpointStager):
             else:
                 self._helper_thread().submit(self._finish_in_background, future, captured, lease, skip, digests)
         except BaseException:
-            self.pool.abandon(lease)
+            if lease is not None:
+                self.pool.abandon(lease)
             raise
         if not self._config.async_staging:
             result = future.result()
-            self._warm_spare(lease, fresh)
+            self._warm_spare(lease)
             return result
         return future
 
@@ -256,9 +268,9 @@ class DefaultStager(CheckpointStager):
         future.set_result(staged)  # callbacks (a write taking hold of the lease) run first
         self.pool.staged(lease)
 
-    def _warm_spare(self, lease: StagingLease, first_of_shape: bool) -> None:
+    def _warm_spare(self, lease: StagingLease) -> None:
         """After the first save of a shape, ready a second slab for it off the training thread."""
-        if first_of_shape and self.pool.has_room:
+        if lease.fresh and self.pool.has_room:
             self._helper_thread().submit(self._warm_slab, lease.slab.nbytes, lease.slab)
 
     def _unchanged(self, captured: CapturedState, slab: Slab) -> tuple[set[int], list[list[str] | None]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 STATE_DICT = dict[str, Any]
@@ -50,7 +50,9 @@ class WriteResult:
     persist_seconds: from the save() call until the checkpoint was durable and committed.
     copied_nbytes: bytes the snapshot copied (fewer than nbytes when an incremental save
     found tensors unchanged); reused_nbytes: bytes the writer copied from the previous
-    checkpoint file instead of writing them.
+    checkpoint file instead of writing them. phases: where the writer's time went (creating
+    the temporary file, the file's skeleton, data, manifest and fsync, the pre-commit hook, the
+    barrier, publishing, cleanup, what follows the commit).
     """
 
     path: str
@@ -61,6 +63,7 @@ class WriteResult:
     persist_seconds: float = 0.0
     copied_nbytes: int = 0
     reused_nbytes: int = 0
+    phases: dict[str, float] = field(default_factory=dict)  # the writer's seconds per step of the write
 
     @property
     def throughput_gbps(self) -> float:

@@ -21,7 +21,7 @@ from .checkpoint_file import CheckpointFile
 from .commit import CommitRecord, RankFile, new_write_id, write_commit_record
 from .config import CheckpointWriterConfig
 from .errors import CheckpointCommitError, CheckpointError
-from .file_writer import WrittenFile, write_checkpoint_file, write_safetensors_file
+from .file_writer import StepClock, WrittenFile, write_checkpoint_file, write_safetensors_file
 from .fsutil import TEMPORARY_PREFIX, filesystem_clones, fsync_directory
 from .incremental import PreviousFiles
 from .locks import exclusive
@@ -131,21 +131,27 @@ class CheckpointWriter:
         os.makedirs(directory, exist_ok=True)
         write_id = new_write_id()
         metadata = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}
+        clock = StepClock()
         temporary_directory = _temporary_directory(directory)
         temporary = os.path.join(temporary_directory, os.path.basename(final))
         try:
             try:
                 # Created private; given the usual permissions only when it takes its final name.
                 os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+                clock.mark("temporary")
                 written = self._write_file(temporary, plan, storage_bytes, write_id, metadata)
+                clock.mark("file")
                 if self._commit_hook is not None:
                     self._commit_hook.pre_commit(path, **kwargs)
+                clock.mark("pre_commit")
             except BaseException as exc:
                 self._tell_peers_of_failure(path, exc)
                 raise
             mine = RankFile(self._rank_info.global_rank, os.path.basename(final), written.nbytes, write_id)
             files = self._agree(path, mine)
+            clock.mark("barrier")
             self._publish(temporary, final, directory, files, metadata)
+            clock.mark("publish")
         except BaseException as exc:
             if isinstance(exc, OSError) and not isinstance(exc, CheckpointError) and exc.filename is None:
                 # e.g. ENOSPC from a write: say which checkpoint it was
@@ -153,10 +159,12 @@ class CheckpointWriter:
             raise
         finally:
             shutil.rmtree(temporary_directory, ignore_errors=True)
+        clock.mark("cleanup")
         self._remember_for_the_next_save(plan, final)
         if self._commit_hook is not None:
             self._commit_hook.post_commit(path, **kwargs)
         self._maintain(path)
+        clock.mark("after_commit")
         seconds = time.perf_counter() - start
         logger.info(
             "checkpoint %s committed: %.1f MB in %.3f s (%.2f GB/s)",
@@ -165,8 +173,14 @@ class CheckpointWriter:
             seconds,
             written.nbytes / max(seconds, 1e-9) / 1e9,
         )
+        phases = {**clock.seconds, **{f"file.{name}": s for name, s in written.phases.items()}}
         return WriteResult(
-            path=path, files=(final,), nbytes=written.nbytes, write_seconds=seconds, reused_nbytes=written.reused_nbytes
+            path=path,
+            files=(final,),
+            nbytes=written.nbytes,
+            write_seconds=seconds,
+            reused_nbytes=written.reused_nbytes,
+            phases=phases,
         )
 
     def _write_file(

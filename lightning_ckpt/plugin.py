@@ -179,6 +179,11 @@ class AsyncCheckpointIO(CheckpointIO):
             logger.debug("remove_checkpoint: %s is already gone", path)
 
     @property
+    def writer_pid(self) -> int | None:
+        """The writer process's pid while one runs for this plugin (None: none was started)."""
+        return None if self._checkpointer is None else self._checkpointer.writer_pid
+
+    @property
     def stats(self) -> CheckpointStats | None:
         """Totals of this fit's committed checkpoints and the last one's numbers (None before the first save).
 

@@ -31,40 +31,40 @@ def _alive(pid):
         return f.read().split()[2] != "Z"
 
 
-def _finish_orphan(trainer, writer_pid):
-    """Wait for the orphaned writer to exit; returns what the pair printed to stderr."""
+def _saved(trainer) -> int:
+    """Wait for the trainer's "saved <writer pid>" line; returns the writer's pid."""
+    line = trainer.stdout.readline()
+    assert line.startswith("saved"), trainer.stderr.read()
+    return int(line.split()[1])
+
+
+def _assert_the_orphan_committed(trainer, writer_pid, folder, step):
+    """The orphaned writer exits, having committed the save of `step` whole and printed nothing."""
     wait_until(lambda: not _alive(writer_pid), timeout=120, what="the orphaned writer to exit")
-    return trainer.stderr.read()  # the writer shares the trainer's stderr: at end-of-file both are gone
+    errors = trainer.stderr.read()  # the writer shares the trainer's stderr: at end-of-file both are gone
+    loaded = torch.load(folder / "checkpoint_0.pt", weights_only=True)
+    assert loaded["step"] == step and torch.all(loaded["w"] == float(step))
+    assert sorted(os.listdir(folder)) == ["checkpoint_0.pt", "commit.json"]
+    assert "Traceback" not in errors, errors
 
 
 def test_trainer_killed_after_save_still_gets_its_checkpoint(tmp_path):
     trainer = _start("orphan", tmp_path)
-    line = trainer.stdout.readline()
-    assert line.startswith("saved"), trainer.stderr.read()
-    writer_pid = int(line.split()[1])
+    writer_pid = _saved(trainer)
     wait_until(lambda: (tmp_path / "reached").exists(), what="the commit to be reached")
     trainer.kill()  # SIGKILL right after save() returned, while the writer holds the commit
     trainer.wait()
     assert not (tmp_path / "ck" / "checkpoint_0.pt").exists(), "the commit was not still pending"
     (tmp_path / "gate").touch()
-    errors = _finish_orphan(trainer, writer_pid)
-    loaded = torch.load(tmp_path / "ck" / "checkpoint_0.pt", weights_only=True)
-    assert loaded["step"] == 7 and torch.all(loaded["w"] == 7.0)
-    assert sorted(os.listdir(tmp_path / "ck")) == ["checkpoint_0.pt", "commit.json"]
-    assert "Traceback" not in errors, errors
+    _assert_the_orphan_committed(trainer, writer_pid, tmp_path / "ck", step=7)
 
 
 def test_trainer_killed_while_its_writer_still_starts_still_gets_its_checkpoint(tmp_path):
     trainer = _start("early_death", tmp_path)
-    line = trainer.stdout.readline()
-    assert line.startswith("saved"), trainer.stderr.read()
+    writer_pid = _saved(trainer)
     trainer.kill()  # the writer is still importing torch: it has not read anything yet
     trainer.wait()
-    errors = _finish_orphan(trainer, int(line.split()[1]))
-    loaded = torch.load(tmp_path / "ck" / "checkpoint_0.pt", weights_only=True)
-    assert loaded["step"] == 5 and torch.all(loaded["w"] == 5.0)
-    assert sorted(os.listdir(tmp_path / "ck")) == ["checkpoint_0.pt", "commit.json"]
-    assert "Traceback" not in errors, errors
+    _assert_the_orphan_committed(trainer, writer_pid, tmp_path / "ck", step=5)
 
 
 def test_a_forked_child_gets_a_clear_error_and_the_parent_keeps_saving(tmp_path):
@@ -88,7 +88,7 @@ def test_ctrl_c_interrupts_the_caller_at_once_and_never_breaks_the_writer(tmp_pa
     assert int(summary["interrupts"]) == 40, out
     assert summary["deferred"] == "0", "a Ctrl-C was raised by a later call instead of at once"
     assert summary["died"] == "0", f"a Ctrl-C broke the channel to the writer: {errors[-2000:]}"
-    assert int(summary["saves"]) > 0
+    assert int(summary["saves"]) >= 20, "the interrupts did not land among saves"
     assert "UnpicklingError" not in errors and "Traceback" not in errors, errors[-2000:]
 
 

@@ -57,7 +57,7 @@ def test_resume_matches_a_synchronous_resume_and_plugin_rearms(tmp_path):
     _fit(tmp_path / "sync", [], True, max_epochs=2)
     plugin = AsyncCheckpointIO()
     _fit(tmp_path / "async", [plugin], True, max_epochs=2)
-    assert plugin._checkpointer is None, "teardown did not drain and release the writer"
+    assert plugin.writer_pid is None, "teardown did not drain and release the writer"
 
     sync_trainer, sync_model, _ = _fit(tmp_path / "sync", [], True, max_epochs=4, ckpt_path="last")
     async_trainer, async_model, _ = _fit(tmp_path / "async", [plugin], True, max_epochs=4, ckpt_path="last")
@@ -187,7 +187,7 @@ def test_a_save_after_fit_is_durable_when_it_returns_and_leaves_no_writer(tmp_pa
     t.save_checkpoint(path)
     assert torch.load(path, weights_only=True)["global_step"] == t.global_step  # no wait needed
     assert_same(TinyClassifier.load_from_checkpoint(path).state_dict(), model.state_dict())
-    assert plugin._checkpointer is None, "a writer process was started for a save outside fit"
+    assert plugin.writer_pid is None, "a writer process was started for a save outside fit"
     t.validate(EvaluatedClassifier(), tiny_data(), ckpt_path="./" + os.path.relpath(path))  # any spelling
 
 
@@ -257,7 +257,7 @@ def test_a_direct_call_without_a_trainer_is_durable_when_it_returns(tmp_path):
     plugin = AsyncCheckpointIO()
     plugin.save_checkpoint({"state_dict": {"w": torch.arange(4.0)}}, tmp_path / "direct.ckpt")
     assert torch.equal(torch.load(tmp_path / "direct.ckpt", weights_only=True)["state_dict"]["w"], torch.arange(4.0))
-    assert plugin._checkpointer is None  # no writer process was started
+    assert plugin.writer_pid is None  # no writer process was started
 
 
 def test_the_drain_callback_leaves_the_trainer_after_fit(tmp_path):

@@ -130,9 +130,18 @@ def test_large_tensor_spans_several_chunks(tmp_path):
 def test_map_location_moves_tensors_and_keeps_sharing(tmp_path, async_ckpt):
     weight = torch.randn(4, 4)
     async_ckpt.save(tmp_path / "ck", {"a": weight, "b": weight.t()})[1].result()
-    loaded = async_ckpt.load(tmp_path / "ck", default_map_location="cpu")
-    assert loaded["a"].device.type == "cpu"
-    assert loaded["b"].untyped_storage().data_ptr() == loaded["a"].untyped_storage().data_ptr()
+    moved = []
+
+    def to_new_memory(storage, location):  # a relocation torch.load would apply: new storage, same bytes
+        copy = torch.UntypedStorage(storage.nbytes())
+        copy.copy_(storage)
+        moved.append(copy.data_ptr())
+        return copy
+
+    loaded = async_ckpt.load(tmp_path / "ck", default_map_location=to_new_memory)
+    assert len(moved) == 1 and loaded["a"].untyped_storage().data_ptr() == moved[0]  # rebuilt on the new storage
+    assert loaded["b"].untyped_storage().data_ptr() == moved[0]  # and still shared by both views
+    assert torch.equal(loaded["a"], weight) and torch.equal(loaded["b"], weight.t())
 
 
 @pytest.mark.parametrize("mode", ["async", "sync"])
