@@ -17,8 +17,10 @@ from .errors import CheckpointerClosedError
 from .interrupts import sigint_deferred
 from .outstanding import OutstandingWrites, WriteFuture, settle
 from .pending import wait_for_pending_writes
+from .plan import CheckpointPlan, tensor_versions
 from .reader import CheckpointReader
-from .staging import CheckpointStager
+from .slab import StagingLease
+from .staging import CheckpointStager, StagedStateDict
 from .types import STATE_DICT, CheckpointStats, WriteResult
 from .utils import wrap_future
 from .writer import CheckpointWriter
@@ -128,6 +130,19 @@ class SyncCheckpointer(Checkpointer):
             self._writer.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class _LastSave:
+    """The previous save, for dedupe_key: its plan and its slab's lease (the same bytes, should a
+    link be impossible), not its staged dict, which would be copied out when the slab is reused."""
+
+    key: Any
+    versions: tuple
+    kwargs: dict
+    plan: CheckpointPlan
+    lease: StagingLease
+    path: str
+
+
 class AsyncCheckpointer(Checkpointer):
     """Saves cost the caller only the snapshot; a writer process persists them.
 
@@ -163,6 +178,7 @@ class AsyncCheckpointer(Checkpointer):
         self._owner_pid = os.getpid()
         self._lock = threading.Lock()  # stats
         self._writes = OutstandingWrites()
+        self._last: _LastSave | None = None  # the previous save, for dedupe_key
         self._closed = False
         self.stats = CheckpointStats()
         drain.register(self, drain_on_sigterm=self._sigterm_drain_secs > 0)
@@ -190,8 +206,17 @@ class AsyncCheckpointer(Checkpointer):
         or "safetensors", a flat dict of tensors) and values for the commit hooks and the
         checkpoint's metadata (e.g. step=100). report_errors=False: a failure of this save is
         reported on its write future only (not again by save/wait/close).
+
+        dedupe_key: when it equals the previous save's and nothing changed since (the same
+        pickled structure, the same tensors with the same version counters, the same other keyword
+        arguments), this save copies
+        nothing and writes nothing: its file is a hard link to the previous one (a clone or an
+        in-kernel copy where links are impossible), still a standalone checkpoint. Pass a value
+        that changes whenever the state may change behind PyTorch's back (e.g. the global step:
+        Lightning's ModelCheckpoint saves a top-k file and last.ckpt of one step this way).
         """
         report_errors = kwargs.pop("report_errors", True)
+        dedupe_key = kwargs.pop("dedupe_key", None)
         self._check_usable()
         self._writes.raise_unseen()
         path = os.fspath(path)
@@ -200,12 +225,25 @@ class AsyncCheckpointer(Checkpointer):
         start = time.perf_counter()
         write_future: WriteFuture | None = None
         handed_over: threading.Event | None = None
+        staging: Any
         try:
             # A Ctrl-C during these steps is raised after each assignment, inside this try: the save
             # then either fails here as a whole or, once handed over, goes on to completion.
             with sigint_deferred():
                 write_future = self._writes.start(path, report_errors)
+            again = self._unchanged_since_last_save(dedupe_key, state_dict, kwargs)
+            if again is not None and again.lease.hold():  # its slab still holds that snapshot
+                try:
+                    staging = StagedStateDict(again.plan, again.lease, copied_nbytes=0)
+                    handed_over = self._hand_over(
+                        staging, path, {**kwargs, "link_from": again.path}, write_future, start, copied_nbytes=0
+                    )
+                finally:
+                    again.lease.release()
+                self._last = dataclasses.replace(again, path=path)
+                return wrap_future(staging), write_future
             staging = self._stager.stage(state_dict, **kwargs)
+            self._remember(dedupe_key, state_dict, kwargs, staging, path)
             if isinstance(staging, Future):
                 with sigint_deferred():
                     write_future.handed_over = True
@@ -217,9 +255,29 @@ class AsyncCheckpointer(Checkpointer):
                 write_future.observed = True  # raised to the caller right here
                 settle(write_future, error=exc)
             raise
-        if handed_over is not None:
-            handed_over.wait()  # a Ctrl-C here interrupts the caller; the write still completes
+        finally:
+            if handed_over is not None:
+                handed_over.wait()  # a Ctrl-C here interrupts the caller; the write still completes
         return wrap_future(staging), write_future
+
+    def _remember(self, dedupe_key: Any, state_dict: STATE_DICT, kwargs: dict, staging: Any, path: str) -> None:
+        """What a later save with the same dedupe_key is compared with (only a snapshot ready now)."""
+        versions = tensor_versions(state_dict) if dedupe_key is not None else None
+        if versions is None or not isinstance(staging, StagedStateDict):
+            self._last = None
+        else:
+            self._last = _LastSave(dedupe_key, versions, dict(kwargs), staging.plan, staging.lease, path)
+
+    def _unchanged_since_last_save(self, dedupe_key: Any, state_dict: STATE_DICT, kwargs: dict) -> _LastSave | None:
+        last = self._last
+        if dedupe_key is None or last is None or not _equal(last.key, dedupe_key) or not _equal(last.kwargs, kwargs):
+            return None
+        plan_of = getattr(self._stager, "plan_of", None)
+        if plan_of is None or tensor_versions(state_dict) != last.versions:
+            return None
+        if plan_of(state_dict, kwargs.get("file_format", "torch")).structure != last.plan.structure:
+            return None
+        return last
 
     def _staged_later(self, done: Future, path: str, kwargs: dict, write_future: WriteFuture, start: float) -> None:
         error = done.exception()
@@ -232,7 +290,13 @@ class AsyncCheckpointer(Checkpointer):
             logger.debug("handing over %s failed: %s", path, exc)
 
     def _hand_over(
-        self, staged: Any, path: str, kwargs: dict, write_future: WriteFuture, start: float
+        self,
+        staged: Any,
+        path: str,
+        kwargs: dict,
+        write_future: WriteFuture,
+        start: float,
+        copied_nbytes: int | None = None,
     ) -> threading.Event | None:
         """Give the staged state to the process; the write future follows the process's future.
 
@@ -268,7 +332,9 @@ class AsyncCheckpointer(Checkpointer):
                         result,
                         blocking_seconds=blocking_seconds,
                         persist_seconds=time.perf_counter() - start,
-                        copied_nbytes=getattr(staged, "copied_nbytes", result.nbytes),
+                        copied_nbytes=getattr(staged, "copied_nbytes", result.nbytes)
+                        if copied_nbytes is None
+                        else copied_nbytes,
                     )
                     with self._lock:
                         _record(self.stats, result)
@@ -341,3 +407,11 @@ class AsyncCheckpointer(Checkpointer):
             self._process.close()
             self._stager.close()
         self._writes.raise_unseen()
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """a == b, False where the comparison is not a plain truth value (e.g. tensors)."""
+    try:
+        return bool(a == b)
+    except Exception:
+        return False

@@ -50,7 +50,7 @@ def resolved(path: str | os.PathLike[str]) -> str:
     return os.path.realpath(os.path.abspath(os.path.expanduser(text)))
 
 
-_FICLONE = 0x40049409  # _IOW(0x94, 9, int): clone a whole file's extents (Linux)
+FICLONE = 0x40049409  # _IOW(0x94, 9, int): clone a whole file's extents (Linux)
 _clones_on_device: dict[int, bool] = {}
 
 
@@ -63,7 +63,7 @@ def filesystem_clones(directory: str) -> bool:
             source.write(b"\0" * PAGE_SIZE)
             source.flush()
             try:
-                fcntl.ioctl(dest.fileno(), _FICLONE, source.fileno())
+                fcntl.ioctl(dest.fileno(), FICLONE, source.fileno())
                 _clones_on_device[device] = True
             except OSError:
                 _clones_on_device[device] = False

@@ -460,3 +460,24 @@ def _materialize_safetensors(structure: bytes, storages: Sequence[torch.UntypedS
         dtype = _TYPES[entry["dtype"]]
         tensors[name] = torch.empty(0, dtype=dtype).set_(storage, 0, entry["shape"])  # type: ignore[call-overload]
     return tensors
+
+
+def tensor_versions(state_dict: Any) -> tuple | None:
+    """Every tensor's storage, place and version counter, in order; equal results mean no tensor
+    was replaced or changed in place by a PyTorch operation since (writes through `.data` and
+    some fused optimizer kernels do not count versions). None when the state dict holds objects
+    other than containers, plain values and tensors."""
+    found: list[tuple] = []
+
+    def walk(obj: Any) -> bool:
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            found.append((storage.data_ptr(), storage.nbytes(), obj.storage_offset(), obj._version, obj.device))
+            return True
+        if isinstance(obj, dict):
+            return all(walk(value) for value in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return all(walk(value) for value in obj)
+        return isinstance(obj, (str, int, float, bool, bytes, type(None), torch.dtype, torch.device))
+
+    return tuple(found) if walk(state_dict) else None

@@ -49,8 +49,8 @@ class StagedStateDict(dict):
         self.lease = lease
         self.copied_nbytes = copied_nbytes
         self._built = False
-        snapshot = weakref.ref(self)
-        lease.before_reuse = lambda: _build_if_alive(snapshot)
+        snapshot, earlier = weakref.ref(self), lease.before_reuse  # another view of the same snapshot
+        lease.before_reuse = lambda: _build_if_alive(snapshot, earlier)
 
     @property
     def slab(self) -> Slab:
@@ -119,10 +119,12 @@ def _holding(slab_shape: tuple) -> Callable[[Slab], bool]:
     return lambda slab: slab.contents is not None and slab.contents.slab_shape == slab_shape
 
 
-def _build_if_alive(snapshot: weakref.ref[StagedStateDict]) -> None:
+def _build_if_alive(snapshot: weakref.ref[StagedStateDict], earlier: Callable[[], None] | None) -> None:
     staged = snapshot()
     if staged is not None:
         staged._build()
+    if earlier is not None:
+        earlier()
 
 
 class CheckpointStager(abc.ABC):
@@ -199,6 +201,10 @@ class DefaultStager(CheckpointStager):
         """
         nbytes = self._plans.capture(state_dict, file_format).plan.slab_nbytes
         return self._helper_thread().submit(self._warm_slab, nbytes)
+
+    def plan_of(self, state_dict: Any, file_format: str = "torch") -> CheckpointPlan:
+        """The plan a save of `state_dict` would write (its pickle and storages), copying nothing."""
+        return self._plans.capture(state_dict, file_format).plan
 
     def _warm_slab(self, nbytes: int, besides: Slab | None = None) -> None:
         lease = self.pool.new_spare(nbytes, besides)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import fcntl
 import glob
 import logging
 import os
@@ -22,9 +23,11 @@ from .commit import CommitRecord, RankFile, new_write_id, write_commit_record
 from .config import CheckpointWriterConfig
 from .errors import CheckpointCommitError, CheckpointError
 from .file_writer import StepClock, WrittenFile, write_checkpoint_file, write_safetensors_file
+from .fsutil import FICLONE as _FICLONE
 from .fsutil import TEMPORARY_PREFIX, filesystem_clones, fsync_directory
 from .incremental import PreviousFiles
 from .locks import exclusive
+from .parallel_io import copy_range
 from .plan import CheckpointPlan, capture
 from .retention import apply_retention
 from .types import RankInfo, WriteResult, default_rank_info
@@ -105,6 +108,7 @@ class CheckpointWriter:
             self._config.threads, thread_name_prefix="async-ckpt-io"
         )
         self._previous_files = PreviousFiles()
+        self._committed: dict[str, str] = {}  # final path -> write id, of this writer's last commits
 
     def write(self, path: str, state_dict: Any, file_format: str = "torch", **kwargs: Any) -> WriteResult:
         """Write a live state dict (copied first where it is not on the CPU) and commit it."""
@@ -118,8 +122,12 @@ class CheckpointWriter:
         """Write a planned checkpoint whose storage bytes are `storage_bytes` (CPU uint8) and commit it.
 
         Keyword arguments reach the commit hook; those with plain values (str, int, float, bool)
-        are also recorded as the checkpoint's metadata (e.g. step=100).
+        are also recorded as the checkpoint's metadata (e.g. step=100). `link_from`: the path of
+        a checkpoint this writer committed with the same plan and bytes; while it is still the
+        file committed there, the new checkpoint is a hard link to it (a clone, or a copy inside
+        the kernel, where links are impossible) and no byte is written again.
         """
+        link_from = kwargs.pop("link_from", None)
         if self._executor is None:
             raise RuntimeError("CheckpointWriter is closed")
         start = time.perf_counter()
@@ -136,11 +144,17 @@ class CheckpointWriter:
         temporary = os.path.join(temporary_directory, os.path.basename(final))
         try:
             try:
-                # Created private; given the usual permissions only when it takes its final name.
-                os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-                clock.mark("temporary")
-                written = self._write_file(temporary, plan, storage_bytes, write_id, metadata)
-                clock.mark("file")
+                same = self._committed_file(link_from)
+                linked = _link_or_copy(same, temporary, plan) if same is not None else None
+                if linked is not None and same is not None:
+                    written, write_id = linked, self._committed[same]
+                    clock.mark("link")
+                else:
+                    # Created private; given the usual permissions only when it takes its final name.
+                    os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+                    clock.mark("temporary")
+                    written = self._write_file(temporary, plan, storage_bytes, write_id, metadata)
+                    clock.mark("file")
                 if self._commit_hook is not None:
                     self._commit_hook.pre_commit(path, **kwargs)
                 clock.mark("pre_commit")
@@ -160,6 +174,9 @@ class CheckpointWriter:
         finally:
             shutil.rmtree(temporary_directory, ignore_errors=True)
         clock.mark("cleanup")
+        self._committed[final] = write_id
+        while len(self._committed) > 16:
+            self._committed.pop(next(iter(self._committed)))
         self._remember_for_the_next_save(plan, final)
         if self._commit_hook is not None:
             self._commit_hook.post_commit(path, **kwargs)
@@ -215,6 +232,14 @@ class CheckpointWriter:
             previous=previous,
             **io_options,
         )
+
+    def _committed_file(self, link_from: str | None) -> str | None:
+        """The file behind `link_from`, if this writer committed it and it is still that file."""
+        if link_from is None:
+            return None
+        final = checkpoint_file_path(link_from, self._config.layout, self._rank_info.global_rank)
+        expected = self._committed.get(final)
+        return final if expected is not None and _write_id_of(final) == expected else None
 
     def _remember_for_the_next_save(self, plan: CheckpointPlan, final: str) -> None:
         """Hold the committed file of an incremental save; failing that only costs the next save its reuse."""
@@ -367,3 +392,31 @@ def _files_on_disk(directory: str, world_size: int) -> list[RankFile]:
         size = sum(int(s["nbytes"]) for s in manifest.get("storages", {}).values())
         files.append(RankFile(rank, name, size, str(manifest.get("write_id"))))
     return files
+
+
+def _link_or_copy(source: str, target: str, plan: CheckpointPlan) -> WrittenFile | None:
+    """`target` as a second name of the committed `source` (a hard link), else a clone of its
+    extents, else a copy inside the kernel; every byte counts as reused, none as written.
+    None when `source` is gone (someone removed it meanwhile): the caller writes the bytes."""
+    nbytes = sum(storage.nbytes for storage in plan.storages)
+    try:
+        try:
+            os.link(source, target)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            logger.debug("cannot hard-link %s (%s); copying it inside the kernel", source, exc)
+            _copy_inside_kernel(source, target)
+    except FileNotFoundError:
+        return None
+    return WrittenFile(nbytes, reused_nbytes=nbytes)
+
+
+def _copy_inside_kernel(source: str, target: str) -> None:
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        os.chmod(target, 0o600)
+        try:
+            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
+        except OSError:
+            copy_range(src.fileno(), 0, dst.fileno(), 0, os.fstat(src.fileno()).st_size)
+        os.fsync(dst.fileno())

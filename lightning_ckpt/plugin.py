@@ -145,7 +145,8 @@ class AsyncCheckpointIO(CheckpointIO):
         elif caller is None:
             self._save_now(path, checkpoint, step)
             return
-        staged, _written = self.checkpointer.save(path, checkpoint, step=step)
+        # ModelCheckpoint saves a top-k file and last.ckpt of one step: the second is a hard link.
+        staged, _written = self.checkpointer.save(path, checkpoint, step=step, dedupe_key=step)
         staged.result()
 
     def _save_now(self, path: str, checkpoint: dict[str, Any], step: Any) -> None:

@@ -259,3 +259,41 @@ def test_the_second_save_of_a_shape_finds_its_staging_memory_ready(tmp_path):
         ckpt.save(tmp_path / "second", state)
         assert set(ckpt.stager.pool.slabs) == ready, "the second save allocated staging memory on the training thread"
         gate.touch()
+
+
+def test_a_second_save_of_an_unchanged_state_under_the_same_key_writes_nothing(tmp_path):
+    from core import CheckpointerConfig, CheckpointStagerConfig, CheckpointWriterConfig
+
+    config = CheckpointerConfig(
+        writer_config=CheckpointWriterConfig(layout="file"), staging_config=CheckpointStagerConfig(max_in_flight=2)
+    )
+    model, optimizer = small_training_state()
+
+    def state(step):
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+
+    with make_async_checkpointer(config) as ckpt:
+        expected = clone_tree(state(3))
+        first = ckpt.save(tmp_path / "top.ckpt", state(3), dedupe_key=3)[1].result()
+        second = ckpt.save(tmp_path / "last.ckpt", state(3), dedupe_key=3)[1].result()
+        assert second.copied_nbytes == 0 and second.reused_nbytes == first.nbytes > 0
+        assert os.stat(tmp_path / "top.ckpt").st_ino == os.stat(tmp_path / "last.ckpt").st_ino
+        os.unlink(tmp_path / "top.ckpt")  # each name is a whole checkpoint on its own
+        assert_same(torch.load(tmp_path / "last.ckpt", weights_only=True), expected)
+
+        train_step(model, optimizer)  # changed in place under the same key: written, not linked
+        changed = clone_tree(state(3))
+        third = ckpt.save(tmp_path / "changed.ckpt", state(3), dedupe_key=3)[1].result()
+        assert (
+            third.copied_nbytes > 0
+            and os.stat(tmp_path / "changed.ckpt").st_ino != os.stat(tmp_path / "last.ckpt").st_ino
+        )
+        assert_same(torch.load(tmp_path / "changed.ckpt", weights_only=True), changed)
+        other_values = ckpt.save(tmp_path / "step4.ckpt", state(4), dedupe_key=3)[1].result()  # another pickle
+        assert other_values.copied_nbytes > 0
+        assert torch.load(tmp_path / "step4.ckpt", weights_only=True)["step"] == 4
+
+        os.unlink(tmp_path / "step4.ckpt")  # the file to link is gone: the snapshot's bytes are written
+        again = ckpt.save(tmp_path / "again.ckpt", state(4), dedupe_key=3)[1].result()
+        assert again.reused_nbytes == 0 and again.nbytes > 0
+        assert torch.load(tmp_path / "again.ckpt", weights_only=True)["step"] == 4

@@ -263,3 +263,13 @@ def test_a_direct_call_without_a_trainer_is_durable_when_it_returns(tmp_path):
 def test_the_drain_callback_leaves_the_trainer_after_fit(tmp_path):
     t, _, _ = _fit(tmp_path, [AsyncCheckpointIO()], True, max_epochs=1)
     assert not any(type(c).__name__ == "_AsyncCheckpointCallback" for c in t.callbacks)
+
+
+def test_top_k_and_last_of_one_step_are_one_file_on_disk(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, save_last=True, every_n_train_steps=4)
+    t = trainer(max_epochs=2, plugins=[AsyncCheckpointIO()], callbacks=[checkpoint])
+    t.fit(TinyClassifier(), tiny_data())
+    step = torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"]
+    (top,) = [name for name in os.listdir(tmp_path) if name.endswith(f"step={step}.ckpt")]
+    assert os.stat(tmp_path / top).st_ino == os.stat(tmp_path / "last.ckpt").st_ino  # a hard link: written once
+    assert TinyClassifier.load_from_checkpoint(tmp_path / "last.ckpt") is not None
