@@ -208,12 +208,12 @@ class AsyncCheckpointer(Checkpointer):
         reported on its write future only (not again by save/wait/close).
 
         dedupe_key: when it equals the previous save's and nothing changed since (the same
-        pickled structure, the same tensors with the same version counters, the same other keyword
-        arguments), this save copies
-        nothing and writes nothing: its file is a hard link to the previous one (a clone or an
-        in-kernel copy where links are impossible), still a standalone checkpoint. Pass a value
-        that changes whenever the state may change behind PyTorch's back (e.g. the global step:
-        Lightning's ModelCheckpoint saves a top-k file and last.ckpt of one step this way).
+        pickled structure, the same tensors with the same version counters, the same other
+        keyword arguments), this save copies nothing and writes nothing: its file shares the
+        previous one's extents where the filesystem can, else is a hard link to it (an in-kernel
+        copy where neither works), still a standalone checkpoint. Pass a value that changes
+        whenever the state may change behind PyTorch's back (e.g. the global step: Lightning's
+        ModelCheckpoint saves a top-k file and last.ckpt of one step this way).
         """
         report_errors = kwargs.pop("report_errors", True)
         dedupe_key = kwargs.pop("dedupe_key", None)

@@ -88,6 +88,8 @@ class CheckpointStats:
 
     saves: int = 0
     nbytes: int = 0
+    copied_nbytes: int = 0  # by the snapshots
+    written_nbytes: int = 0  # by the writer (nbytes less what it reused, linked or cloned)
     blocking_seconds: float = 0.0
     persist_seconds: float = 0.0
     last: WriteResult | None = None
@@ -95,6 +97,8 @@ class CheckpointStats:
     def record(self, result: WriteResult) -> None:
         self.saves += 1
         self.nbytes += result.nbytes
+        self.copied_nbytes += result.copied_nbytes
+        self.written_nbytes += result.nbytes - result.reused_nbytes
         self.blocking_seconds += result.blocking_seconds
         self.persist_seconds += result.persist_seconds
         self.last = result

@@ -395,21 +395,29 @@ def _files_on_disk(directory: str, world_size: int) -> list[RankFile]:
 
 
 def _link_or_copy(source: str, target: str, plan: CheckpointPlan) -> WrittenFile | None:
-    """`target` as a second name of the committed `source` (a hard link), else a clone of its
-    extents, else a copy inside the kernel; every byte counts as reused, none as written.
-    None when `source` is gone (someone removed it meanwhile): the caller writes the bytes."""
+    """`target` with the committed `source`'s bytes, writing none: a clone of its extents where the
+    filesystem shares them copy-on-write (two independent files), else a hard link (a second name
+    of the same file), else a copy inside the kernel. None when `source` is gone (someone removed
+    it meanwhile): the caller writes the bytes."""
     nbytes = sum(storage.nbytes for storage in plan.storages)
     try:
-        try:
-            os.link(source, target)
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            logger.debug("cannot hard-link %s (%s); copying it inside the kernel", source, exc)
+        if filesystem_clones(os.path.dirname(target)):
             _copy_inside_kernel(source, target)
+        else:
+            _hard_link(source, target)
     except FileNotFoundError:
         return None
     return WrittenFile(nbytes, reused_nbytes=nbytes)
+
+
+def _hard_link(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        logger.debug("cannot hard-link %s (%s); copying it inside the kernel", source, exc)
+        _copy_inside_kernel(source, target)
 
 
 def _copy_inside_kernel(source: str, target: str) -> None:

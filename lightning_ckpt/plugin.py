@@ -72,6 +72,12 @@ class AsyncCheckpointIO(CheckpointIO):
         incremental: skip tensors unchanged since the previous save (see CheckpointStagerConfig).
         config: a full CheckpointerConfig instead of the options above.
         commit_hook: a picklable WriterHook run in the writer process around each commit.
+        share_repeated_saves: a save of the state the previous save of the same global step held
+            (ModelCheckpoint's last.ckpt after its top-k file) copies and writes nothing: its file
+            shares the first one's extents (XFS, btrfs) or is a hard link to it (ext4 and most
+            others). Hard-linked names are one file: a tool that rewrites one of them in place
+            (rather than replacing it, as Lightning and this plugin do) changes both. False writes
+            every save on its own.
 
     Guarantees: a save while `fit` trains returns once the snapshot is taken; any other save
     (after `fit`, in `validate`/`test`, or from a Trainer that is not fitting) is durable before
@@ -96,6 +102,7 @@ class AsyncCheckpointIO(CheckpointIO):
         incremental: bool = False,
         config: CheckpointerConfig | None = None,
         commit_hook: WriterHook | None = None,
+        share_repeated_saves: bool = True,
     ) -> None:
         super().__init__()
         self._config = adapter_config(
@@ -108,6 +115,7 @@ class AsyncCheckpointIO(CheckpointIO):
             incremental=incremental,
         )
         self._commit_hook = commit_hook
+        self._share_repeated_saves = share_repeated_saves
         self._checkpointer: AsyncCheckpointer | None = None
         self._reader = CheckpointReader(RankInfo(0, 1))
         self._drain_callback = _AsyncCheckpointCallback(self)
@@ -145,8 +153,8 @@ class AsyncCheckpointIO(CheckpointIO):
         elif caller is None:
             self._save_now(path, checkpoint, step)
             return
-        # ModelCheckpoint saves a top-k file and last.ckpt of one step: the second is a hard link.
-        staged, _written = self.checkpointer.save(path, checkpoint, step=step, dedupe_key=step)
+        dedupe_key = step if self._share_repeated_saves else None
+        staged, _written = self.checkpointer.save(path, checkpoint, step=step, dedupe_key=dedupe_key)
         staged.result()
 
     def _save_now(self, path: str, checkpoint: dict[str, Any], step: Any) -> None:
