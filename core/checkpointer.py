@@ -236,7 +236,7 @@ class AsyncCheckpointer(Checkpointer):
                 try:
                     staging = StagedStateDict(again.plan, again.lease, copied_nbytes=0)
                     handed_over = self._hand_over(
-                        staging, path, {**kwargs, "link_from": again.path}, write_future, start, copied_nbytes=0
+                        staging, path, {**kwargs, "link_from": again.path}, write_future, start
                     )
                 finally:
                     again.lease.release()
@@ -290,13 +290,7 @@ class AsyncCheckpointer(Checkpointer):
             logger.debug("handing over %s failed: %s", path, exc)
 
     def _hand_over(
-        self,
-        staged: Any,
-        path: str,
-        kwargs: dict,
-        write_future: WriteFuture,
-        start: float,
-        copied_nbytes: int | None = None,
+        self, staged: Any, path: str, kwargs: dict, write_future: WriteFuture, start: float
     ) -> threading.Event | None:
         """Give the staged state to the process; the write future follows the process's future.
 
@@ -332,9 +326,7 @@ class AsyncCheckpointer(Checkpointer):
                         result,
                         blocking_seconds=blocking_seconds,
                         persist_seconds=time.perf_counter() - start,
-                        copied_nbytes=getattr(staged, "copied_nbytes", result.nbytes)
-                        if copied_nbytes is None
-                        else copied_nbytes,
+                        copied_nbytes=getattr(staged, "copied_nbytes", result.nbytes),
                     )
                     with self._lock:
                         _record(self.stats, result)

@@ -23,8 +23,7 @@ from .commit import CommitRecord, RankFile, new_write_id, write_commit_record
 from .config import CheckpointWriterConfig
 from .errors import CheckpointCommitError, CheckpointError
 from .file_writer import StepClock, WrittenFile, write_checkpoint_file, write_safetensors_file
-from .fsutil import FICLONE as _FICLONE
-from .fsutil import TEMPORARY_PREFIX, filesystem_clones, fsync_directory
+from .fsutil import FICLONE, TEMPORARY_PREFIX, filesystem_clones, fsync_directory
 from .incremental import PreviousFiles
 from .locks import exclusive
 from .parallel_io import copy_range
@@ -124,8 +123,8 @@ class CheckpointWriter:
         Keyword arguments reach the commit hook; those with plain values (str, int, float, bool)
         are also recorded as the checkpoint's metadata (e.g. step=100). `link_from`: the path of
         a checkpoint this writer committed with the same plan and bytes; while it is still the
-        file committed there, the new checkpoint is a hard link to it (a clone, or a copy inside
-        the kernel, where links are impossible) and no byte is written again.
+        file committed there, the new checkpoint shares its extents, or is a hard link to it, or a
+        copy inside the kernel (see _link_or_copy), and no byte is written again.
         """
         link_from = kwargs.pop("link_from", None)
         if self._executor is None:
@@ -424,7 +423,7 @@ def _copy_inside_kernel(source: str, target: str) -> None:
     with open(source, "rb") as src, open(target, "wb") as dst:
         os.chmod(target, 0o600)
         try:
-            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
+            fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
         except OSError:
             copy_range(src.fileno(), 0, dst.fileno(), 0, os.fstat(src.fileno()).st_size)
         os.fsync(dst.fileno())
