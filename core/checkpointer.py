@@ -231,19 +231,13 @@ class AsyncCheckpointer(Checkpointer):
             # then either fails here as a whole or, once handed over, goes on to completion.
             with sigint_deferred():
                 write_future = self._writes.start(path, report_errors)
-            again = self._unchanged_since_last_save(dedupe_key, state_dict, kwargs)
+            versions = tensor_versions(state_dict) if dedupe_key is not None else None
+            again = self._unchanged_since_last_save(dedupe_key, versions, state_dict, kwargs)
             if again is not None and again.lease.hold():  # its slab still holds that snapshot
-                try:
-                    staging = StagedStateDict(again.plan, again.lease, copied_nbytes=0)
-                    handed_over = self._hand_over(
-                        staging, path, {**kwargs, "link_from": again.path}, write_future, start
-                    )
-                finally:
-                    again.lease.release()
-                self._last = dataclasses.replace(again, path=path)
+                staging, handed_over = self._save_again(again, path, kwargs, write_future, start)
                 return wrap_future(staging), write_future
             staging = self._stager.stage(state_dict, **kwargs)
-            self._remember(dedupe_key, state_dict, kwargs, staging, path)
+            self._remember(dedupe_key, versions, kwargs, staging, path)
             if isinstance(staging, Future):
                 with sigint_deferred():
                     write_future.handed_over = True
@@ -260,20 +254,34 @@ class AsyncCheckpointer(Checkpointer):
                 handed_over.wait()  # a Ctrl-C here interrupts the caller; the write still completes
         return wrap_future(staging), write_future
 
-    def _remember(self, dedupe_key: Any, state_dict: STATE_DICT, kwargs: dict, staging: Any, path: str) -> None:
+    def _save_again(
+        self, again: _LastSave, path: str, kwargs: dict, write_future: WriteFuture, start: float
+    ) -> tuple[StagedStateDict, threading.Event | None]:
+        """Save the previous snapshot, still in its slab (held by the caller), under `path`: the
+        writer links or clones the file it committed from it."""
+        try:
+            staging = StagedStateDict(again.plan, again.lease, copied_nbytes=0)
+            handed_over = self._hand_over(staging, path, {**kwargs, "link_from": again.path}, write_future, start)
+        finally:
+            again.lease.release()
+        self._last = dataclasses.replace(again, path=path)
+        return staging, handed_over
+
+    def _remember(self, dedupe_key: Any, versions: tuple | None, kwargs: dict, staging: Any, path: str) -> None:
         """What a later save with the same dedupe_key is compared with (only a snapshot ready now)."""
-        versions = tensor_versions(state_dict) if dedupe_key is not None else None
         if versions is None or not isinstance(staging, StagedStateDict):
             self._last = None
         else:
             self._last = _LastSave(dedupe_key, versions, dict(kwargs), staging.plan, staging.lease, path)
 
-    def _unchanged_since_last_save(self, dedupe_key: Any, state_dict: STATE_DICT, kwargs: dict) -> _LastSave | None:
+    def _unchanged_since_last_save(
+        self, dedupe_key: Any, versions: tuple | None, state_dict: STATE_DICT, kwargs: dict
+    ) -> _LastSave | None:
         last = self._last
-        if dedupe_key is None or last is None or not _equal(last.key, dedupe_key) or not _equal(last.kwargs, kwargs):
+        if versions is None or last is None or not _equal(last.key, dedupe_key) or not _equal(last.kwargs, kwargs):
             return None
         plan_of = getattr(self._stager, "plan_of", None)
-        if plan_of is None or tensor_versions(state_dict) != last.versions:
+        if plan_of is None or versions != last.versions:
             return None
         if plan_of(state_dict, kwargs.get("file_format", "torch")).structure != last.plan.structure:
             return None

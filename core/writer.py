@@ -143,10 +143,9 @@ class CheckpointWriter:
         temporary = os.path.join(temporary_directory, os.path.basename(final))
         try:
             try:
-                same = self._committed_file(link_from)
-                linked = _link_or_copy(same, temporary, plan) if same is not None else None
-                if linked is not None and same is not None:
-                    written, write_id = linked, self._committed[same]
+                linked = self._link_committed(link_from, temporary, plan)
+                if linked is not None:
+                    written, write_id = linked
                     clock.mark("link")
                 else:
                     # Created private; given the usual permissions only when it takes its final name.
@@ -232,13 +231,19 @@ class CheckpointWriter:
             **io_options,
         )
 
-    def _committed_file(self, link_from: str | None) -> str | None:
-        """The file behind `link_from`, if this writer committed it and it is still that file."""
+    def _link_committed(
+        self, link_from: str | None, temporary: str, plan: CheckpointPlan
+    ) -> tuple[WrittenFile, str] | None:
+        """`temporary` made from the file behind `link_from`, with that file's write id, if this
+        writer committed it and it is still that file (see _link_or_copy); else None."""
         if link_from is None:
             return None
         final = checkpoint_file_path(link_from, self._config.layout, self._rank_info.global_rank)
-        expected = self._committed.get(final)
-        return final if expected is not None and _write_id_of(final) == expected else None
+        write_id = self._committed.get(final)
+        if write_id is None or _write_id_of(final) != write_id:
+            return None
+        written = _link_or_copy(final, temporary, plan)
+        return None if written is None else (written, write_id)
 
     def _remember_for_the_next_save(self, plan: CheckpointPlan, final: str) -> None:
         """Hold the committed file of an incremental save; failing that only costs the next save its reuse."""
