@@ -233,7 +233,7 @@ class PersistFloor(Method):
         nbytes = (nbytes_of(state) + 4095) // 4096 * 4096
         if not hasattr(self, "buffer") or len(self.buffer) != nbytes:
             self.buffer = mmap.mmap(-1, nbytes)
-            self.buffer.write(b"\1" * min(nbytes, 1 << 20))
+            torch.frombuffer(self.buffer, dtype=torch.uint8).fill_(1)  # every page backed, as real data
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0), 0o644)
         view, chunk = memoryview(self.buffer), 64 << 20
         for start in range(0, nbytes, chunk):
@@ -488,10 +488,13 @@ def run_method(
 
 
 def _remove(path: str) -> None:
+    """Remove a checkpoint and let the filesystem finish freeing it (on a disk mounted with
+    `discard`, the next save's fsync would otherwise pay for trimming it)."""
     if os.path.isdir(path):
         shutil.rmtree(path)
     elif os.path.exists(path):
         os.remove(path)
+    os.sync()
 
 
 def partial_load(shape: str, scale: float, workdir: str) -> dict:
