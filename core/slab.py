@@ -97,10 +97,9 @@ class Slab:
 class StagingLease:
     """One staged snapshot's claim on its slab; see the module docstring."""
 
-    def __init__(self, pool: SlabPool, slab: Slab, fresh: bool) -> None:
+    def __init__(self, pool: SlabPool, slab: Slab) -> None:
         self._pool = pool
         self.slab = slab
-        self.fresh = fresh  # the slab was created for this snapshot (its pages were not faulted in yet)
         self.before_reuse: Callable[[], None] | None = None  # keeps a snapshot someone still holds valid
 
     def hold(self) -> bool:
@@ -157,7 +156,6 @@ class SlabPool:
         with self._changed:
             if self._closed:
                 raise CheckpointerClosedError("the staging memory was released (the stager is closed)")
-            fresh = False
             fitting = [s for s in self._free if s.nbytes >= nbytes]
             if fitting:
                 slab = min(fitting, key=lambda s: (not (prefer and prefer(s)), s.nbytes))
@@ -167,11 +165,11 @@ class SlabPool:
                     self._discard(self._free.pop(0))
                 if len(self._all) >= self._max_slabs:
                     return None
-                slab, fresh = Slab(nbytes, pin=self._pin), True
+                slab = Slab(nbytes, pin=self._pin)
                 self._all[slab.slab_id] = slab
                 logger.debug("new staging slab %s of %d bytes", slab.slab_id, slab.nbytes)
             self._supersede(slab)
-            lease = StagingLease(self, slab, fresh)
+            lease = StagingLease(self, slab)
             self._leases[slab.slab_id] = lease
             self._staging.add(slab.slab_id)
             return lease
@@ -208,7 +206,7 @@ class SlabPool:
             slab = Slab(nbytes, pin=self._pin)
             self._all[slab.slab_id] = slab
             self._staging.add(slab.slab_id)
-            return StagingLease(self, slab, fresh=True)
+            return StagingLease(self, slab)
 
     def staged(self, lease: StagingLease) -> None:
         """The snapshot is complete; its slab is free for reuse unless a write holds it."""

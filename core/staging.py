@@ -275,8 +275,9 @@ class DefaultStager(CheckpointStager):
         self.pool.staged(lease)
 
     def _warm_spare(self, lease: StagingLease) -> None:
-        """After the first save of a shape, ready a second slab for it off the training thread."""
-        if lease.fresh and self.pool.has_room:
+        """Once a save has shown a shape, ready a second slab for it off the training thread
+        (unless one that fits exists already)."""
+        if self.pool.has_room:
             self._helper_thread().submit(self._warm_slab, lease.slab.nbytes, lease.slab)
 
     def _unchanged(self, captured: CapturedState, slab: Slab) -> tuple[set[int], list[list[str] | None]]:

@@ -175,6 +175,8 @@ class AsyncCheckpointIO(CheckpointIO):
         loaded, _missing = self._reader.read(
             os.fspath(path), map_location=map_location, weights_only=weights_only, **kwargs
         )
+        if isinstance(_caller(), _Fitting):  # resuming a fit: its saves will have this checkpoint's shape
+            self.checkpointer.prepare(loaded)
         return loaded
 
     def remove_checkpoint(self, path: _PATH) -> None:

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from core import CheckpointWriteError
 from core.fsutil import filesystem_clones
 from lightning_ckpt import AsyncCheckpointIO
-from tests.helpers import GatedCommit, SlowCommit, assert_same, run_script, unwritable
+from tests.helpers import GatedCommit, SlowCommit, assert_same, run_script, unwritable, wait_until
 from tests.lightning_helpers import EvaluatedClassifier, TinyClassifier, tiny_data, trainer
 
 
@@ -291,3 +291,33 @@ def test_every_save_is_written_on_its_own_when_sharing_is_off(tmp_path):
     stats = _fit_saving_top_k_and_last(tmp_path, AsyncCheckpointIO(share_repeated_saves=False))
     assert stats.written_nbytes == stats.copied_nbytes == stats.nbytes
     assert len({os.stat(tmp_path / name).st_ino for name in os.listdir(tmp_path)}) == len(os.listdir(tmp_path))
+
+
+class _StagingMemoryProbe(Callback):
+    """Notes the plugin's staging slabs when training starts (the checkpoint is restored by then),
+    and checks that the first save after that used them instead of allocating its own."""
+
+    def __init__(self, plugin: AsyncCheckpointIO) -> None:
+        self.plugin = plugin
+        self.ready: set[str] | None = None
+        self.after_first_save: set[str] | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        pool = self.plugin.checkpointer.stager.pool
+        wait_until(lambda: len(pool.slabs) == 1, timeout=30, what="staging memory readied while loading the checkpoint")
+        self.ready = set(pool.slabs)
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        stats = self.plugin.stats
+        if self.after_first_save is None and stats is not None and stats.saves >= 1:
+            self.after_first_save = set(self.plugin.checkpointer.stager.pool.slabs)
+
+
+def test_resuming_a_fit_readies_the_staging_memory_of_its_first_save(tmp_path):
+    _fit(tmp_path, [AsyncCheckpointIO()], True, max_epochs=1)
+    plugin = AsyncCheckpointIO(max_in_flight=1)  # room for one slab: the first save finds it or replaces it
+    probe = _StagingMemoryProbe(plugin)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=3)
+    t = trainer(max_epochs=2, plugins=[plugin], callbacks=[probe, checkpoint])
+    t.fit(TinyClassifier(), tiny_data(), ckpt_path=tmp_path / "last.ckpt")
+    assert probe.ready and probe.after_first_save == probe.ready, "the first save allocated its staging memory"
