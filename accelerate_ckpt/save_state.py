@@ -1,13 +1,16 @@
 """An asynchronous `accelerator.save_state()` that writes Accelerate's own files.
 
 save_state() snapshots every object Accelerate would save (models, optimizers, schedulers,
-samplers, scaler, RNG states, registered custom objects) and returns. The files, with
-Accelerate's names and formats, are written in the background into a hidden staging folder
-and published into the checkpoint folder once every rank's files are durable (core's
-FileSetCheckpointer): a new folder appears whole; into an existing one only this save's files
-are added or replaced. `total_limit` pruning runs after a newer checkpoint is published, and
-`load_state()` and `end_training()` first wait for pending checkpoints (of any Accelerator of
-the process).
+samplers, scaler, RNG states, registered custom objects) and returns. As Accelerate does, it
+creates the checkpoint folder at once; the files, with Accelerate's names and formats, are
+written in the background into a hidden staging folder inside it (one per process) and
+published into it once every rank's files are durable (core's FileSetCheckpointer): only this
+save's files are added or replaced. `total_limit` pruning runs after a newer checkpoint is
+published and keeps every checkpoint still being written. `load_state()` and `end_training()`
+first wait for pending checkpoints (of any Accelerator of the process), and so do
+`save_model()` and `save()` into a folder a checkpoint is being written to. `load_state()`
+refuses a folder whose save died before publishing its files (and, searching for the newest
+checkpoint, skips it). Deleting a checkpoint's folder while it is written cancels that save.
 """
 
 from __future__ import annotations
@@ -38,11 +41,22 @@ from accelerate.utils.constants import (
 )
 from accelerate.utils.other import clean_state_dict_for_safetensors
 
-from core import CheckpointerConfig, FileSetCheckpointer, NamedState, WriteResult, WriterHook, wait_for_pending_writes
+from core import (
+    CheckpointerConfig,
+    FileSetCheckpointer,
+    NamedState,
+    UncommittedCheckpointError,
+    WriteResult,
+    WriterHook,
+    pending_writes,
+    wait_for_pending_writes,
+)
+from core.leftovers import PENDING_DIR, TRASH_PREFIX, owner_alive, owner_token
+from core.leftovers import sweep as sweep_leftovers
+from core.publish import interrupted_publish
 
 logger = logging.getLogger(__name__)
 
-PENDING_DIR = ".async_ckpt_pending"
 _CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)")
 _UNSUPPORTED = {
     DistributedType.FSDP: "FSDP",
@@ -60,6 +74,46 @@ def unsupported_reason(accelerator: Accelerator) -> str | None:
     if accelerator.device.type not in ("cpu", "cuda"):
         return f"RNG states of {accelerator.device.type} devices are saved by Accelerate only"
     return None
+
+
+def _being_written(folder: str) -> bool:
+    """Whether a save into `folder` is pending in this process or runs in another (a live owner,
+    or one on another machine whose life cannot be seen)."""
+    if pending_writes(folder):
+        return True
+    try:
+        names = os.listdir(os.path.join(folder, PENDING_DIR))
+    except OSError:
+        return False
+    return any(owner_alive(name) is not False for name in names if not name.endswith(".publishing"))
+
+
+def _incomplete(folder: str) -> str | None:
+    """Why the checkpoint folder cannot be restored because a save into it did not finish, or None.
+
+    A save whose process died halfway through publishing left a mix of two saves' files; one
+    that died before publishing left nothing of its own, which is harmless where an older
+    checkpoint is in the folder and means it is incomplete where none is."""
+    pending = os.path.join(folder, PENDING_DIR)
+    mixed = interrupted_publish(pending)
+    if mixed is not None:
+        return (
+            "the process that was publishing its files died halfway, so it mixes two saves "
+            f"(marker {mixed}); load an earlier checkpoint, or save into it again"
+        )
+    try:
+        leftovers = [n for n in os.listdir(pending) if owner_alive(n) is False]
+    except OSError:
+        return None
+    if leftovers and not any(name.startswith(_ACCELERATE_FILES) for name in os.listdir(folder)):
+        return (
+            "the save that was writing it died before publishing its files (leftovers in "
+            f"{pending}); load an earlier checkpoint"
+        )
+    return None
+
+
+_ACCELERATE_FILES = ("model", "pytorch_model", RNG_STATE_NAME, OPTIMIZER_NAME)
 
 
 def _indexed(name: str, index: int) -> str:
@@ -117,6 +171,9 @@ def _dataloader_files(dataloader: Any, index: int) -> list[NamedState]:
     return files
 
 
+_HOOKED = ("save_state", "load_state", "end_training", "save_model", "save")
+
+
 class _HookedMethod:
     """What stands in for one of the accelerator's methods while the hook is on."""
 
@@ -149,12 +206,14 @@ class AsyncSaveState:
         self._saver = FileSetCheckpointer(config, commit_hook, accelerator.process_index, accelerator.num_processes)
         self._unlogged: collections.deque[WriteResult] = collections.deque()
         self._saver.on_committed.append(self._unlogged.append)
-        self._originals = {name: getattr(accelerator, name) for name in ("save_state", "load_state", "end_training")}
+        self._originals = {name: getattr(accelerator, name) for name in _HOOKED}
         self._overridden = {name for name in self._originals if name in vars(accelerator)}
         copyreg.pickle(type(accelerator), _reduce_without_hooks)
         accelerator.save_state = _HookedMethod(self.save_state, self._originals["save_state"].__doc__)
         accelerator.load_state = _HookedMethod(self._load_state, self._originals["load_state"].__doc__)
         accelerator.end_training = _HookedMethod(self._end_training, self._originals["end_training"].__doc__)
+        accelerator.save_model = _HookedMethod(self._save_model, self._originals["save_model"].__doc__)
+        accelerator.save = _HookedMethod(self._save, self._originals["save"].__doc__)
         self._open = True
 
     @property
@@ -176,33 +235,50 @@ class AsyncSaveState:
         self._saver.raise_unseen()
         self._log_to_trackers()
         final, returned = self._final_dir(output_dir)
-        staging = self._staging_dir(final)
-        if self._publishes():
-            shutil.rmtree(staging, ignore_errors=True)
-            os.makedirs(staging)
-            if not accelerator.project_configuration.automatic_checkpoint_naming:
-                os.makedirs(final, exist_ok=True)  # as Accelerate does, before writing anything
         accelerator.wait_for_everyone()
+        os.makedirs(final, exist_ok=True)  # as Accelerate does, before writing anything
+        sweep_leftovers(final)  # what a save into this folder that died left
+        staging = self._staging_dir(final)
+        os.makedirs(staging)
 
         weights = [accelerator.get_state_dict(model, unwrap=False) for model in accelerator._models]
         for hook in accelerator._save_model_state_pre_hook.values():
             hook(accelerator._models, weights, staging)  # files it writes there are published with the rest
         files = [NamedState(f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl", _rng_states(accelerator))]
-        if self._publishes():
+        if self._writes_shared_files():
             files = _shared_files(accelerator, weights, safe_serialization) + files
-        self._saver.save(final, files, staging=staging, publishes=self._publishes(), after_publish=self._prune)
+        prune = self._prune if accelerator.is_main_process else None
+        self._saver.save(final, files, staging=staging, publishes=True, after_publish=prune)
         accelerator.project_configuration.iteration += 1
         return returned
 
     def _load_state(self, input_dir: str | None = None, *args: Any, **kwargs: Any) -> Any:
         accelerator = self._accelerator
         if input_dir is not None:
-            wait_for_pending_writes(os.path.expanduser(os.fspath(input_dir)))
+            input_dir = os.path.expanduser(os.fspath(input_dir))
+            wait_for_pending_writes(input_dir)
         elif accelerator.project_configuration.automatic_checkpoint_naming:
-            wait_for_pending_writes(os.path.join(accelerator.project_dir, "checkpoints"))
+            wait_for_pending_writes(self._checkpoints_dir())
+            input_dir = self._newest_complete()
         self._saver.wait()
         self._log_to_trackers()
+        if input_dir is not None:
+            problem = _incomplete(input_dir)
+            if problem is not None:
+                raise UncommittedCheckpointError(f"checkpoint {input_dir} is incomplete: {problem}")
         return self._originals["load_state"](input_dir, *args, **kwargs)
+
+    def _save_model(self, model: Any, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+        """Accelerate's save_model, once a checkpoint being written into that folder is published
+        (else the checkpoint's older weights would replace the ones saved here)."""
+        wait_for_pending_writes(os.path.expanduser(os.fspath(save_directory)))
+        return self._originals["save_model"](model, save_directory, *args, **kwargs)
+
+    def _save(self, obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
+        """Accelerate's save, once a checkpoint being written to that path is published."""
+        if isinstance(f, (str, os.PathLike)):
+            wait_for_pending_writes(os.path.expanduser(os.fspath(f)))
+        return self._originals["save"](obj, f, *args, **kwargs)
 
     def _end_training(self, *args: Any, **kwargs: Any) -> Any:
         self._saver.release()
@@ -211,12 +287,15 @@ class AsyncSaveState:
 
     # -- where files go
 
+    def _checkpoints_dir(self) -> str:
+        return os.path.join(self._accelerator.project_dir, "checkpoints")
+
     def _final_dir(self, output_dir: str | os.PathLike[str] | None) -> tuple[str, Path]:
         """(where the checkpoint goes, what save_state returns for it)."""
         accelerator = self._accelerator
         configuration = accelerator.project_configuration
         if configuration.automatic_checkpoint_naming:
-            base = os.path.join(accelerator.project_dir, "checkpoints")
+            base = self._checkpoints_dir()
             os.makedirs(base, exist_ok=True)
             final = os.path.join(base, f"checkpoint_{accelerator.save_iteration}")
             if os.path.exists(final):
@@ -232,41 +311,69 @@ class AsyncSaveState:
         return os.path.abspath(os.path.expanduser(os.fspath(output_dir))), Path(output_dir)
 
     def _staging_dir(self, final: str) -> str:
-        """A private folder on the checkpoint's filesystem: beside the numbered folders that
-        load_state() searches (in the project folder) with automatic naming, else inside the
-        checkpoint folder itself, so nothing is created outside the folder the user named."""
-        accelerator = self._accelerator
-        if accelerator.project_configuration.automatic_checkpoint_naming:
-            return os.path.join(accelerator.project_dir, PENDING_DIR, os.path.basename(final))
-        return os.path.join(final, PENDING_DIR, f"save_{accelerator.save_iteration}")
+        """This process's private folder for the save's files, inside the checkpoint folder (so
+        nothing is created outside the folder the checkpoint goes to), named after the process:
+        if it dies, the next save into that folder removes it, and load_state() sees why the
+        folder is incomplete."""
+        name = f"{owner_token()}-save_{self._accelerator.save_iteration}"
+        return os.path.join(final, PENDING_DIR, name)
 
-    def _publishes(self) -> bool:
+    def _writes_shared_files(self) -> bool:
+        """Whether this process writes the files one process writes for all (models, optimizers...)."""
         accelerator = self._accelerator
         if accelerator.project_configuration.save_on_each_node:
             return accelerator.is_local_main_process
         return accelerator.is_main_process
 
+    def _numbered(self) -> list[tuple[int, str]]:
+        base = self._checkpoints_dir()
+        return sorted(
+            (int(m.group(1)), os.path.join(base, name))
+            for name in os.listdir(base)
+            if (m := _CHECKPOINT_NAME.fullmatch(name))
+        )
+
+    def _newest_complete(self) -> str | None:
+        """The newest checkpoint folder that load_state() can restore; incomplete ones are skipped
+        with the reason (None when there is no folder at all: Accelerate then says so)."""
+        numbered = self._numbered()
+        for _, folder in reversed(numbered):
+            problem = _incomplete(folder)
+            if problem is None:
+                return folder
+            logger.warning("load_state(): skipping %s: %s", folder, problem)
+        if numbered:
+            raise UncommittedCheckpointError(
+                f"no complete checkpoint in {self._checkpoints_dir()}: every one was interrupted before its files "
+                "were published"
+            )
+        return None
+
     def _prune(self, final: str) -> None:
-        """total_limit, applied after a newer checkpoint is published: never to one being written."""
+        """total_limit, applied after a newer checkpoint is published: the newest total_limit
+        complete checkpoints stay, and so does every one still being written; an interrupted one
+        is deleted once newer complete ones exist. Each deletion is one rename out of sight."""
         configuration = self._accelerator.project_configuration
         if not configuration.automatic_checkpoint_naming or configuration.total_limit is None:
             return
-        base = os.path.dirname(final)
-        numbered = sorted(
-            (int(m.group(1)), name) for name in os.listdir(base) if (m := _CHECKPOINT_NAME.fullmatch(name))
-        )
-        trash_root = os.path.join(self._accelerator.project_dir, PENDING_DIR)
-        for _, name in numbered[: max(len(numbered) - configuration.total_limit, 0)]:
-            logger.info("deleting checkpoint %s (total_limit=%d)", name, configuration.total_limit)
-            # Out of sight in one rename, then deleted: nobody lists a half-deleted checkpoint.
-            os.makedirs(trash_root, exist_ok=True)
-            trash = os.path.join(trash_root, f"{name}.deleting")
-            os.replace(os.path.join(base, name), trash)
+        base = self._checkpoints_dir()
+        sweep_leftovers(base)  # trash of a pruning that died
+        complete, doomed = 0, []
+        for _, folder in reversed(self._numbered()):
+            if folder != final and _being_written(folder):  # `final` was just published: complete
+                continue
+            if _incomplete(folder) is None:
+                complete += 1
+                if complete <= configuration.total_limit:
+                    continue
+            elif complete == 0:
+                continue  # no complete checkpoint is newer: keep it for whoever looks into it
+            doomed.append(folder)
+        for folder in doomed:
+            logger.info("deleting checkpoint %s (total_limit=%d)", folder, configuration.total_limit)
+            trash = os.path.join(base, f"{TRASH_PREFIX}{owner_token()}.{os.path.basename(folder)}")
+            os.replace(folder, trash)
             shutil.rmtree(trash)
-        try:
-            os.rmdir(trash_root)
-        except OSError:
-            pass
 
     def _log_to_trackers(self) -> None:
         """Log each newly committed checkpoint's numbers to the accelerator's trackers (on the main thread)."""

@@ -17,7 +17,8 @@ from typing import Any
 from .checkpoint_file import CheckpointFile
 from .commit import COMMIT_RECORD, read_commit_record
 from .errors import CheckpointError, NotACheckpointError
-from .fsutil import TEMPORARY_PREFIX
+from .leftovers import TEMPORARY_PREFIX, Leftover
+from .leftovers import find as find_leftovers
 from .reader import structure_problem
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class CheckpointInfo:
     step: int | None = None
     world_size: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    series: str | None = None  # the retention series that may delete it (None: none may)
 
     @property
     def name(self) -> str:
@@ -69,11 +71,18 @@ def _describe_directory(path: str, deep: bool) -> CheckpointInfo:
         for name in os.listdir(path)
         if os.path.isfile(os.path.join(path, name)) and not name.startswith(".")
     }
+    leftovers = find_leftovers(path)
     info = CheckpointInfo(
-        path, "directory", False, None, sum(sizes.values()), None, step_from_name(os.path.basename(path))
+        path,
+        "directory",
+        False,
+        None,
+        sum(sizes.values()) + sum(leftover.nbytes for leftover in leftovers),
+        None,
+        step_from_name(os.path.basename(path)),
     )
     if not os.path.exists(os.path.join(path, COMMIT_RECORD)):
-        info.reason = f"not committed (no {COMMIT_RECORD})"
+        info.reason = f"not committed (no {COMMIT_RECORD})" + _interrupted(leftovers)
         return info
     try:
         record = read_commit_record(path)
@@ -81,7 +90,9 @@ def _describe_directory(path: str, deep: bool) -> CheckpointInfo:
         info.reason = str(exc)
         return info
     info.committed_at, info.world_size, info.metadata = record.committed_at, record.world_size, record.metadata
-    info.step = record.metadata.get("step", info.step)
+    info.series = record.series
+    step = record.metadata.get("step")
+    info.step = step if isinstance(step, int) and not isinstance(step, bool) else info.step
     for entry in record.files:
         if not record.shared_filesystem and not os.path.exists(os.path.join(path, entry.file)):
             continue  # per-node local disks: other nodes hold their ranks' files
@@ -91,6 +102,16 @@ def _describe_directory(path: str, deep: bool) -> CheckpointInfo:
             return info
     info.complete = True
     return info
+
+
+def _interrupted(leftovers: list[Leftover]) -> str:
+    """What a folder's leftovers say about its save: still running, or interrupted."""
+    if not leftovers:
+        return ""
+    nbytes = sum(leftover.nbytes for leftover in leftovers)
+    if any(leftover.owner_alive for leftover in leftovers):
+        return f"; a save is writing it ({nbytes} bytes so far)"
+    return f"; an interrupted save left {nbytes} bytes in {', '.join(sorted(x.name for x in leftovers))}"
 
 
 def _describe_file(path: str, deep: bool) -> CheckpointInfo:
@@ -104,11 +125,14 @@ def _describe_file(path: str, deep: bool) -> CheckpointInfo:
     except CheckpointError as exc:  # a checkpoint, but damaged
         info.reason = str(exc)
         return info
-    info.reason = _problem(ckpt, deep, None)
-    if info.reason is None:
-        info.complete, info.committed_at = True, os.path.getmtime(path)
-        info.metadata = (ckpt.manifest or {}).get("metadata") or {}
-        info.step = info.metadata.get("step", info.step)
+    with ckpt:
+        info.reason = _problem(ckpt, deep, None)
+        if info.reason is None:
+            info.complete, info.committed_at = True, os.fstat(ckpt.fd).st_mtime
+            info.metadata = (ckpt.manifest or {}).get("metadata") or {}
+            info.series = ckpt.series
+            step = info.metadata.get("step")
+            info.step = step if isinstance(step, int) and not isinstance(step, bool) else info.step
     return info
 
 
@@ -117,10 +141,10 @@ def _file_problem(path: str, deep: bool, write_id: str | None) -> str | None:
     if not os.path.exists(path):
         return f"{os.path.basename(path)} is missing"
     try:
-        ckpt = CheckpointFile(path)
+        with CheckpointFile(path) as ckpt:
+            return _problem(ckpt, deep, write_id)
     except CheckpointError as exc:
         return str(exc)
-    return _problem(ckpt, deep, write_id)
 
 
 def _problem(ckpt: CheckpointFile, deep: bool, write_id: str | None) -> str | None:
@@ -128,7 +152,7 @@ def _problem(ckpt: CheckpointFile, deep: bool, write_id: str | None) -> str | No
     if write_id is not None and ckpt.write_id != write_id:
         return f"{name} comes from another save than the commit record (unfinished overwrite)"
     try:
-        damaged = ckpt.damaged_records() if deep else ([] if _structure_ok(ckpt) else ["data.pkl"])
+        damaged = ckpt.damaged_records() if deep else []
     except CheckpointError as exc:
         return str(exc)
     if damaged:
@@ -136,17 +160,10 @@ def _problem(ckpt: CheckpointFile, deep: bool, write_id: str | None) -> str | No
     return structure_problem(ckpt)
 
 
-def _structure_ok(ckpt: CheckpointFile) -> bool:
-    try:
-        ckpt.data_pkl(verify=True)
-        return True
-    except CheckpointError:
-        return False
-
-
 def list_checkpoints(root: str, deep: bool = False) -> list[CheckpointInfo]:
     """Every checkpoint directly under `root`, complete or not, oldest first (by commit time, or
-    modification time for incomplete ones)."""
+    modification time for incomplete ones). A checkpoint that cannot be read is listed as
+    incomplete with the reason; nothing in one checkpoint makes the listing fail."""
     root = os.fspath(root)
     found = []
     for name in sorted(os.listdir(root)):
@@ -160,6 +177,8 @@ def list_checkpoints(root: str, deep: bool = False) -> list[CheckpointInfo]:
             continue  # hparams.yaml, logs and the like
         except FileNotFoundError:
             logger.debug("checkpoint %s vanished while it was listed (retention); skipped", path)
+        except (OSError, CheckpointError) as exc:
+            found.append(CheckpointInfo(path, "unknown", False, f"cannot be read: {exc}", 0, None))
     return sorted(found, key=_listing_time)
 
 
@@ -192,12 +211,17 @@ def find_latest(root: str, deep: bool = False) -> str | None:
 
 
 def update_latest(root: str, name: str) -> None:
-    """Point `root/latest` at `name` (a symlink, replaced atomically)."""
+    """Point `root/latest` at `name` (a symlink, replaced atomically). A `latest` that is not a
+    symlink is the user's: it is left alone and the pointer is not moved."""
+    pointer = os.path.join(root, LATEST)
+    if os.path.lexists(pointer) and not os.path.islink(pointer):
+        logger.warning("not moving %s to %s: it is not a symlink, so it is not ours to replace", pointer, name)
+        return
     temporary = os.path.join(root, f".{LATEST}.{os.getpid()}.tmp")
     if os.path.lexists(temporary):
         os.unlink(temporary)
     os.symlink(name, temporary)
-    os.replace(temporary, os.path.join(root, LATEST))
+    os.replace(temporary, pointer)
 
 
 def read_latest(root: str) -> str | None:

@@ -73,6 +73,11 @@ class Channel:
 
     def recv(self) -> tuple[Any, list[int]]:
         """The next message and its descriptors (the caller owns them); EOFError when the peer is gone."""
+        data, fds = self.recv_pickle()
+        return pickle.loads(data), fds
+
+    def recv_pickle(self) -> tuple[bytes, list[int]]:
+        """The next message's pickle, not yet unpickled, and its descriptors (the caller owns them)."""
         header, fds = self._recv_exactly(_HEADER.size, want_fds=True)
         length, count, flags = _HEADER.unpack(header)
         data, more = self._recv_exactly(length, want_fds=len(fds) < count)
@@ -88,7 +93,7 @@ class Channel:
                     data = bytes(mapped)
             finally:
                 os.close(memfd)
-        return pickle.loads(data), fds
+        return data, fds
 
     def _recv_exactly(self, nbytes: int, want_fds: bool) -> tuple[bytes, list[int]]:
         chunks: list[bytes] = []
@@ -113,10 +118,11 @@ class Channel:
             got += len(data)
         return b"".join(chunks), fds
 
-    def shutdown(self) -> None:
-        """Tell the other end that nothing more will be sent (it reads end-of-file)."""
+    def shutdown(self, both: bool = False) -> None:
+        """Tell the other end that nothing more will be sent (it reads end-of-file); with `both`,
+        also stop receiving, which fails a send blocked on this socket at once."""
         try:
-            self._sock.shutdown(socket.SHUT_WR)
+            self._sock.shutdown(socket.SHUT_RDWR if both else socket.SHUT_WR)
         except OSError:
             pass
 

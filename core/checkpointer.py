@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import inspect
 import logging
 import os
 import threading
@@ -13,7 +14,7 @@ from typing import Any
 
 from . import drain
 from .config import CheckpointProcessConfig
-from .errors import CheckpointerClosedError
+from .errors import CheckpointerClosedError, MissingKeysError
 from .interrupts import sigint_deferred
 from .outstanding import OutstandingWrites, WriteFuture, settle
 from .pending import wait_for_pending_writes
@@ -48,7 +49,8 @@ class Checkpointer(abc.ABC):
         """Load the checkpoint at `path`: all of it, or only the keys of `state_dict`, in place.
 
         strict=True raises MissingKeysError (a RuntimeError) when the checkpoint lacks keys of
-        `state_dict`. kwargs: weights_only (default True), verify (default True), source_rank
+        `state_dict`. `map_location` (torch.load's name) is accepted for `default_map_location`
+        (torch's checkpointer's name). kwargs: weights_only (default True), verify (default True), source_rank
         (load another rank's file of a directory checkpoint; see CheckpointReader.read).
         """
 
@@ -80,10 +82,21 @@ def _record(stats: CheckpointStats, result: WriteResult) -> None:
 
 
 def _load(
-    reader: CheckpointReader, path: str, state_dict: STATE_DICT | None, map_location: Any, strict: bool, **kwargs: Any
+    reader: CheckpointReader,
+    path: str,
+    state_dict: STATE_DICT | None,
+    default_map_location: Any,
+    strict: bool,
+    **kwargs: Any,
 ) -> STATE_DICT:
+    map_location = kwargs.pop("map_location", None)  # torch.load's name for it, which users type
+    if map_location is not None and default_map_location is not None:
+        raise TypeError("load() got both map_location and default_map_location; pass one")
+    map_location = default_map_location if map_location is None else map_location
     wait_for_pending_writes(path)
-    loaded, _missing = reader.read(path, state_dict, map_location=map_location, strict=strict, **kwargs)
+    loaded, missing = reader.read(path, state_dict, map_location=map_location, strict=strict, **kwargs)
+    if strict and missing:  # a reader of torch's shape reports missing keys and leaves strictness to us
+        raise MissingKeysError(f"Checkpoint at {path} is missing keys: {missing}")
     return loaded
 
 
@@ -392,21 +405,40 @@ class AsyncCheckpointer(Checkpointer):
 
     # -- closing
 
-    def close(self) -> None:
-        """Drain every save (at most drain_timeout_secs), stop the writer process and free the
-        staging memory; idempotent. Raises the first failure not yet seen on its future."""
+    def close(self, timeout: float | None = None) -> None:
+        """Drain every save, stop the writer process and free the staging memory; idempotent.
+
+        Returns within `timeout` seconds (default: drain_timeout_secs): writes not finished by
+        then fail with DrainTimeoutError naming each path, and the writer is stopped at once.
+        Raises the first failure not yet seen on its future."""
         if self._closed:
             return
         self._closed = True
         drain.unregister(self)
         if os.getpid() != self._owner_pid:
             return  # a forked child: the parent's writer and memory are the parent's to release
+        limit = self._drain_timeout if timeout is None else max(timeout, 0.0)
+        deadline = time.monotonic() + limit
+        drained = False
         try:
-            self._writes.give_up_after(self._drain_timeout)
+            drained = self._writes.give_up_after(limit)
         finally:
-            self._process.close()
+            left = max(deadline - time.monotonic(), 0.0) if drained else 0.0
+            _close_process(self._process, left)
             self._stager.close()
         self._writes.raise_unseen()
+
+
+def _close_process(process: Any, timeout: float) -> None:
+    """Close a CheckpointProcess within `timeout` (a process of torch's shape has no timeout)."""
+    try:
+        accepts_timeout = "timeout" in inspect.signature(process.close).parameters
+    except (TypeError, ValueError):
+        accepts_timeout = False
+    if accepts_timeout:
+        process.close(timeout=timeout)
+    else:
+        process.close()
 
 
 def _equal(a: Any, b: Any) -> bool:

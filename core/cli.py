@@ -20,6 +20,8 @@ import torch
 
 from .catalog import CheckpointInfo, describe_checkpoint, list_checkpoints, read_latest
 from .errors import CheckpointError, CheckpointNotFoundError, NotACheckpointError
+from .leftovers import Leftover
+from .leftovers import find as find_leftovers
 from .reader import CheckpointReader
 from .types import RankInfo
 
@@ -71,6 +73,7 @@ def _ls(args: argparse.Namespace) -> int:
     infos = list_checkpoints(args.directory, deep=args.deep)
     latest = read_latest(args.directory)
     rows = [_info_json(info) | {"latest": latest is not None and info.name == _basename(latest)} for info in infos]
+    rows += [_leftover_json(leftover) for leftover in find_leftovers(args.directory)]
     if args.json:
         print(json.dumps(rows, indent=1))
         return EXIT_OK
@@ -80,12 +83,39 @@ def _ls(args: argparse.Namespace) -> int:
             "" if row["step"] is None else str(row["step"]),
             _size(row["nbytes"]),
             _time(row["committed_at"]),
-            "complete" if row["complete"] else f"INCOMPLETE: {row['reason']}",
+            "complete" if row["complete"] else f"{_not_complete(row)}: {row['reason']}",
         ]
         for row in rows
     ]
     _print_table(["name", "step", "size", "committed", "status"], table)
     return EXIT_OK
+
+
+def _leftover_json(leftover: Leftover) -> dict[str, Any]:
+    """A row for what a save in progress, or one that was interrupted, left in the folder."""
+    if leftover.owner_alive:
+        reason = "a save in progress"
+    elif leftover.owner_alive is False:
+        reason = "left by a process that died; the next save into this folder removes it"
+    else:
+        reason = "left by a process of another machine (or unknown); remove it once no save runs there"
+    return {
+        "name": leftover.name,
+        "path": leftover.path,
+        "kind": "leftover",
+        "step": None,
+        "nbytes": leftover.nbytes,
+        "committed_at": None,
+        "complete": False,
+        "reason": reason,
+        "world_size": None,
+        "metadata": {},
+        "latest": False,
+    }
+
+
+def _not_complete(row: dict[str, Any]) -> str:
+    return "LEFTOVER" if row["kind"] == "leftover" else "INCOMPLETE"
 
 
 def _info_json(info: CheckpointInfo) -> dict[str, Any]:
@@ -143,17 +173,32 @@ def _inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted key -> leaf, for nested dicts, lists and tuples."""
-    if isinstance(obj, dict):
-        items: Any = obj.items()
-    elif isinstance(obj, (list, tuple)) and not isinstance(obj, torch.Size):
-        items = enumerate(obj)
-    else:
-        return {prefix or "<root>": obj}
+_MAX_ENTRIES = 10_000_000
+
+
+def _flatten(obj: Any) -> dict[str, Any]:
+    """Dotted key -> leaf, for nested dicts, lists and tuples. A container the structure holds
+    more than once is expanded once; later places show `<same as KEY>` (a hostile pickle can
+    share one list at every level: 2**60 paths in a few KiB)."""
     flat: dict[str, Any] = {}
-    for key, value in items:
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    first_seen: dict[int, str] = {}
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        prefix, item = stack.pop()
+        if isinstance(item, dict):
+            items: Any = item.items()
+        elif isinstance(item, (list, tuple)) and not isinstance(item, torch.Size):
+            items = enumerate(item)
+        else:
+            flat[prefix or "<root>"] = item
+            continue
+        if id(item) in first_seen:
+            flat[prefix or "<root>"] = f"<same as {first_seen[id(item)] or '<root>'}>"
+            continue
+        first_seen[id(item)] = prefix
+        if len(flat) + len(first_seen) > _MAX_ENTRIES:
+            raise CheckpointError(f"the checkpoint holds more than {_MAX_ENTRIES} entries: too many to list")
+        stack.extend(reversed([(f"{prefix}.{key}" if prefix else str(key), value) for key, value in items]))
     return flat
 
 
@@ -235,6 +280,13 @@ def _compare(a: Any, b: Any) -> dict[str, Any] | None:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         if a.shape != b.shape or a.dtype != b.dtype:
             return {"kind": f"{tuple(a.shape)} {a.dtype} -> {tuple(b.shape)} {b.dtype}"}
+        if _overlapping(a) or _overlapping(b):
+            # More elements than memory (an expanded or broadcast view): compare the memory they view.
+            if (a.stride(), a.storage_offset()) == (b.stride(), b.storage_offset()) and bytes(
+                a.untyped_storage()
+            ) == bytes(b.untyped_storage()):
+                return None
+            return {"kind": "values (overlapping views of different memory)"}
         if torch.equal(a, b):
             return None
         if a.dtype == torch.bool:
@@ -253,6 +305,11 @@ def _compare(a: Any, b: Any) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------- formatting
+
+
+def _overlapping(tensor: torch.Tensor) -> bool:
+    """Whether the tensor has more elements than its storage holds (stride 0, expand)."""
+    return tensor.numel() > tensor.untyped_storage().nbytes() // max(tensor.element_size(), 1)
 
 
 def _print_table(header: list[str], rows: list[list[str]]) -> None:

@@ -78,16 +78,24 @@ class CheckpointStagerConfig:
 class RetentionConfig:
     """What the writer does in a checkpoint's parent directory after each commit.
 
-    update_latest: point PARENT/latest at the new checkpoint. keep_last: keep the newest K
-    complete checkpoints there and delete older ones (None: keep all); keep_every: also keep
-    those whose step is a multiple of N (step from save(..., step=N) or the name). Only
-    checkpoints older than the one just committed are deleted, never an incomplete one (it may
-    still be written) and never one a reader holds (it is retried after the next commit).
+    update_latest: point PARENT/latest at the new checkpoint (a symlink; a file or folder of
+        yours named `latest` is left alone, with a warning). keep_last: keep the newest K
+        checkpoints of the series there and delete older ones (None: keep all); keep_every:
+        also keep those whose step is a multiple of N (step from save(..., step=N) or the name).
+    series: the name retention marks its checkpoints with; it deletes only checkpoints that
+        carry the same name, so nothing it did not write (your `pretrained.pt`, plain
+        torch.save files, another run's checkpoints) is ever deleted. None: the checkpoint's
+        name with its numbers replaced by `#` (`step_000120` is series `step_#`), which a run
+        keeps across restarts. Give two runs that share a folder and a naming pattern their
+        own series (or folders).
+    Only checkpoints older than the one just committed are deleted, never an incomplete one (it
+    may still be written) and never one a reader holds (it is retried after the next commit).
     """
 
     keep_last: int | None = None
     keep_every: int | None = None
     update_latest: bool = True
+    series: str | None = None
 
     def __post_init__(self) -> None:
         _require(
@@ -97,6 +105,10 @@ class RetentionConfig:
         _require(
             self.keep_every is None or self.keep_every >= 1,
             f"RetentionConfig.keep_every must be >= 1 or None, got {self.keep_every}",
+        )
+        _require(
+            self.series is None or (isinstance(self.series, str) and self.series != ""),
+            f"RetentionConfig.series must be a non-empty string or None, got {self.series!r}",
         )
 
 
@@ -158,8 +170,11 @@ class CheckpointWriterConfig:
 class CheckpointProcessConfig:
     """The writer process: how long its start may take, and how long shutting down may wait.
 
-    subprocess_init_timeout_secs: the writer must be ready within this long after it is
-        started, or the writes waiting for it fail with WriterStartTimeoutError.
+    subprocess_init_timeout_secs: a writer that is starting is waited for as long as it makes
+        progress (CPU time or reads: importing torch on a busy machine can take minutes); one
+        that makes none for this long is stuck, and the writes waiting for it fail with
+        WriterStartTimeoutError, as they do after 20 times this long in all. A writer that
+        dies or reports an error fails them at once, with the cause.
     subprocess_shutdown_timeout_secs: after its last write, the writer is killed if it has not
         exited within this long.
     drain_timeout_secs: close() and interpreter exit wait this long for pending writes, then

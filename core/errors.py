@@ -47,7 +47,10 @@ class CheckpointConfigError(CheckpointError, ValueError, AssertionError):
 
 
 class CheckpointWriteError(CheckpointError, RuntimeError):
-    """A background write failed; the message carries the writer's error and traceback."""
+    """A write failed; the message carries the writer's error (and, from the writer process, its
+    traceback). `errno` is the operating system's error number when one caused it (ENOSPC...)."""
+
+    errno: int | None = None
 
 
 class WriterProcessDiedError(CheckpointWriteError):

@@ -4,7 +4,9 @@ Each save snapshots every file's state dict (the caller may change them once sav
 writes the files in the background into a private staging folder, and, once every rank's files
 are durable (a vote over the job's TCPStore), publishes the folder (see publish.py). The save's
 future resolves when the folder is published; a failure leaves nothing behind, not even the
-staging folder. Saves are published in the order they were made.
+staging folder. Saves are published in the order they were made. Deleting the checkpoint's
+folder while its save runs cancels the save quietly: nothing is recreated, the future
+resolves to a WriteResult with `cancelled=True`.
 """
 
 from __future__ import annotations
@@ -134,7 +136,11 @@ class FileSetCheckpointer:
                 future = self._writes.start(final)
             for file in files:
                 staged, written = checkpointer.save(
-                    os.path.join(staging, file.name), file.state, file_format=file.file_format, report_errors=False
+                    os.path.join(staging, file.name),
+                    file.state,
+                    file_format=file.file_format,
+                    report_errors=False,
+                    create_folder=False,  # a staging folder deleted meanwhile (with its checkpoint) stays deleted
                 )
                 staged.result()
                 writes.append(written)
@@ -169,7 +175,12 @@ class FileSetCheckpointer:
         try:
             result = self._publish_when_durable(save, writes)
         except BaseException as exc:
-            settle(future, error=exc)
+            if os.path.isdir(save.final):
+                settle(future, error=exc)
+                return
+            logger.info("checkpoint %s was deleted while it was being written; that save is cancelled", save.final)
+            self._remove_staging(save.staging, [])
+            settle(future, result=WriteResult(path=save.final, files=(), nbytes=0, write_seconds=0.0, cancelled=True))
             return
         self.stats.record(result)
         logger.info(
@@ -232,16 +243,20 @@ class FileSetCheckpointer:
         self._writes.wait_for_signal(self._config.process_config.sigterm_drain_secs)
 
     def release(self) -> None:
-        """Drain (at most drain_timeout_secs), then stop the writer process; the next save starts a new one."""
+        """Drain, then stop the writer process; the next save starts a new one. Returns within
+        drain_timeout_secs: saves not published by then fail with DrainTimeoutError."""
+        limit = self._config.process_config.drain_timeout_secs
+        deadline = time.monotonic() + limit
+        drained = False
         try:
-            self._writes.give_up_after(self._config.process_config.drain_timeout_secs)
+            drained = self._writes.give_up_after(limit)
         finally:
             checkpointer, self._checkpointer = self._checkpointer, None
             committer, self._committer = self._committer, None
+            if checkpointer is not None:  # first: a commit waiting for one of its files then fails at once
+                checkpointer.close(timeout=max(deadline - time.monotonic(), 0.0) if drained else 0.0)
             if committer is not None:
                 committer.shutdown(wait=True)
-            if checkpointer is not None:
-                checkpointer.close()
         self._writes.raise_unseen()
 
     def close(self) -> None:

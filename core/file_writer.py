@@ -12,7 +12,9 @@ them, and the manifest's xxh3 checksums of every chunk take their place.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import struct
 import sys
 import time
@@ -102,25 +104,71 @@ def _archive_name(path: str) -> str:
 
 
 def _write_skeleton(path: str, data_pkl: bytes, storage_sizes: Sequence[int], manifest: bytes) -> dict[str, int]:
-    """Every record but the storages' bytes; returns each record's data offset ("0", "1", ..., manifest)."""
-    writer = torch._C.PyTorchFileWriter(path, True, STORAGE_ALIGNMENT)
-    writer.write_record("data.pkl", data_pkl, len(data_pkl))
-    for name, value in (
-        (".format_version", "1"),
-        (".storage_alignment", str(STORAGE_ALIGNMENT)),
-        ("byteorder", sys.byteorder),
-    ):
-        writer.write_record(name, value, len(value))  # type: ignore[arg-type]  # str records, as torch.save writes
-    for key, nbytes in enumerate(storage_sizes):
-        writer.write_record_metadata(f"data/{key}", nbytes)  # type: ignore[attr-defined]  # no stub for it
-    writer.write_record(MANIFEST_RECORD, manifest, len(manifest))
-    writer.write_end_of_file()
-    del writer
-    reader = torch._C.PyTorchFileReader(path)
-    record_offset = reader.get_record_offset  # type: ignore[attr-defined]  # no stub for it
-    offsets = {str(key): record_offset(f"data/{key}") for key in range(len(storage_sizes))}
-    offsets[MANIFEST_RECORD] = record_offset(MANIFEST_RECORD)
+    """Every record but the storages' bytes; returns each record's data offset ("0", "1", ..., manifest).
+
+    torch's own zip writer lays the skeleton out (the archive folder named after the file, as
+    torch.save names it), but into an anonymous memory file reached through a symlink of the
+    same name: the space reserved for storages stays a hole there. The written extents are then
+    pwritten into `path`. A C++ stream that fails on a full disk aborts the process; here every
+    write to disk is Python's, and a full disk is an OSError like any other.
+    """
+    memory = os.memfd_create("async-ckpt-skeleton", os.MFD_CLOEXEC)
+    try:
+        _lay_out_skeleton(memory, path, data_pkl, storage_sizes, manifest)
+        with os.fdopen(os.dup(memory), "rb") as skeleton:
+            reader = torch._C.PyTorchFileReader(skeleton)
+            record_offset = reader.get_record_offset  # type: ignore[attr-defined]  # no stub for it
+            offsets = {str(key): record_offset(f"data/{key}") for key in range(len(storage_sizes))}
+            offsets[MANIFEST_RECORD] = record_offset(MANIFEST_RECORD)
+            del reader
+        _copy_extents(memory, path)
+    finally:
+        os.close(memory)
     return offsets
+
+
+def _lay_out_skeleton(memory: int, path: str, data_pkl: bytes, storage_sizes: Sequence[int], manifest: bytes) -> None:
+    alias_folder = os.path.join(os.path.dirname(path), ".skeleton")
+    alias = os.path.join(alias_folder, os.path.basename(path))
+    os.mkdir(alias_folder, 0o700)
+    try:
+        os.symlink(f"/proc/{os.getpid()}/fd/{memory}", alias)
+        writer = torch._C.PyTorchFileWriter(alias, True, STORAGE_ALIGNMENT)
+        writer.write_record("data.pkl", data_pkl, len(data_pkl))
+        for name, value in (
+            (".format_version", "1"),
+            (".storage_alignment", str(STORAGE_ALIGNMENT)),
+            ("byteorder", sys.byteorder),
+        ):
+            writer.write_record(name, value, len(value))  # type: ignore[arg-type]  # str records, as torch.save writes
+        for key, nbytes in enumerate(storage_sizes):
+            writer.write_record_metadata(f"data/{key}", nbytes)  # type: ignore[attr-defined]  # no stub for it
+        writer.write_record(MANIFEST_RECORD, manifest, len(manifest))
+        writer.write_end_of_file()
+        del writer
+    finally:
+        shutil.rmtree(alias_folder, ignore_errors=True)
+
+
+def _copy_extents(source: int, path: str) -> None:
+    """Copy the written extents of `source` into `path` at the same offsets, leaving its holes."""
+    size = os.fstat(source).st_size
+    target = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(target, size)
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(source, offset, os.SEEK_DATA)
+            except OSError as exc:  # ENXIO: no data after `offset`
+                if exc.errno == errno.ENXIO:
+                    break
+                raise
+            end = os.lseek(source, start, os.SEEK_HOLE)
+            write_all(target, os.pread(source, end - start, start), start)
+            offset = end
+    finally:
+        os.close(target)
 
 
 def _chunks(

@@ -11,7 +11,6 @@ import torch
 
 PAGE_SIZE = 4096
 DEFAULT_CHUNK_BYTES = 64 << 20
-TEMPORARY_PREFIX = ".async-ckpt-"  # names what a writer creates before a commit (see writer.py)
 
 
 def round_up(value: int, multiple: int = PAGE_SIZE) -> int:

@@ -33,19 +33,20 @@ class PreviousFiles:
 
     def remember(self, lineage: Lineage, path: str) -> None:
         """Hold the just-committed file of `lineage` for the next save; needs checksums in its manifest."""
-        ckpt = CheckpointFile(path)
         self._forget(lineage.name)
-        if not ckpt.verifiable:
-            return
-        assert ckpt.manifest is not None
-        fd = os.open(path, os.O_RDONLY)
+        with CheckpointFile(path) as ckpt:
+            if not ckpt.verifiable:
+                return
+            assert ckpt.manifest is not None
+            records = {
+                key: (storage["nbytes"], ckpt.storage_offset(key), storage["digests"])
+                for key, storage in ckpt.manifest["storages"].items()
+            }
+            fd = os.dup(ckpt.fd)  # the file whose manifest was just read, whatever replaces it later
         self._files[lineage.name] = (
             lineage.sequence,
             fd,
-            {
-                key: (storage["nbytes"], PreviousRecord(fd, ckpt.storage_offset(key), storage["digests"]))
-                for key, storage in ckpt.manifest["storages"].items()
-            },
+            {key: (nbytes, PreviousRecord(fd, offset, digests)) for key, (nbytes, offset, digests) in records.items()},
         )
 
     def _forget(self, name: str) -> None:

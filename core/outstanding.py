@@ -16,17 +16,27 @@ from typing import Any
 
 from .errors import DrainTimeoutError
 from .interrupts import sigint_deferred
-from .pending import register_pending_write
+from .pending import register_pending_write, remove_marker
 
 logger = logging.getLogger(__name__)
 
 
 class WriteFuture(Future):
     """A save's write future; it knows whether anyone has looked at its outcome, so that a
-    failure the caller has already seen on the future is not raised again by save/wait/close."""
+    failure the caller has already seen on the future is not raised again by save/wait/close.
+    Its marker for other processes (see pending.py) is gone before anyone waiting wakes."""
 
     observed = False
     handed_over = False  # the save's state reached the writer: from here the write completes on its own
+    marker: str | None = None
+
+    def set_result(self, result: Any) -> None:
+        remove_marker(self.marker)
+        super().set_result(result)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        remove_marker(self.marker)
+        super().set_exception(exception)
 
     def result(self, timeout: float | None = None) -> Any:
         try:
@@ -72,7 +82,7 @@ class OutstandingWrites:
             with self._lock:
                 self._writes[future] = _Write(path, report_errors)
             future.add_done_callback(self._finished)
-            register_pending_write(path, future)
+            future.marker = register_pending_write(path, future)
         return future  # callers defer SIGINT around this call too, so that they hold the future
 
     def _finished(self, future: Future) -> None:
@@ -115,13 +125,14 @@ class OutstandingWrites:
             if not_done:
                 logger.error("SIGTERM: %d checkpoint write(s) did not finish in time", len(not_done))
 
-    def give_up_after(self, timeout: float) -> None:
-        """Wait up to `timeout`; fail what is still running with DrainTimeoutError naming its path."""
+    def give_up_after(self, timeout: float) -> bool:
+        """Wait up to `timeout`; fail what is still running with DrainTimeoutError naming its path.
+        Returns whether everything finished in time."""
         with self._lock:
             writes = dict(self._writes)
         _, not_done = wait_futures(list(writes), timeout=timeout)
         if not not_done:
-            return
+            return True
         paths = sorted(writes[f].path for f in not_done)
         logger.error(
             "gave up after %.0f s waiting for checkpoint write(s) to %s; they are not committed", timeout, paths
@@ -134,3 +145,4 @@ class OutstandingWrites:
                     "(CheckpointProcessConfig.drain_timeout_secs); it was not committed"
                 ),
             )
+        return False

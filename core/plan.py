@@ -169,6 +169,15 @@ class _CapturePickler(pickle.Pickler):
         self.dispatch_table[torch.Tensor] = self._reduce_tensor
         self.dispatch_table[torch.nn.Parameter] = self._reduce_parameter
 
+    def release(self) -> list[torch.UntypedStorage]:
+        """The storages collected; the pickler lets go of them and of itself. Its dispatch table
+        holds its own bound methods, a reference cycle that would otherwise keep every storage of
+        the state alive until Python's cyclic garbage collector runs."""
+        storages, self.storages = self.storages, []
+        self.dispatch_table = {}
+        self._refs = {}
+        return storages
+
     def _storage_ref(self, tensor: torch.Tensor) -> _StorageRef:
         storage = tensor.untyped_storage()
         identity = (str(storage.device), storage._cdata)
@@ -267,7 +276,9 @@ def capture_torch(state_dict: Any) -> CapturedState:
             "Checkpoints may hold tensors, numbers, strings, containers and picklable objects; "
             "remove open files, lambdas, locks and similar values before saving"
         ) from exc
-    sources = [_bytes_of(storage, 0, storage.nbytes()) for storage in pickler.storages]
+    finally:
+        storages = pickler.release()
+    sources = [_bytes_of(storage, 0, storage.nbytes()) for storage in storages]
     return _captured(buffer.getvalue(), sources, "torch")
 
 
@@ -376,11 +387,26 @@ _SCALAR_TYPES = frozenset({int, bool, type(None)})
 
 def _walk_skeleton(state_dict: Any) -> tuple[list[Any], list[torch.UntypedStorage]] | None:
     """(skeleton, storages in the order the pickle names them), or None when it cannot be cached."""
-    skeleton: list[Any] = []
-    storages: dict[int, tuple[int, torch.UntypedStorage]] = {}  # id -> (index in the pickle, storage)
-    seen: dict[int, int] = {}
+    walk = _SkeletonWalk()
+    try:
+        walk.visit(state_dict)
+    except Exception:  # an object the skeleton does not describe, or a tensor without strides
+        return None
+    return walk.skeleton, [storage for _, storage in walk.storages.values()]
 
-    def walk(obj: Any) -> None:
+
+class _SkeletonWalk:
+    """One walk of a state dict for PlanCache. A class, not a recursive closure: a closure that
+    calls itself is a reference cycle, and this one would keep every storage of the state alive
+    (a whole model's memory, per save) until Python's cyclic garbage collector happens to run."""
+
+    def __init__(self) -> None:
+        self.skeleton: list[Any] = []
+        self.storages: dict[int, tuple[int, torch.UntypedStorage]] = {}  # id -> (index in the pickle, storage)
+        self._seen: dict[int, int] = {}
+
+    def visit(self, obj: Any) -> None:
+        skeleton = self.skeleton
         kind = type(obj)
         if kind in _SCALAR_TYPES:
             skeleton.append((kind, obj))
@@ -388,24 +414,24 @@ def _walk_skeleton(state_dict: Any) -> tuple[list[Any], list[torch.UntypedStorag
         if kind is float:
             skeleton.append(obj.hex())  # tells 0.0 from -0.0, which compare equal
             return
-        if id(obj) in seen:
-            skeleton.append(seen[id(obj)])  # the same object again: pickle writes a memo reference
+        if id(obj) in self._seen:
+            skeleton.append(self._seen[id(obj)])  # the same object again: pickle writes a memo reference
             return
-        seen[id(obj)] = -len(seen) - 1
+        self._seen[id(obj)] = -len(self._seen) - 1
         if kind is str or kind is bytes:
             skeleton.append(obj)
         elif kind is dict or kind is OrderedDict:
             skeleton.append((kind, len(obj)))
             for key, value in obj.items():
-                walk(key)
-                walk(value)
+                self.visit(key)
+                self.visit(value)
         elif kind is list or kind is tuple:
             skeleton.append((kind, len(obj)))
             for value in obj:
-                walk(value)
+                self.visit(value)
         elif (kind is torch.Tensor or kind is torch.nn.Parameter) and not obj.__dict__:
             storage = obj.untyped_storage()
-            index = storages.setdefault(storage._cdata, (len(storages), storage))[0]
+            index = self.storages.setdefault(storage._cdata, (len(self.storages), storage))[0]
             skeleton.append(
                 (
                     kind,
@@ -424,12 +450,6 @@ def _walk_skeleton(state_dict: Any) -> tuple[list[Any], list[torch.UntypedStorag
             )
         else:
             raise TypeError(kind)
-
-    try:
-        walk(state_dict)
-    except Exception:  # an object the skeleton does not describe, or a tensor without strides
-        return None
-    return skeleton, [storage for _, storage in storages.values()]
 
 
 def materialize(plan: CheckpointPlan, storages: Sequence[torch.UntypedStorage]) -> Any:
@@ -468,16 +488,16 @@ def tensor_versions(state_dict: Any) -> tuple | None:
     some fused optimizer kernels do not count versions). None when the state dict holds objects
     other than containers, plain values and tensors."""
     found: list[tuple] = []
-
-    def walk(obj: Any) -> bool:
+    stack = [state_dict]
+    while stack:
+        obj = stack.pop()
         if isinstance(obj, torch.Tensor):
             storage = obj.untyped_storage()
             found.append((storage.data_ptr(), storage.nbytes(), obj.storage_offset(), obj._version, obj.device))
-            return True
-        if isinstance(obj, dict):
-            return all(walk(value) for value in obj.values())
-        if isinstance(obj, (list, tuple)):
-            return all(walk(value) for value in obj)
-        return isinstance(obj, (str, int, float, bool, bytes, type(None), torch.dtype, torch.device))
-
-    return tuple(found) if walk(state_dict) else None
+        elif isinstance(obj, dict):
+            stack.extend(reversed(list(obj.values())))
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(reversed(obj))
+        elif not isinstance(obj, (str, int, float, bool, bytes, type(None), torch.dtype, torch.device)):
+            return None
+    return tuple(found)

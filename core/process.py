@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import os
+import pickle
 import queue
 import select
 import signal
@@ -61,6 +62,7 @@ from .protocol import (
     WriteRequest,
 )
 from .slab import Slab
+from .staging import StagedStateDict
 from .types import STATE_DICT, RankInfo, default_rank_info
 from .writer import CheckpointWriter, WriterHook, remove_temporaries
 
@@ -83,6 +85,7 @@ _WORKER_BOOTSTRAP = (
     "import core.worker; core.worker.worker_main(int(sys.argv[1]))"
 )
 _DEATH_GRACE_SECS = 5
+_START_LIMIT_FACTOR = 20  # a writer still making progress gets this many init timeouts in all
 
 
 def default_subprocess_init_fn(*args: Any) -> None:
@@ -297,11 +300,11 @@ class CheckpointProcess:
     def _submit(self, state_dict: STATE_DICT, path: str, kwargs: dict, future: WriterFuture) -> None:
         """A state dict DefaultStager staged goes as its plan and slab; any other (or a staged one
         whose slab a later stage() took over: it kept a private copy) by shared memory."""
-        lease = getattr(state_dict, "lease", None)
-        plan = getattr(state_dict, "plan", None)
-        if lease is not None and plan is not None and lease.hold():
-            self._send_write(lease.slab, plan, None, path, kwargs, future, lease.release)
-            return
+        if isinstance(state_dict, StagedStateDict):
+            if state_dict.lease.hold():
+                self._send_write(state_dict.slab, state_dict.plan, None, path, kwargs, future, state_dict.lease.release)
+                return
+            state_dict = state_dict.copy()  # the plain dict it stands for, as torch.save would write it
         captured = capture(state_dict)
         shared = [_shared_fd(source.untyped_storage()) for source in captured.sources]
         self._send_write(None, captured.plan, shared, path, kwargs, future, lambda: None)
@@ -333,7 +336,7 @@ class CheckpointProcess:
                 forget = tuple(i for i, ref in list(worker.attached.items()) if _gone(ref))
                 for slab_id in forget:
                     del worker.attached[slab_id]
-                write = WriteRequest(request_id, path, plan, source, dict(kwargs), forget)
+                write = WriteRequest(request_id, path, plan, source, _pickled_kwargs(kwargs), forget)
                 request = WorkerRequest(RequestType.WRITE_CHECKPOINT, {"write": write})
                 outgoing = _Outgoing(worker, request, fds, request_id, keepalive=shared, sent=future.handed_over)
                 # Registered and queued together, under the lock: requests leave in the order of their ids.
@@ -386,10 +389,19 @@ class CheckpointProcess:
 
     def _on_send_failure(self, outgoing: _Outgoing, exc: Exception) -> None:
         worker = outgoing.worker
-        error = WriterProcessDiedError(
-            f"Child process terminated unexpectedly: could not send to the checkpoint writer process "
-            f"(pid {worker.process.pid}): {exc}. The next save starts a new writer"
-        )
+        error: CheckpointWriteError
+        if outgoing.request.request_type is RequestType.PING and not isinstance(exc, OSError):
+            error = WriterStartError(
+                "the checkpoint writer's init functions or their arguments cannot be pickled, so the writer "
+                f"process cannot receive them: {type(exc).__name__}: {exc}"
+            )
+            with self._lock:
+                self._start_failure = error  # it would fail the same way again
+        else:
+            error = WriterProcessDiedError(
+                f"Child process terminated unexpectedly: could not send to the checkpoint writer process "
+                f"(pid {worker.process.pid}): {exc}. The next save starts a new writer"
+            )
         with self._lock:
             worker.alive = False
             pending = worker.pending.pop(outgoing.request_id, None) if outgoing.request_id is not None else None
@@ -414,19 +426,36 @@ class CheckpointProcess:
         self._on_worker_gone(worker, failure)
 
     def _await_ready(self, worker: _Worker) -> BaseException | None:
-        """Wait for the writer's first answer; returns why it did not come, or None once ready."""
-        timeout = self.config.subprocess_init_timeout_secs
-        deadline = time.monotonic() + timeout
+        """Wait for the writer's first answer; returns why it did not come, or None once ready.
+
+        A writer that is still starting (importing torch on a busy machine can take minutes) is
+        waited for as long as it makes progress: CPU time or bytes read. It fails at once when
+        it dies or reports an error, and with WriterStartTimeoutError only after making no
+        progress for subprocess_init_timeout_secs (stuck), or after _START_LIMIT_FACTOR times
+        that in all."""
+        stall_limit = self.config.subprocess_init_timeout_secs
+        started = last_progress = time.monotonic()
+        progress = _progress(worker.process.pid)
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            now = time.monotonic()
+            sample = _progress(worker.process.pid)
+            if sample != progress:
+                progress, last_progress = sample, now
+            if now - last_progress > stall_limit or now - started > stall_limit * _START_LIMIT_FACTOR:
+                stuck = now - last_progress > stall_limit
                 error: BaseException = WriterStartTimeoutError(
-                    f"Timed out after {timeout}s waiting for checkpoint subprocess to initialize "
-                    f"(CheckpointProcessConfig.subprocess_init_timeout_secs; the machine may be overloaded)"
+                    f"Timed out after {now - started:.0f}s waiting for checkpoint subprocess to initialize: "
+                    + (
+                        f"it made no progress (no CPU time, no reads) for {stall_limit:.0f} s, so it is stuck "
+                        "(an init function waiting on something that never comes?)"
+                        if stuck
+                        else f"it was still starting after {_START_LIMIT_FACTOR} times "
+                        "CheckpointProcessConfig.subprocess_init_timeout_secs"
+                    )
                 )
                 break
             try:
-                readable, _, _ = select.select([worker.inbox], [], [], min(remaining, 1.0))
+                readable, _, _ = select.select([worker.inbox], [], [], 1.0)
                 if not readable:
                     continue
                 response, _fds = worker.inbox.recv()
@@ -465,7 +494,9 @@ class CheckpointProcess:
             _finish(pending, result=outcome.result)
         else:
             error_class = _WRITE_ERRORS_BY_NAME.get(outcome.error_type or "", CheckpointWriteError)
-            _finish(pending, error=error_class(response.error_msg))
+            error = error_class(response.error_msg)
+            error.errno = outcome.error_errno
+            _finish(pending, error=error)
 
     def _on_worker_gone(self, worker: _Worker, failure: BaseException | None) -> None:
         worker.process.join(_DEATH_GRACE_SECS)
@@ -476,7 +507,7 @@ class CheckpointProcess:
         worker.inbox.close()
         if not orphans:
             return
-        remove_temporaries(worker.process.pid, [p.path for p in orphans])
+        remove_temporaries([p.path for p in orphans])
         error = failure or WriterProcessDiedError(
             f"Child process terminated unexpectedly: the checkpoint writer process (pid {worker.process.pid}) "
             f"died: {describe_exit(worker.process.exitcode)}; the checkpoint was not committed (any previous "
@@ -487,9 +518,13 @@ class CheckpointProcess:
 
     # -- shutdown
 
-    def close(self) -> None:
-        """Stop the writer after the writes already handed to it, killing it after
-        subprocess_shutdown_timeout_secs; idempotent. In a forked child it only forgets the parent's writer."""
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the writer once it has finished the writes already handed to it; idempotent.
+
+        Waits at most `timeout` seconds (default: subprocess_shutdown_timeout_secs) for that,
+        then kills the writer; writes it had not finished then fail with WriterProcessDiedError
+        (the previous checkpoint at each path is intact). In a forked child it only forgets the
+        parent's writer."""
         if self._closed:
             return
         self._closed = True
@@ -498,13 +533,19 @@ class CheckpointProcess:
         drain.unregister(self)
         if os.getpid() != self._owner_pid:
             return
+        limit = self.config.subprocess_shutdown_timeout_secs if timeout is None else max(timeout, 0.0)
+        deadline = time.monotonic() + limit
         worker = self._worker
         if worker.alive:
             self._outbox.put(_Outgoing(worker, WorkerRequest(RequestType.TERMINATE_PROCESS, {}), []))
         self._outbox.put(None)
-        self._sender.join()
+        self._sender.join(_left(deadline))
+        if self._sender.is_alive():  # blocked sending to a writer that does not read (stopped, hung)
+            worker.process.kill()
+            worker.channel.shutdown(both=True)
+            self._sender.join()
         worker.inbox.shutdown()
-        if not self.process.join(self.config.subprocess_shutdown_timeout_secs):
+        if not self.process.join(_left(deadline)):
             logger.warning("checkpoint writer process %d did not stop in time; killing it", worker.process.pid)
             worker.process.kill()
         if worker.receiver is not None:
@@ -515,6 +556,23 @@ class CheckpointProcess:
         """Nothing to wait for here: the checkpointer that owns this process waits for its writes."""
 
 
+def _progress(pid: int) -> tuple[int, int]:
+    """What a process has done so far: CPU ticks and bytes read ((0, 0) once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        ticks = int(fields[11]) + int(fields[12])  # utime + stime
+        with open(f"/proc/{pid}/io", "rb") as io:
+            read = next((int(line.split()[1]) for line in io if line.startswith(b"rchar:")), 0)
+    except (OSError, IndexError, ValueError):
+        return (0, 0)
+    return (ticks, read)
+
+
+def _left(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.0)
+
+
 def _finish(pending: _Pending, result: Any = None, error: BaseException | None = None) -> None:
     pending.on_done()
     if pending.future.done():
@@ -523,6 +581,15 @@ def _finish(pending: _Pending, result: Any = None, error: BaseException | None =
         pending.future.set_exception(error)
     else:
         pending.future.set_result(result)
+
+
+def _pickled_kwargs(kwargs: dict[str, Any]) -> bytes:
+    try:
+        return pickle.dumps(dict(kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        raise TypeError(
+            f"the keyword arguments of this save must be picklable to reach the writer process: {exc}"
+        ) from exc
 
 
 def _gone(ref: weakref.ref[Slab]) -> bool:

@@ -8,6 +8,7 @@ use) or one shared-memory descriptor per storage, and carries only the plan.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -66,12 +67,27 @@ class SharedSource:
 
 @dataclass(frozen=True)
 class WriteRequest:
+    """One write. The save's keyword arguments travel as a pickle of their own (`kwargs_pickle`):
+    a value the writer cannot unpickle (a class defined in the trainer's __main__) then fails
+    this write, with its request id, instead of the whole message."""
+
     request_id: int
     path: str
     plan: CheckpointPlan
     source: SlabSource | SharedSource
-    kwargs: dict[str, Any]
+    kwargs_pickle: bytes
     forget: tuple[str, ...] = field(default=())  # slabs the trainer released: unmap them
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(pickle.loads(self.kwargs_pickle))
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A message the writer received but could not unpickle, with the reason."""
+
+    error: str
 
 
 @dataclass(frozen=True)
@@ -81,3 +97,4 @@ class WriteOutcome:
     request_id: int
     result: Any = None  # the writer's return value (a WriteResult for CheckpointWriter)
     error_type: str | None = None
+    error_errno: int | None = None  # the OS error number behind a failure (ENOSPC, EACCES...)

@@ -5,6 +5,11 @@ are written into a private staging folder on the same filesystem, then published
 only ever adds or replaces the files of this save: a new folder appears in one rename; into an
 existing folder (the user's output directory, `.`, a folder holding an older checkpoint) each
 file is moved over its namesake and nothing else there is touched.
+
+Moving several files is not atomic, so a durable marker (`<staging>.publishing`) exists while
+they move: a process that dies halfway leaves it, and a reader that finds a marker whose owner
+is dead knows the folder mixes two saves (see `interrupted_publish`). The next complete
+publish into that folder replaces every file of the mix and removes the marker.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ import os
 import shutil
 
 from .fsutil import fsync_directory
+from .leftovers import MARKER_PREFIX, owner_alive
+
+PUBLISHING_SUFFIX = ".publishing"
 
 
 def publish_directory(staging: str, final: str) -> list[str]:
@@ -25,14 +33,36 @@ def publish_directory(staging: str, final: str) -> list[str]:
         os.rename(staging, final)
         fsync_directory(os.path.dirname(final))
         return [os.path.join(final, name) for name in names]
+    marker = staging.rstrip(os.sep) + PUBLISHING_SUFFIX
+    with open(marker, "wb"):
+        pass
+    fsync_directory(os.path.dirname(marker))
     published = _merge(staging, final)
     shutil.rmtree(staging, ignore_errors=True)
+    pending = os.path.dirname(marker)
+    for name in os.listdir(pending):  # this publish replaced every file a dead one left mixed
+        if name.endswith(PUBLISHING_SUFFIX) and owner_alive(name) is False:
+            os.unlink(os.path.join(pending, name))
+    os.unlink(marker)
     return published
+
+
+def interrupted_publish(pending: str) -> str | None:
+    """The marker in the pending folder `pending` of a publish whose process died halfway (the
+    folder above mixes two saves), or None."""
+    try:
+        names = os.listdir(pending)
+    except OSError:
+        return None
+    dead = [n for n in names if n.endswith(PUBLISHING_SUFFIX) and owner_alive(n) is False]
+    return os.path.join(pending, dead[0]) if dead else None
 
 
 def _merge(source: str, target: str) -> list[str]:
     published = []
     for name in sorted(os.listdir(source)):
+        if name.startswith(MARKER_PREFIX):
+            continue  # a pending write's marker is not part of the checkpoint
         here, there = os.path.join(source, name), os.path.join(target, name)
         if os.path.isdir(here) and not os.path.islink(here) and os.path.isdir(there):
             published += _merge(here, there)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import mmap
 import os
 import pickle
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 from torch._weights_only_unpickler import Unpickler as WeightsOnlyUnpickler
 
-from .checkpoint_file import CheckpointFile, is_legacy_torch_file
+from .checkpoint_file import CheckpointFile
 from .commit import COMMIT_RECORD, CommitRecord, read_commit_record
 from .errors import (
     CheckpointError,
@@ -27,6 +29,7 @@ from .errors import (
     UnsafeCheckpointError,
     WorldSizeMismatchError,
 )
+from .fsutil import buffer_of
 from .locks import reading
 from .plan import storage_dtype
 from .types import STATE_DICT, RankInfo, default_rank_info
@@ -74,7 +77,8 @@ def resolve_checkpoint_file(path: str, rank_info: RankInfo, source_rank: int | N
 
 def _written_by_us(path: str) -> bool:
     try:
-        return CheckpointFile(path).write_id is not None
+        with CheckpointFile(path) as ckpt:
+            return ckpt.write_id is not None
     except CheckpointError:
         return False
 
@@ -111,7 +115,8 @@ def _replicated(path: str, record: CommitRecord) -> bool:
     summaries = []
     for entry in record.files:
         try:
-            manifest = CheckpointFile(os.path.join(path, entry.file)).manifest
+            with CheckpointFile(os.path.join(path, entry.file)) as ckpt:
+                manifest = ckpt.manifest
         except CheckpointError:
             return False
         if manifest is None or manifest.get("checksum") is None:
@@ -123,7 +128,9 @@ def _replicated(path: str, record: CommitRecord) -> bool:
 class _LazyStorages:
     """Hands the unpickler one uninitialised CPU storage per record; bytes are read afterwards,
     and only for the storages a load needs. A storage the pickle claims larger than its record
-    (a damaged or hostile file) is refused before any memory is allocated for it."""
+    (a damaged or hostile file) is refused before any memory is allocated for it. Storages have
+    a fixed size, as torch.load's have: a tensor reaching beyond its record fails to rebuild
+    instead of growing the storage over bytes that are not its own."""
 
     def __init__(self, ckpt: CheckpointFile) -> None:
         self._ckpt = ckpt
@@ -143,27 +150,59 @@ class _LazyStorages:
                     f"checkpoint {self._ckpt.path!r} is damaged: its structure claims {nbytes} bytes for storage "
                     f"data/{key}, but the file holds {available if available is not None else 'no such record'}"
                 )
-            storage = torch.UntypedStorage(nbytes)
+            storage = _fixed_size_storage(nbytes)
             self.by_key[key] = storage
             self.key_of[storage._cdata] = key
         return torch.storage.TypedStorage(wrap_storage=self.by_key[key], dtype=dtype, _internal=True)
 
+    def check_sizes(self) -> None:
+        """A tensor that reached beyond an empty storage grew it (only those can grow): refuse that."""
+        for key, storage in self.by_key.items():
+            if storage.nbytes() != (self._ckpt.record_nbytes(key) or 0) and storage.resizable():
+                raise CorruptCheckpointError(
+                    f"checkpoint {self._ckpt.path!r} is damaged: a tensor reaches beyond its storage data/{key}"
+                )
 
-def _walk_tensors(obj: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
-    """(dotted path, tensor) for every tensor under nested dicts, lists and tuples."""
-    if isinstance(obj, torch.Tensor):
-        return [(prefix, obj)]
-    items: Any
-    if isinstance(obj, dict):
-        items = obj.items()
-    elif isinstance(obj, (list, tuple)):
-        items = enumerate(obj)
-    else:
-        return []
-    found = []
-    for key, value in items:
-        found.extend(_walk_tensors(value, f"{prefix}.{key}" if prefix else str(key)))
-    return found
+
+_SMALL_STORAGE = 64 << 10
+
+
+def _fixed_size_storage(nbytes: int) -> torch.UntypedStorage:
+    """An uninitialised CPU storage of `nbytes` that cannot be resized. Large ones are anonymous
+    mappings, given back to the system as soon as the storage dies."""
+    if nbytes == 0:
+        return torch.UntypedStorage(0)  # frombuffer refuses empty buffers; check_sizes covers these
+    memory: Any = bytearray(nbytes) if nbytes < _SMALL_STORAGE else mmap.mmap(-1, nbytes)
+    return torch.frombuffer(memory, dtype=torch.uint8).untyped_storage()
+
+
+_MAX_OBJECTS = 10_000_000  # a walk of a loaded structure stops here: far beyond real state dicts
+
+
+def _walk_tensors(obj: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(dotted path, tensor) for every tensor under nested dicts, lists and tuples, each container
+    visited once however often the structure refers to it (a hostile pickle can share one list
+    at every level, a tree of 2**60 paths in a few KiB)."""
+    seen: set[int] = set()
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        prefix, item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            yield prefix, item
+            continue
+        if isinstance(item, dict):
+            items: Any = item.items()
+        elif isinstance(item, (list, tuple)):
+            items = enumerate(item)
+        else:
+            continue
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if len(seen) > _MAX_OBJECTS:
+            raise CorruptCheckpointError(f"the checkpoint holds more than {_MAX_OBJECTS} containers")
+        children = [(f"{prefix}.{key}" if prefix else str(key), value) for key, value in items]
+        stack.extend(reversed(children))
 
 
 StorageMap = Callable[[torch.UntypedStorage], torch.UntypedStorage]
@@ -202,27 +241,36 @@ def _storage_map(map_location: Any) -> StorageMap | None:
     return move
 
 
-def _remap(obj: Any, mapped: dict[int, torch.UntypedStorage]) -> Any:
-    """`obj` with every tensor rebuilt on its remapped storage, so shared storages stay shared."""
+def _remap(obj: Any, mapped: dict[int, torch.UntypedStorage], done: dict[int, Any] | None = None) -> Any:
+    """`obj` with every tensor rebuilt on its remapped storage, so shared storages stay shared
+    (and an object the structure holds twice is rebuilt once)."""
+    done = {} if done is None else done
+    if id(obj) in done:
+        return done[id(obj)]
+    result: Any = obj
     if isinstance(obj, torch.Tensor):
         storage = mapped[obj.untyped_storage()._cdata]
         moved = torch.empty(0, dtype=obj.dtype, device=storage.device).set_(
             storage, obj.storage_offset(), obj.shape, obj.stride()
         )
         if isinstance(obj, torch.nn.Parameter):
-            return torch.nn.Parameter(moved, requires_grad=obj.requires_grad)
-        return moved.requires_grad_(obj.requires_grad) if obj.requires_grad else moved
-    if isinstance(obj, dict):
-        remapped = obj.copy()
+            result = torch.nn.Parameter(moved, requires_grad=obj.requires_grad)
+        else:
+            result = moved.requires_grad_(obj.requires_grad) if obj.requires_grad else moved
+    elif isinstance(obj, dict):
+        result = obj.copy()
+        done[id(obj)] = result
         for key, value in obj.items():
-            remapped[key] = _remap(value, mapped)
-        return remapped
-    if isinstance(obj, list):
-        return [_remap(v, mapped) for v in obj]
-    if isinstance(obj, tuple):
-        items = [_remap(v, mapped) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-    return obj
+            result[key] = _remap(value, mapped, done)
+    elif isinstance(obj, list):
+        result = []
+        done[id(obj)] = result
+        result.extend(_remap(v, mapped, done) for v in obj)
+    elif isinstance(obj, tuple):
+        items = [_remap(v, mapped, done) for v in obj]
+        result = type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    done[id(obj)] = result
+    return result
 
 
 def _apply_map_location(loaded: Any, storages: dict[str, torch.UntypedStorage], map_location: Any) -> Any:
@@ -232,7 +280,10 @@ def _apply_map_location(loaded: Any, storages: dict[str, torch.UntypedStorage], 
     mapped = {s._cdata: storage_map(s) for s in storages.values()}
     if all(mapped[s._cdata] is s for s in storages.values()):
         return loaded
-    return _remap(loaded, mapped)
+    try:
+        return _remap(loaded, mapped)
+    except RecursionError:
+        raise CorruptCheckpointError("the checkpoint's structure is nested too deeply to load") from None
 
 
 class CheckpointReader:
@@ -265,40 +316,42 @@ class CheckpointReader:
         on keys of `state_dict` that the checkpoint lacks; `weights_only` (default True);
         `verify` (default True: check every byte read against the manifest); `source_rank`
         (read another rank's file of a directory checkpoint; see resolve_checkpoint_file).
-        Other keyword arguments are accepted and ignored, as torch.load's pickle options are.
+        torch.load's `mmap` and `encoding` are accepted and have no effect; any other keyword is
+        ignored with a UserWarning naming it (torch's reader ignores them silently).
         """
         options = _ReadOptions.of(kwargs)
         with reading(path):
             resolved = resolve_checkpoint_file(path, self._rank_info, options.source_rank)
-            if is_legacy_torch_file(resolved.path):
-                return self._read_legacy(resolved.path, state_dict, map_location, options)
-            ckpt = CheckpointFile(resolved.path)
-            if resolved.write_id is not None and ckpt.write_id != resolved.write_id:
-                raise UncommittedCheckpointError(
-                    f"checkpoint {os.fspath(path)!r} is not committed: {resolved.path} comes from a later save to the "
-                    "same path than its commit record, which did not finish. Resume from an earlier checkpoint"
-                )
-            storages = _LazyStorages(ckpt)
-            loaded = self._unpickle(ckpt, storages, options.weights_only, options.verify)
-            if state_dict is None:
-                self._fill(ckpt, storages, set(storages.by_key), loaded, options.verify)
-                return _apply_map_location(loaded, storages.by_key, map_location), []
-            return self._read_into(ckpt, storages, loaded, state_dict, options)
+            with CheckpointFile(resolved.path, legacy_ok=True) as ckpt:
+                if ckpt.legacy:
+                    return self._read_legacy(ckpt, state_dict, map_location, options)
+                if resolved.write_id is not None and ckpt.write_id != resolved.write_id:
+                    raise UncommittedCheckpointError(
+                        f"checkpoint {os.fspath(path)!r} is not committed: {resolved.path} comes from a later save to "
+                        "the same path than its commit record, which did not finish. Resume from an earlier checkpoint"
+                    )
+                storages = _LazyStorages(ckpt)
+                loaded = self._unpickle(ckpt, storages, options.weights_only, options.verify)
+                if state_dict is None:
+                    self._fill(ckpt, storages, set(storages.by_key), loaded, options.verify)
+                    return _apply_map_location(loaded, storages.by_key, map_location), []
+                return self._read_into(ckpt, storages, loaded, state_dict, options)
 
     def _read_legacy(
-        self, path: str, state_dict: STATE_DICT | None, map_location: Any, options: _ReadOptions
+        self, ckpt: CheckpointFile, state_dict: STATE_DICT | None, map_location: Any, options: _ReadOptions
     ) -> tuple[Any, list[str]]:
         """A torch.save file in the format before PyTorch 1.6: loaded whole by torch.load (no checksums)."""
         try:
-            loaded = torch.load(path, map_location=map_location, weights_only=options.weights_only)
-        except pickle.UnpicklingError as exc:
-            raise NotACheckpointError(f"legacy checkpoint {path!r} cannot be read ({exc})") from None
+            with os.fdopen(os.dup(ckpt.fd), "rb") as f:
+                loaded = torch.load(f, map_location=map_location, weights_only=options.weights_only)
+        except Exception as exc:  # the legacy format's every failure: damage, or refused objects
+            raise NotACheckpointError(f"legacy checkpoint {ckpt.path!r} cannot be read ({exc})") from None
         if state_dict is None:
             return loaded, []
         missing: list[str] = []
         pairs: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         self._match(loaded, state_dict, "", missing, pairs, [])
-        _raise_if_strict(path, missing, options.strict)
+        _raise_if_strict(ckpt.path, missing, options.strict)
         _copy_pairs(pairs)
         return state_dict, missing
 
@@ -307,10 +360,12 @@ class CheckpointReader:
         (tensor values are undefined): what `inspect` shows."""
         with reading(path):
             resolved = resolve_checkpoint_file(path, self._rank_info, source_rank)
-            ckpt = CheckpointFile(resolved.path)
-            return self._unpickle(ckpt, _LazyStorages(ckpt), weights_only, verify=True)
+            with CheckpointFile(resolved.path) as ckpt:
+                return self._unpickle(ckpt, _LazyStorages(ckpt), weights_only, verify=True)
 
     def _unpickle(self, ckpt: CheckpointFile, storages: _LazyStorages, weights_only: bool, verify: bool) -> Any:
+        """The object structure, every tensor on a storage of its own record's size. Whatever the
+        pickle holds, the outcome is the structure or a CheckpointError."""
         data = ckpt.data_pkl(verify=verify)
         unpickler: Any
         if weights_only:
@@ -319,11 +374,11 @@ class CheckpointReader:
             unpickler = pickle.Unpickler(io.BytesIO(data))
         unpickler.persistent_load = storages.persistent_load
         try:
-            return unpickler.load()
+            loaded = unpickler.load()
         except CheckpointError:
             raise
-        except (pickle.UnpicklingError, AttributeError, ImportError, EOFError, TypeError, ValueError) as exc:
-            if weights_only and isinstance(exc, pickle.UnpicklingError):
+        except pickle.UnpicklingError as exc:
+            if weights_only:
                 raise UnsafeCheckpointError(
                     f"checkpoint {ckpt.path!r} holds objects that weights_only loading refuses ({exc}). "
                     "Allow the types with torch.serialization.add_safe_globals([...]), or pass "
@@ -332,20 +387,27 @@ class CheckpointReader:
             raise NotACheckpointError(
                 f"checkpoint {ckpt.path!r}: its object structure cannot be read ({exc})"
             ) from None
+        except (RuntimeError, MemoryError, RecursionError, OverflowError, IndexError, KeyError) as exc:
+            # a tensor that does not fit its storage, a negative stride, an impossible size, deep nesting
+            raise CorruptCheckpointError(
+                f"checkpoint {ckpt.path!r} is damaged: its object structure cannot be rebuilt "
+                f"({type(exc).__name__}: {str(exc)[:300]})"
+            ) from None
+        except Exception as exc:  # with weights_only=False, whatever the objects' own code raises
+            raise NotACheckpointError(
+                f"checkpoint {ckpt.path!r}: its object structure cannot be read ({type(exc).__name__}: {exc})"
+            ) from None
+        storages.check_sizes()
+        return loaded
 
     def _fill(self, ckpt: CheckpointFile, storages: _LazyStorages, keys: set[str], loaded: Any, verify: bool) -> None:
-        fd = os.open(ckpt.path, os.O_RDONLY)
-        try:
+        def fill(key: str) -> str | None:
+            dest = buffer_of(torch.empty(0, dtype=torch.uint8).set_(storages.by_key[key]))
+            return None if ckpt.read_storage(key, dest, verify=verify) else key
 
-            def fill(key: str) -> str | None:
-                dest = torch.empty(0, dtype=torch.uint8).set_(storages.by_key[key])
-                return None if ckpt.read_storage(fd, key, dest, verify=verify) else key
-
-            ordered = sorted(keys, key=lambda k: -storages.by_key[k].nbytes())
-            with ThreadPoolExecutor(self._io_threads) as pool:
-                damaged = [k for k in pool.map(fill, ordered) if k is not None]
-        finally:
-            os.close(fd)
+        ordered = sorted(keys, key=lambda k: -storages.by_key[k].nbytes())
+        with ThreadPoolExecutor(self._io_threads) as pool:
+            damaged = [k for k in pool.map(fill, ordered) if k is not None]
         if damaged:
             users = [
                 name for name, t in _walk_tensors(loaded) if storages.key_of.get(t.untyped_storage()._cdata) in damaged
@@ -363,7 +425,7 @@ class CheckpointReader:
         replaced: list[Any] = []
         self._match(loaded, target, "", missing, pairs, replaced)
         _raise_if_strict(ckpt.path, missing, options.strict)
-        sources = [source for _, _, source in pairs] + [t for value in replaced for _, t in _walk_tensors(value)]
+        sources = [source for _, _, source in pairs] + [t for _, t in _walk_tensors(replaced)]
         needed = {storages.key_of[source.untyped_storage()._cdata] for source in sources}
         self._fill(ckpt, storages, needed, loaded, options.verify)
         _copy_pairs(pairs)
@@ -401,6 +463,10 @@ class CheckpointReader:
                 replaced.append(have)
 
 
+# torch.load's own keywords that a load through CheckpointReader accepts and has no use for.
+_TORCH_LOAD_KEYWORDS = frozenset({"mmap", "encoding"})
+
+
 @dataclass(frozen=True)
 class _ReadOptions:
     strict: bool = False
@@ -410,10 +476,16 @@ class _ReadOptions:
 
     @classmethod
     def of(cls, kwargs: dict[str, Any]) -> _ReadOptions:
-        known = {name: kwargs[name] for name in ("strict", "weights_only", "verify", "source_rank") if name in kwargs}
-        ignored = sorted(set(kwargs) - set(known))
-        if ignored:
-            logger.debug("CheckpointReader.read ignores %s", ignored)
+        names = ("strict", "weights_only", "verify", "source_rank")
+        unknown = sorted(set(kwargs) - set(names) - _TORCH_LOAD_KEYWORDS)
+        if unknown:  # torch's reader ignores them too; a typo (weight_only=) must not pass unseen
+            warnings.warn(
+                f"CheckpointReader.read() ignores unknown keyword argument(s) {unknown}; it takes "
+                f"map_location, {', '.join(names)} (and torch.load's {sorted(_TORCH_LOAD_KEYWORDS)}, which it ignores)",
+                UserWarning,
+                stacklevel=3,
+            )
+        known = {name: kwargs[name] for name in names if name in kwargs}
         if known.get("weights_only") is None:
             known.pop("weights_only", None)
         return cls(**known)

@@ -64,6 +64,7 @@ class WriteResult:
     copied_nbytes: int = 0
     reused_nbytes: int = 0
     phases: dict[str, float] = field(default_factory=dict)  # the writer's seconds per step of the write
+    cancelled: bool = False  # the checkpoint's folder was deleted while it was written: nothing was published
 
     @property
     def throughput_gbps(self) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import pickle
 import queue
 import signal
 import socket
@@ -28,6 +29,7 @@ from .protocol import (
     RequestType,
     SharedSource,
     SlabSource,
+    Undecodable,
     WorkerInit,
     WorkerRequest,
     WorkerResponse,
@@ -45,7 +47,7 @@ def worker_main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     channel = Channel(socket.socket(fileno=fd))
-    inbox: queue.Queue[tuple[WorkerRequest, list[int]] | None] = queue.Queue()
+    inbox: queue.Queue[tuple[WorkerRequest | Undecodable, list[int]] | None] = queue.Queue()
     threading.Thread(target=_read_all, args=(channel, inbox), name="async-ckpt-inbox", daemon=True).start()
     first = inbox.get()
     if first is None:
@@ -59,13 +61,17 @@ def worker_main(fd: int) -> None:
         writer.close()
 
 
-def _read_all(channel: Channel, inbox: queue.Queue[tuple[WorkerRequest, list[int]] | None]) -> None:
+def _read_all(channel: Channel, inbox: queue.Queue[tuple[WorkerRequest | Undecodable, list[int]] | None]) -> None:
     while True:
         try:
-            inbox.put(channel.recv())
+            data, fds = channel.recv_pickle()
         except (EOFError, OSError):
             inbox.put(None)  # the trainer is gone or done: finish what is queued, then exit
             return
+        try:
+            inbox.put((pickle.loads(data), fds))
+        except Exception:
+            inbox.put((Undecodable(traceback.format_exc()), fds))
 
 
 def _reply(channel: Channel, response: WorkerResponse) -> None:
@@ -75,7 +81,14 @@ def _reply(channel: Channel, response: WorkerResponse) -> None:
         logger.debug("the trainer is gone; %s not reported", response.request_type.value)
 
 
-def _init_writer(channel: Channel, request: WorkerRequest) -> Any:
+def _init_writer(channel: Channel, request: WorkerRequest | Undecodable) -> Any:
+    if isinstance(request, Undecodable):
+        message = (
+            "the writer process cannot unpickle its init functions or their arguments (a function or class "
+            f"defined in the training script's __main__ cannot be imported by another process):\n{request.error}"
+        )
+        _reply(channel, WorkerResponse(RequestType.PING, False, message, {"error_type": "UnpicklingError"}))
+        return None
     init: WorkerInit = request.payload["init"]
     try:
         init.subprocess_init_fn(*init.subprocess_init_args)
@@ -91,13 +104,20 @@ def _init_writer(channel: Channel, request: WorkerRequest) -> Any:
     return writer
 
 
-def _serve(channel: Channel, inbox: queue.Queue[tuple[WorkerRequest, list[int]] | None], writer: Any) -> None:
+def _serve(
+    channel: Channel, inbox: queue.Queue[tuple[WorkerRequest | Undecodable, list[int]] | None], writer: Any
+) -> None:
     slabs: dict[str, mmap.mmap] = {}
     while True:
         item = inbox.get()
         if item is None:
             return
         request, fds = item
+        if isinstance(request, Undecodable):  # only our own types cross outside a write's kwargs
+            logger.error("the checkpoint writer received a message it cannot read:\n%s", request.error)
+            for fd in fds:
+                os.close(fd)
+            continue
         if request.request_type is RequestType.TERMINATE_PROCESS:
             _reply(channel, WorkerResponse(RequestType.TERMINATE_PROCESS, True))
             return
@@ -115,7 +135,7 @@ def _write(writer: Any, write: WriteRequest, fds: list[int], slabs: dict[str, mm
         for slab_id in write.forget:
             slabs.pop(slab_id, None)
         storages = _storages(write, fds, slabs)
-        result = _call_writer(writer, write, storages)
+        result = _call_writer(writer, write, storages, write.kwargs)
         if isinstance(result, Future):  # torch's CheckpointWriter.write may return one
             result = result.result()
         if not isinstance(result, WriteResult):
@@ -125,7 +145,7 @@ def _write(writer: Any, write: WriteRequest, fds: list[int], slabs: dict[str, mm
         )
     except BaseException as exc:
         message = f"{type(exc).__name__}: {exc}\n\nWriter traceback:\n{traceback.format_exc()}"
-        outcome = WriteOutcome(write.request_id, error_type=type(exc).__name__)
+        outcome = WriteOutcome(write.request_id, error_type=type(exc).__name__, error_errno=getattr(exc, "errno", None))
         return WorkerResponse(RequestType.WRITE_CHECKPOINT, False, message, {"outcome": outcome})
 
 
@@ -152,11 +172,11 @@ def _region(mapped: mmap.mmap, offset: int, nbytes: int) -> torch.UntypedStorage
     return torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset).untyped_storage()
 
 
-def _call_writer(writer: Any, write: WriteRequest, storages: list[torch.UntypedStorage]) -> Any:
+def _call_writer(writer: Any, write: WriteRequest, storages: list[torch.UntypedStorage], kwargs: dict) -> Any:
     """CheckpointWriter writes straight from the plan; a writer that brings its own write() gets
     the state dict, rebuilt on the staged bytes, as torch's _experimental writer would."""
     if isinstance(writer, CheckpointWriter) and type(writer).write is CheckpointWriter.write:
         storage_bytes = [torch.empty(0, dtype=torch.uint8).set_(s) for s in storages]
-        return writer.write_staged(write.path, write.plan, storage_bytes, **write.kwargs)
+        return writer.write_staged(write.path, write.plan, storage_bytes, **kwargs)
     state_dict = materialize(write.plan, storages)
-    return writer.write(path=write.path, state_dict=state_dict, **write.kwargs)
+    return writer.write(path=write.path, state_dict=state_dict, **kwargs)

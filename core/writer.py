@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import abc
+import errno
 import fcntl
-import glob
 import logging
 import os
 import shutil
@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -21,14 +21,16 @@ from .barriers import Barrier, BarrierTimeoutError, exchanges_payloads
 from .checkpoint_file import CheckpointFile
 from .commit import CommitRecord, RankFile, new_write_id, write_commit_record
 from .config import CheckpointWriterConfig
-from .errors import CheckpointCommitError, CheckpointError
+from .errors import CheckpointCommitError, CheckpointError, CheckpointWriteError
 from .file_writer import StepClock, WrittenFile, write_checkpoint_file, write_safetensors_file
-from .fsutil import FICLONE, TEMPORARY_PREFIX, filesystem_clones, fsync_directory
+from .fsutil import FICLONE, filesystem_clones, fsync_directory
 from .incremental import PreviousFiles
+from .leftovers import TEMPORARY_PREFIX, owner_token
+from .leftovers import sweep as sweep_leftovers
 from .locks import exclusive
 from .parallel_io import copy_range
 from .plan import CheckpointPlan, capture
-from .retention import apply_retention
+from .retention import apply_retention, series_of
 from .types import RankInfo, WriteResult, default_rank_info
 
 logger = logging.getLogger(__name__)
@@ -57,19 +59,20 @@ def checkpoint_file_path(path: str, layout: str, rank: int) -> str:
 
 
 def _temporary_directory(directory: str) -> str:
-    """A private folder for one file being written, named after the writing process: if that
-    process dies, remove_temporaries finds exactly its leftovers."""
-    temporary = os.path.join(directory, f"{TEMPORARY_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+    """A private folder for one file being written, named after the writing process (see
+    leftovers.py): if that process dies, the next save into `directory` removes it."""
+    sweep_leftovers(directory)
+    temporary = os.path.join(directory, f"{TEMPORARY_PREFIX}{owner_token()}-{uuid.uuid4().hex[:12]}.tmp")
     os.mkdir(temporary, 0o700)
     return temporary
 
 
-def remove_temporaries(pid: int, paths: Sequence[str]) -> None:
-    """Remove what a writer process `pid` that died left while writing checkpoints to `paths`."""
+def remove_temporaries(paths: Sequence[str]) -> None:
+    """Remove what writer processes of this machine that died left while writing to `paths`."""
     for path in paths:
-        for directory in {os.path.abspath(path), os.path.dirname(os.path.abspath(path))}:
-            for leftover in glob.glob(os.path.join(glob.escape(directory), f"{TEMPORARY_PREFIX}{pid}-*.tmp")):
-                shutil.rmtree(leftover, ignore_errors=True)
+        for directory in {os.path.dirname(path) or ".", path}:
+            if os.path.isdir(directory):
+                sweep_leftovers(directory, once=False)
 
 
 class CheckpointWriter:
@@ -127,6 +130,7 @@ class CheckpointWriter:
         copy inside the kernel (see _link_or_copy), and no byte is written again.
         """
         link_from = kwargs.pop("link_from", None)
+        create_folder = kwargs.pop("create_folder", True)
         if self._executor is None:
             raise RuntimeError("CheckpointWriter is closed")
         start = time.perf_counter()
@@ -134,11 +138,51 @@ class CheckpointWriter:
         if not path:
             raise ValueError("the checkpoint path is empty; name a file or directory to save to")
         final = checkpoint_file_path(path, self._config.layout, self._rank_info.global_rank)
-        directory = os.path.dirname(os.path.abspath(final))
-        os.makedirs(directory, exist_ok=True)
+        # The folder as spelled (`sub/../b.ckpt` needs `sub/`), as the final rename resolves it.
+        directory = os.path.dirname(final) or "."
+        try:
+            if create_folder:
+                os.makedirs(directory, exist_ok=True)
+            written = self._write_and_commit(path, final, directory, plan, storage_bytes, link_from, kwargs)
+        except OSError as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise _write_error(exc, final) from exc
+        self._maintain(path)
+        written.clock.mark("after_commit")
+        seconds = time.perf_counter() - start
+        logger.info(
+            "checkpoint %s committed: %.1f MB in %.3f s (%.2f GB/s)",
+            final,
+            written.file.nbytes / 1e6,
+            seconds,
+            written.file.nbytes / max(seconds, 1e-9) / 1e9,
+        )
+        phases = {**written.clock.seconds, **{f"file.{name}": s for name, s in written.file.phases.items()}}
+        return WriteResult(
+            path=path,
+            files=(final,),
+            nbytes=written.file.nbytes,
+            write_seconds=seconds,
+            reused_nbytes=written.file.reused_nbytes,
+            phases=phases,
+        )
+
+    def _write_and_commit(
+        self,
+        path: str,
+        final: str,
+        directory: str,
+        plan: CheckpointPlan,
+        storage_bytes: Sequence[torch.Tensor],
+        link_from: str | None,
+        kwargs: dict[str, Any],
+    ) -> _Committed:
+        """Write the file into a private temporary folder, agree with the other ranks, publish it."""
+        clock = StepClock()
         write_id = new_write_id()
         metadata = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}
-        clock = StepClock()
+        series = series_of(path, self._config.retention)
         temporary_directory = _temporary_directory(directory)
         temporary = os.path.join(temporary_directory, os.path.basename(final))
         try:
@@ -151,7 +195,7 @@ class CheckpointWriter:
                     # Created private; given the usual permissions only when it takes its final name.
                     os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
                     clock.mark("temporary")
-                    written = self._write_file(temporary, plan, storage_bytes, write_id, metadata)
+                    written = self._write_file(temporary, plan, storage_bytes, write_id, metadata, series)
                     clock.mark("file")
                 if self._commit_hook is not None:
                     self._commit_hook.pre_commit(path, **kwargs)
@@ -162,13 +206,8 @@ class CheckpointWriter:
             mine = RankFile(self._rank_info.global_rank, os.path.basename(final), written.nbytes, write_id)
             files = self._agree(path, mine)
             clock.mark("barrier")
-            self._publish(temporary, final, directory, files, metadata)
+            self._publish(temporary, final, directory, files, metadata, series)
             clock.mark("publish")
-        except BaseException as exc:
-            if isinstance(exc, OSError) and not isinstance(exc, CheckpointError) and exc.filename is None:
-                # e.g. ENOSPC from a write: say which checkpoint it was
-                raise OSError(exc.errno, f"{exc.strerror} while writing checkpoint {final}") from exc
-            raise
         finally:
             shutil.rmtree(temporary_directory, ignore_errors=True)
         clock.mark("cleanup")
@@ -178,28 +217,16 @@ class CheckpointWriter:
         self._remember_for_the_next_save(plan, final)
         if self._commit_hook is not None:
             self._commit_hook.post_commit(path, **kwargs)
-        self._maintain(path)
-        clock.mark("after_commit")
-        seconds = time.perf_counter() - start
-        logger.info(
-            "checkpoint %s committed: %.1f MB in %.3f s (%.2f GB/s)",
-            final,
-            written.nbytes / 1e6,
-            seconds,
-            written.nbytes / max(seconds, 1e-9) / 1e9,
-        )
-        phases = {**clock.seconds, **{f"file.{name}": s for name, s in written.phases.items()}}
-        return WriteResult(
-            path=path,
-            files=(final,),
-            nbytes=written.nbytes,
-            write_seconds=seconds,
-            reused_nbytes=written.reused_nbytes,
-            phases=phases,
-        )
+        return _Committed(written, clock)
 
     def _write_file(
-        self, path: str, plan: CheckpointPlan, storage_bytes: Sequence[torch.Tensor], write_id: str, metadata: dict
+        self,
+        path: str,
+        plan: CheckpointPlan,
+        storage_bytes: Sequence[torch.Tensor],
+        write_id: str,
+        metadata: dict,
+        series: str | None,
     ) -> WrittenFile:
         io_options: dict[str, Any] = {
             "executor": self._executor,
@@ -225,6 +252,7 @@ class CheckpointWriter:
                 "world_size": self._rank_info.global_world_size,
                 "write_id": write_id,
                 "metadata": metadata,
+                "series": series,
             },
             known_digests=known_digests,
             previous=previous,
@@ -303,7 +331,13 @@ class CheckpointWriter:
         return [RankFile(**payload["file"]) for payload in payloads]
 
     def _publish(
-        self, temporary: str, final: str, directory: str, files: list[RankFile] | None, metadata: dict
+        self,
+        temporary: str,
+        final: str,
+        directory: str,
+        files: list[RankFile] | None,
+        metadata: dict,
+        series: str | None,
     ) -> None:
         """Give this rank's file its final name; in the directory layout, commit once every rank has.
 
@@ -318,10 +352,11 @@ class CheckpointWriter:
         if self._rank_info.global_world_size == 1:
             with exclusive(directory):
                 os.replace(temporary, final)
-                self._write_record(directory, files or [], metadata)
+                self._write_record(directory, files or [], metadata, series)
             return
         os.replace(temporary, final)
         fsync_directory(directory)
+        failure: BaseException | None = None
         try:
             if self._barrier is not None:
                 self._barrier.execute_barrier()
@@ -331,12 +366,32 @@ class CheckpointWriter:
                         directory,
                         files if files is not None else _files_on_disk(directory, self._rank_info.global_world_size),
                         metadata,
+                        series,
                     )
-        except BaseException:
+        except BarrierTimeoutError:
             os.unlink(final)
             raise
+        except BaseException as exc:
+            failure = exc
+        self._confirm_commit(directory, failure)
+        if failure is not None:
+            os.unlink(final)
+            raise failure
 
-    def _write_record(self, directory: str, files: list[RankFile], metadata: dict) -> None:
+    def _confirm_commit(self, directory: str, failure: BaseException | None) -> None:
+        """Every rank returns once the commit record is written (or every rank learns it was not):
+        a rank's write future must not resolve before the checkpoint it belongs to is committed."""
+        if self._barrier is None:
+            return
+        if not self._exchanges:
+            self._barrier.execute_barrier()
+            return
+        outcome = None if failure is None else f"{type(failure).__name__}: {failure}"
+        failed = [(rank, o["error"]) for rank, o in enumerate(self._barrier.exchange({"error": outcome})) if o["error"]]
+        if failed and failure is None:
+            raise CheckpointCommitError(f"checkpoint {directory!r} was not committed: {failed}")
+
+    def _write_record(self, directory: str, files: list[RankFile], metadata: dict, series: str | None) -> None:
         """Write commit.json (with the directory locked); with several ranks, first check that every
         rank's file is still the one this save wrote."""
         for entry in files if self._rank_info.global_world_size > 1 else ():
@@ -354,18 +409,25 @@ class CheckpointWriter:
             tuple(files),
             metadata=metadata,
             shared_filesystem=self._config.shared_filesystem,
+            series=series,
         )
         write_commit_record(directory, record)
 
     def _maintain(self, path: str) -> None:
-        """The retention config's work after a commit, by the rank that commits for this filesystem."""
+        """The retention config's work after a commit, by the rank that commits for this filesystem.
+        It never fails the save it follows: that checkpoint is committed whatever happens here."""
         retention = self._config.retention
         if retention is None or not self._writes_commit_record:
             return
         try:
             apply_retention(path, retention)
-        except OSError as exc:
-            logger.warning("retention after committing %s failed (the checkpoint itself is committed): %s", path, exc)
+        except Exception as exc:
+            logger.warning(
+                "retention after committing %s failed (the checkpoint itself is committed): %s: %s",
+                path,
+                type(exc).__name__,
+                exc,
+            )
 
     @property
     def _writes_commit_record(self) -> bool:
@@ -380,9 +442,31 @@ class CheckpointWriter:
         self._previous_files.close()
 
 
+@dataclass(frozen=True)
+class _Committed:
+    file: WrittenFile
+    clock: StepClock
+
+
+def _write_error(exc: OSError, final: str) -> CheckpointWriteError:
+    """An OS error of a save as the CheckpointWriteError it is, naming the file and keeping errno."""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        reason = f"{reason} (the disk is full: free space there, or save elsewhere)"
+    where = (
+        f" ({exc.filename})"
+        if exc.filename and os.path.basename(os.fspath(exc.filename)) != os.path.basename(final)
+        else ""
+    )
+    error = CheckpointWriteError(f"{reason} while writing checkpoint {final}{where}; nothing was committed there")
+    error.errno = exc.errno
+    return error
+
+
 def _write_id_of(path: str) -> str | None:
     try:
-        return CheckpointFile(path).write_id
+        with CheckpointFile(path) as ckpt:
+            return ckpt.write_id
     except (CheckpointError, OSError):
         return None
 
@@ -392,7 +476,8 @@ def _files_on_disk(directory: str, world_size: int) -> list[RankFile]:
     files = []
     for rank in range(world_size):
         name = os.path.basename(checkpoint_file_path(directory, "directory", rank))
-        manifest = CheckpointFile(os.path.join(directory, name)).manifest or {}
+        with CheckpointFile(os.path.join(directory, name)) as ckpt:
+            manifest = ckpt.manifest or {}
         size = sum(int(s["nbytes"]) for s in manifest.get("storages", {}).values())
         files.append(RankFile(rank, name, size, str(manifest.get("write_id"))))
     return files

@@ -30,19 +30,20 @@ logger = logging.getLogger(__name__)
 
 
 class _AsyncCheckpointCallback(Callback):
-    """Makes every checkpoint issued before an epoch ends durable before the next epoch starts,
-    and logs each committed checkpoint's numbers through the LightningModule's log_dict.
+    """Makes every checkpoint of an epoch durable before the next epoch's first step, and logs
+    each committed checkpoint's numbers through the LightningModule's log_dict.
 
-    A plain callback's epoch-end hook runs before ModelCheckpoint's (Lightning runs checkpoint
-    callbacks last), so the checkpoint ModelCheckpoint saves in its own epoch-end hook may still
-    be writing while the next epoch runs.
+    The drain runs in on_train_epoch_start, which Lightning calls on callbacks before the
+    LightningModule's own hook: so the checkpoint ModelCheckpoint saved in the previous epoch's
+    end hook (checkpoint callbacks run last there) is on disk when the new epoch begins, and its
+    write overlapped whatever ran between the epochs.
     """
 
     def __init__(self, plugin: AsyncCheckpointIO) -> None:
         self.plugin = plugin
         self._logged: tuple[Any, int] = (None, 0)  # (stats object, saves already logged)
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self.plugin.wait()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
@@ -83,11 +84,11 @@ class AsyncCheckpointIO(CheckpointIO):
     (after `fit`, in `validate`/`test`, or from a Trainer that is not fitting) is durable before
     save_checkpoint returns, so the barrier Lightning runs after it, and every reader, finds the
     file. load_checkpoint and remove_checkpoint first wait for pending writes to that path, from
-    any plugin of the process. Writes issued before an epoch ends are durable before the next
-    epoch begins (a callback attached on the first save of a fit does this, and leaves at
-    teardown); the checkpoint saved in the epoch-end hook itself may still be writing then.
+    any plugin of the process. Every checkpoint of an epoch, the one ModelCheckpoint saves in
+    its epoch-end hook included, is durable before the next epoch's first step (a callback
+    attached on the first save of a fit does this, and leaves at teardown).
     teardown drains and the next fit starts afresh; interpreter exit drains too. A failed write
-    is raised by the next save, the epoch-end drain or teardown. With Fabric, saves are
+    is raised by the next save, the next epoch's drain or teardown. With Fabric, saves are
     asynchronous (call wait() or teardown() before reading them with other tools); a direct
     call, without a Trainer or Fabric, is durable when it returns.
     """
@@ -144,8 +145,9 @@ class AsyncCheckpointIO(CheckpointIO):
                 f"AsyncCheckpointIO writes to local or mounted filesystems; {path!r} is a remote URL. "
                 "Use Lightning's TorchCheckpointIO for remote storage"
             )
-        # Now, not in the writer: ModelCheckpoint links last.ckpt into this directory right away.
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        # Now, not in the writer: ModelCheckpoint links last.ckpt into this directory right away. The
+        # folder as spelled, as Lightning's saver makes it: `sub/../b.ckpt` needs `sub/`.
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         caller = _caller()
         step = checkpoint.get("global_step")
         if isinstance(caller, _Fitting):
@@ -223,8 +225,8 @@ class AsyncCheckpointIO(CheckpointIO):
 
     def _attach_drain_callback(self, trainer: Any) -> None:
         if self._drain_callback not in trainer.callbacks:
-            # First, before every ModelCheckpoint, whose epoch-end saves must not be drained too. A new
-            # list: Lightning may be iterating the current one (a save from a callback's hook).
+            # First: its epoch-start drain runs before any other callback looks at the checkpoints. A
+            # new list: Lightning may be iterating the current one (a save from a callback's hook).
             trainer.callbacks = [self._drain_callback, *trainer.callbacks]
             self._attached_to.append(weakref.ref(trainer))
 

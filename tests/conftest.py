@@ -1,13 +1,40 @@
-"""Every test is checked for leaks: no thread, child process or /dev/shm entry may outlive it."""
+"""Every test is checked for leaks: no thread, child process or /dev/shm entry of ours may outlive it.
+
+/dev/shm is shared by the whole machine, so only entries our own processes made count: those
+whose name carries the pid of this process or of a process a test started (torch names its
+shared memory `torch_<pid>_...`), and any entry named after async-ckpt. Another program's
+entries (a `sem.mp-*` semaphore of a job running beside the suite) are not ours to judge.
+"""
 
 import os
+import re
+import subprocess
 import threading
 
 import pytest
 
+_TORCH_SHM = re.compile(r"torch_(\d+)_")
+_started_pids: set[int] = set()
+
+
+class _RecordingPopen(subprocess.Popen):
+    """subprocess.Popen, remembering the pid of every process a test (or the library) starts."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _started_pids.add(self.pid)
+
+
+subprocess.Popen = _RecordingPopen  # type: ignore[misc]
+
 
 def _shm_entries() -> set[str]:
     return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def _ours(name: str, pids: set[int]) -> bool:
+    match = _TORCH_SHM.match(name)
+    return "async" in name.lower() or (match is not None and int(match.group(1)) in pids)
 
 
 def _child_pids() -> set[int]:
@@ -23,7 +50,7 @@ def _child_pids() -> set[int]:
 
 @pytest.fixture(autouse=True)
 def no_leaks():
-    """Fails the test if it leaves threads, child processes or /dev/shm entries behind."""
+    """Fails the test if it leaves threads, child processes or /dev/shm entries of ours behind."""
     threads_before = {t.ident for t in threading.enumerate()}
     children_before = _child_pids()
     shm_before = _shm_entries()
@@ -31,4 +58,6 @@ def no_leaks():
     leaked_threads = [t.name for t in threading.enumerate() if t.ident not in threads_before and t.is_alive()]
     assert not leaked_threads, f"threads left running: {leaked_threads}"
     assert _child_pids() - children_before == set(), "child processes left running"
-    assert _shm_entries() - shm_before == set(), "shared memory segments left in /dev/shm"
+    ours = {os.getpid(), *_started_pids}
+    leaked_shm = {name for name in _shm_entries() - shm_before if _ours(name, ours)}
+    assert not leaked_shm, f"shared memory segments left in /dev/shm: {sorted(leaked_shm)}"

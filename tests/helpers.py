@@ -184,6 +184,12 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def resident_bytes() -> int:
+    """Resident memory as a user sees it: no garbage collection, no trimming of the heap first."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def script_env(**extra: str) -> dict:
     """The environment of a test's subprocess: this repository importable, plus `extra`."""
     return {**os.environ, "PYTHONPATH": REPO, **extra}
@@ -226,3 +232,20 @@ def unwritable(directory):
         yield
     finally:
         subprocess.run(["chattr", "-i", str(directory)], check=True)
+
+
+def burn_cpu(seconds: float) -> None:
+    """A writer init function that starts slowly but surely (busy for `seconds`)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def sleep_for(seconds: float) -> None:
+    """A writer init function that waits on nothing, making no progress, for `seconds`."""
+    time.sleep(seconds)
+
+
+def exit_at_once(code: int) -> None:
+    """A writer init function whose process dies before it is ready."""
+    os._exit(code)

@@ -108,14 +108,15 @@ def test_automatic_naming_with_total_limit(tmp_path):
         train(accelerator, models, optimizers, schedulers, counter, steps=1)
         saved.append(copy.deepcopy(snapshot(models, optimizers, schedulers, counter)))
         path = accelerator.save_state()
-        assert path.name == f"checkpoint_{i}"
-        # Only complete checkpoints are ever listed where load_state() looks for the latest one.
+        assert path.name == f"checkpoint_{i}" and path.is_dir()  # there at once, as Accelerate makes it
+        # Every listed folder is complete, or its files are still being written (and are not visible).
         for folder in os.listdir(tmp_path / "checkpoints"):
             try:
                 files = os.listdir(tmp_path / "checkpoints" / folder)
             except FileNotFoundError:
                 continue  # pruned since the listing: it leaves in one rename, never half-deleted
-            assert "random_states_0.pkl" in files and "optimizer.bin" in files, (folder, files)
+            complete = "random_states_0.pkl" in files and "optimizer.bin" in files
+            assert complete or files == [PENDING_DIR], (folder, files)
     train(accelerator, models, optimizers, schedulers, counter)
     accelerator.load_state()  # drains, then picks the newest: checkpoint_4
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint_3", "checkpoint_4"]
@@ -374,3 +375,74 @@ def test_state_torch_save_accepts_is_accepted(tmp_path):
     saved = torch.load(tmp_path / "ckpt" / "custom_checkpoint_1.pkl", weights_only=True)
     assert saved["running_loss"].item() == 6.0
     handle.close()
+
+
+def test_save_model_into_a_folder_with_a_pending_checkpoint_keeps_the_newer_weights(tmp_path):
+    accelerator, models, optimizers, schedulers, counter = setup()
+    with enable_async_checkpointing(accelerator, commit_hook=SlowCommit(1.0)):
+        accelerator.save_state(tmp_path / "out")
+        train(accelerator, models, optimizers, schedulers, counter)
+        newer = {k: v.clone() for k, v in models[0].state_dict().items()}
+        accelerator.save_model(models[0], tmp_path / "out")  # waits for the checkpoint's files first
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    assert sorted(saved) == sorted(newer) and all(torch.equal(saved[k], newer[k]) for k in newer)
+
+
+def test_deleting_the_folder_of_a_pending_save_cancels_it_quietly(tmp_path):
+    import shutil
+
+    accelerator, *_ = setup()
+    with enable_async_checkpointing(accelerator, commit_hook=SlowCommit(0.5)) as handle:
+        accelerator.save_state(tmp_path / "d")
+        shutil.rmtree(tmp_path / "d")
+        handle.wait()  # no error: the user deleted it
+        assert not (tmp_path / "d").exists(), "the save brought the deleted folder back"
+        assert handle.stats.saves == 0
+
+
+def _killed(scenario, out):
+    trainer = subprocess.Popen(
+        [sys.executable, os.path.join(SCRIPTS, "fault_scripts.py"), scenario, str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=script_env(),
+        start_new_session=True,
+    )
+    return trainer
+
+
+def test_a_save_killed_before_publishing_is_refused_by_load_state_and_skipped_by_its_search(tmp_path):
+    from core import UncommittedCheckpointError
+
+    trainer = _killed("accelerate_killed_before_publish", tmp_path)
+    assert trainer.stdout.readline().startswith("pending"), trainer.stderr.read()
+    from tests.helpers import wait_until
+
+    wait_until(lambda: (tmp_path / "reached").exists(), what="the held commit")
+    os.killpg(trainer.pid, 9)  # trainer and writer die together, before publishing
+    trainer.wait()
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(os.listdir(checkpoints)) == ["checkpoint_0", "checkpoint_1"]
+    accelerator, *_ = setup(project_dir=tmp_path, automatic_checkpoint_naming=True)
+    with enable_async_checkpointing(accelerator):
+        with pytest.raises(UncommittedCheckpointError, match="incomplete: the save that was writing it died"):
+            accelerator.load_state(checkpoints / "checkpoint_1")
+        accelerator.load_state()  # the newest complete one: checkpoint_0
+
+
+def test_a_save_killed_halfway_through_publishing_is_refused_until_saved_again(tmp_path):
+    from core import UncommittedCheckpointError
+
+    trainer = _killed("accelerate_killed_mid_publish", tmp_path)
+    trainer.communicate(timeout=300)
+    assert trainer.returncode == -9
+    accelerator, models, optimizers, schedulers, counter = setup()
+    with enable_async_checkpointing(accelerator):
+        with pytest.raises(UncommittedCheckpointError, match="mixes two saves"):
+            accelerator.load_state(tmp_path / "ck")
+        accelerator.save_state(tmp_path / "ck")  # a complete save replaces every file of the mix
+        accelerator.load_state(tmp_path / "ck")
+    assert PENDING_DIR not in os.listdir(tmp_path / "ck")

@@ -90,7 +90,7 @@ def test_reuse_survives_retention_and_restarts_after_a_failed_save(tmp_path):
     model = FrozenBackboneModel()
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-2)
     (tmp_path / "not_a_directory").write_text("")
-    with make_async_checkpointer(_incremental(retention=RetentionConfig(keep_last=1))) as ckpt:
+    with make_async_checkpointer(_incremental(retention=RetentionConfig(keep_last=1, series="run"))) as ckpt:
         model.step(optimizer)  # the optimizer has its state: every save below has the same shape
         ckpt.save(tmp_path / "step_0", _state(model, optimizer, 0))[1].result()
         model.step(optimizer)

@@ -81,23 +81,35 @@ class _CheckEarlierCheckpointsAreDurable(Callback):
         steps_per_epoch = trainer.num_training_batches
         previous_end = trainer.current_epoch * steps_per_epoch
         for step in range(3, previous_end, 3):
-            if step % steps_per_epoch == 0:
-                continue  # saved at the epoch end itself: may still be writing
             files = [f for f in os.listdir(self.dirpath) if f.endswith(f"step={step}.ckpt")]
             assert files, f"checkpoint of step {step} not durable at epoch {trainer.current_epoch} start"
             torch.load(os.path.join(self.dirpath, files[0]), weights_only=True)
             self.checked += 1
+        # The one ModelCheckpoint saved in the previous epoch's own end hook, just before this hook.
+        end_of_previous = self.dirpath / "ends" / f"end-epoch={trainer.current_epoch - 1}.ckpt"
+        assert end_of_previous.exists(), f"{end_of_previous.name} not durable at the next epoch's start"
+        torch.load(end_of_previous, weights_only=True)
+        self.checked += 1
 
 
-def test_writes_issued_before_an_epoch_end_are_durable_when_the_next_epoch_starts(tmp_path):
+def test_every_checkpoint_of_an_epoch_is_durable_when_the_next_epoch_starts(tmp_path):
     checker = _CheckEarlierCheckpointsAreDurable(tmp_path)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=3)
-    # Slow commits: without the epoch-end drain, the next epoch would start before they land.
+    by_step = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=3)
+    at_epoch_end = ModelCheckpoint(dirpath=tmp_path / "ends", save_top_k=-1, filename="end-{epoch}")
+    # Slow commits: without the drain at the epoch's start, the next epoch would start before they land.
     plugin = AsyncCheckpointIO(max_in_flight=3, commit_hook=SlowCommit(0.5))
-    t = trainer(max_epochs=3, plugins=[plugin], callbacks=[checker, checkpoint])
+    t = trainer(max_epochs=3, plugins=[plugin], callbacks=[checker, by_step, at_epoch_end])
     t.fit(TinyClassifier(), tiny_data())
     assert checker.checked > 0
     assert checker.saw_drain_first, "the drain callback was not attached first"
+
+
+def test_a_path_through_a_missing_folder_saves_as_lightning_does(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plugin = AsyncCheckpointIO()
+    t, model, _ = _fit(tmp_path / "fit", [plugin], False, max_epochs=1)
+    t.save_checkpoint("sub/../b.ckpt")  # `sub/` does not exist: Lightning's own saver creates it
+    assert (tmp_path / "sub").is_dir() and torch.load(tmp_path / "b.ckpt", weights_only=True)["global_step"] > 0
 
 
 def test_checkpoint_costs_reach_the_lightning_logger(tmp_path):
@@ -321,3 +333,10 @@ def test_resuming_a_fit_readies_the_staging_memory_of_its_first_save(tmp_path):
     t = trainer(max_epochs=2, plugins=[plugin], callbacks=[probe, checkpoint])
     t.fit(TinyClassifier(), tiny_data(), ckpt_path=tmp_path / "last.ckpt")
     assert probe.ready and probe.after_first_save == probe.ready, "the first save allocated its staging memory"
+
+
+def test_fabric_ddp_every_rank_loads_what_was_just_saved(tmp_path):
+    result = run_script("fabric_ddp_script.py", tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"loaded_rank{rank}.pt") == [0, 1, 2], rank

@@ -2,10 +2,12 @@
 
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
 import time
+import types
 
 import torch
 
@@ -53,40 +55,51 @@ def fork(out: str) -> None:
 
 
 def ctrl_c(out: str) -> None:
-    """Saves in a loop while SIGINT arrives at random moments, one at a time. Every
+    """Saves in a loop while SIGINT arrives, one at a time, each soon after a save() has begun (so
+    that, however busy the machine, it lands in that save or just after it). Every
     KeyboardInterrupt must come while its signal is outstanding (never deferred to a later save),
     and every write must still commit (the channel to the writer never breaks)."""
     outstanding = threading.Event()
     handled = threading.Event()
+    saving = threading.Event()
     main = threading.main_thread().ident
 
     def interrupter() -> None:
         rng = random.Random(0)
         for _ in range(40):
-            time.sleep(rng.uniform(0.0, 0.03))
+            saving.wait()
+            time.sleep(rng.uniform(0.0, 0.002))
             outstanding.set()
             signal.pthread_kill(main, signal.SIGINT)
             handled.wait()
             handled.clear()
 
     weights = torch.randn(1 << 16)
-    futures, deferred, interrupts = [], 0, 0
+    futures, deferred, interrupts, in_save = [], 0, 0, 0
     with make_async_checkpointer() as ckpt:
         for _ in range(3):  # the writer is up and the slab faulted in: interrupts land in steady saves
             ckpt.save(os.path.join(out, "warm"), {"w": weights, "step": -1})[1].result()
         thread = threading.Thread(target=interrupter, daemon=True)
         thread.start()
         step = 0
+        inside = False
         while True:
             try:  # a Ctrl-C may land anywhere in the loop, the loop's own test included
                 if not thread.is_alive() and not outstanding.is_set():
                     break
                 weights.add_(1)
+                inside = True
+                saving.set()
                 staged, written = ckpt.save(os.path.join(out, f"slot{step % 4}"), {"w": weights, "step": step})
+                inside = False
+                saving.clear()
                 futures.append(written)
                 step += 1
             except KeyboardInterrupt:
                 interrupts += 1
+                in_save += inside
+                inside = False
+                saving.clear()
                 if not outstanding.is_set():
                     deferred += 1
                 outstanding.clear()
@@ -98,7 +111,7 @@ def ctrl_c(out: str) -> None:
                 written.result(timeout=120)
             except WriterProcessDiedError:
                 died += 1
-    print(f"interrupts={interrupts} deferred={deferred} died={died} saves={len(futures)}", flush=True)
+    print(f"interrupts={interrupts} deferred={deferred} died={died} saves={len(futures)} in_save={in_save}", flush=True)
 
 
 def _held_commit(out: str) -> GatedCommit:
@@ -140,6 +153,46 @@ def accelerate_sigterm(out: str) -> None:
     time.sleep(600)
 
 
+def accelerate_killed_before_publish(out: str) -> None:
+    """Automatic naming: checkpoint_0 complete, then checkpoint_1 saved with its commit held;
+    the test SIGKILLs trainer and writer together once its files are written."""
+    from accelerate_ckpt import enable_async_checkpointing
+    from tests.accelerate_helpers import setup
+
+    accelerator, *_ = setup(project_dir=out, automatic_checkpoint_naming=True)
+    handle = enable_async_checkpointing(accelerator)
+    accelerator.save_state()
+    handle.close()
+    enable_async_checkpointing(accelerator, commit_hook=GatedCommit(os.path.join(out, "reached"), "/never"))
+    accelerator.save_state()
+    print("pending", flush=True)
+    time.sleep(600)
+
+
+def accelerate_killed_mid_publish(out: str) -> None:
+    """A save into an existing checkpoint folder whose process dies after publishing its first
+    file: the folder mixes two saves."""
+    import core.publish
+    from accelerate_ckpt import enable_async_checkpointing
+    from tests.accelerate_helpers import setup, train
+
+    accelerator, models, optimizers, schedulers, counter = setup()
+    with enable_async_checkpointing(accelerator):
+        accelerator.save_state(os.path.join(out, "ck"))
+    train(accelerator, models, optimizers, schedulers, counter)
+
+    def merge_one_then_die(source: str, target: str) -> list:
+        name = sorted(os.listdir(source))[0]
+        os.replace(os.path.join(source, name), os.path.join(target, name))
+        os.kill(os.getpid(), signal.SIGKILL)
+        return []
+
+    core.publish._merge = merge_one_then_die
+    handle = enable_async_checkpointing(accelerator)
+    accelerator.save_state(os.path.join(out, "ck"))
+    handle.wait()
+
+
 def crash_before_commit(out: str) -> None:
     """Two committed checkpoints with retention's latest pointer, then a third whose commit is
     held (its file written and fsynced) when the test kills trainer and writer together."""
@@ -156,8 +209,78 @@ def crash_before_commit(out: str) -> None:
     time.sleep(600)
 
 
+def killed_during_retention(out: str) -> None:
+    """Retention moves step_0 out of sight, then this process is SIGKILLed before removing it."""
+    import core.retention
+    from core import CheckpointerConfig, CheckpointWriterConfig, RetentionConfig, make_sync_checkpointer
+
+    def die(path: str) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    core.retention.shutil = types.SimpleNamespace(rmtree=die)  # retention's own removal only
+    config = CheckpointerConfig(writer_config=CheckpointWriterConfig(retention=RetentionConfig(keep_last=1)))
+    with make_sync_checkpointer(config) as ckpt:
+        for step in range(2):
+            ckpt.save(os.path.join(out, f"step_{step}"), {"w": torch.full((1 << 16,), float(step))}, step=step)
+
+
+def _leave_free(folder: str, nbytes: int) -> None:
+    """Fill the filesystem of `folder` until about `nbytes` (a multiple of its block size) stay free."""
+    filler = os.path.join(folder, "filler")
+    if os.path.exists(filler):
+        os.unlink(filler)
+    stats = os.statvfs(folder)
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(stats.f_bavail * stats.f_frsize - nbytes, 0))
+
+
+def disk_full_levels(out: str) -> None:
+    """On a small filesystem, save with 0 to 44 KiB free: each save, sync and async, must fail
+    with a CheckpointWriteError for ENOSPC naming the file; the process lives; the previous
+    checkpoint there still loads; nothing of the failed save is left. One line per save."""
+    import errno
+
+    from core import CheckpointWriteError, make_sync_checkpointer
+
+    state = {"w": torch.ones(64 << 10), "step": 2}  # 256 KiB
+    with make_async_checkpointer() as background, make_sync_checkpointer() as foreground:
+        for free in range(0, 48 << 10, 4 << 10):
+            for kind, ckpt in (("sync", foreground), ("async", background)):
+                ck = os.path.join(out, "ck")
+                shutil.rmtree(ck, ignore_errors=True)
+                _leave_free(out, 1 << 20)
+                foreground.save(ck, {"w": torch.ones(4), "step": 1})
+                _leave_free(out, free)
+                try:
+                    if kind == "sync":
+                        ckpt.save(ck, state)
+                    else:
+                        ckpt.save(ck, state)[1].result()
+                    outcome = "saved"
+                except CheckpointWriteError as exc:
+                    named = os.path.join(ck, "checkpoint_0.pt") in str(exc)
+                    outcome = "ENOSPC ok" if exc.errno == errno.ENOSPC and named else f"wrong error: {exc}"
+                left = sorted(os.listdir(ck))
+                if foreground.load(ck)["step"] != 1 or left != ["checkpoint_0.pt", "commit.json"]:
+                    outcome = f"previous checkpoint damaged or leftovers: {left}"
+                print(f"{kind} free={free} {outcome}", flush=True)
+
+
 if __name__ == "__main__":
     scenarios = {
-        f.__name__: f for f in (orphan, early_death, fork, ctrl_c, sigterm, accelerate_sigterm, crash_before_commit)
+        f.__name__: f
+        for f in (
+            orphan,
+            early_death,
+            fork,
+            ctrl_c,
+            sigterm,
+            accelerate_sigterm,
+            crash_before_commit,
+            accelerate_killed_before_publish,
+            accelerate_killed_mid_publish,
+            killed_during_retention,
+            disk_full_levels,
+        )
     }
     scenarios[sys.argv[1]](sys.argv[2])
