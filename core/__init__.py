@@ -56,7 +56,7 @@ from .file_set import CommitVote, FileSetCheckpointer, NamedState
 from .options import adapter_config, with_slabs_per_save
 from .outstanding import WriteFuture
 from .pending import pending_writes, register_pending_write, wait_for_pending_writes
-from .process import CheckpointProcess, default_subprocess_init_fn, default_writer_init_fn
+from .process import CheckpointProcess
 from .protocol import RequestType, WorkerRequest, WorkerResponse
 from .publish import publish_directory
 from .reader import CheckpointReader
@@ -64,6 +64,7 @@ from .staging import CheckpointStager, DefaultStager, StagedStateDict
 from .types import STATE_DICT, CheckpointStats, RankInfo, WriteResult
 from .utils import wrap_future
 from .writer import CheckpointWriter, WriterHook
+from .writer_factory import default_subprocess_init_fn, default_writer_init_fn
 
 __async_ckpt__ = True  # marks this distribution's `core`, as opposed to a user's package of that name
 

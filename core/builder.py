@@ -11,11 +11,12 @@ from typing import Any
 from .barriers import create_barrier_from_config
 from .checkpointer import AsyncCheckpointer, SyncCheckpointer
 from .config import BarrierConfig, CheckpointerConfig
-from .process import CheckpointProcess, default_subprocess_init_fn, default_writer_init_fn
+from .process import CheckpointProcess
 from .reader import CheckpointReader
 from .staging import DefaultStager
 from .types import RankInfo, default_rank_info
 from .writer import CheckpointWriter, WriterHook
+from .writer_factory import default_subprocess_init_fn, default_writer_init_fn
 
 _async_checkpointers_made = itertools.count()
 

@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import inspect
 import logging
 import os
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Protocol
 
 from . import drain
 from .config import CheckpointProcessConfig
+from .dedupe import LastSave, RepeatedSaves
 from .errors import CheckpointerClosedError, MissingKeysError
 from .interrupts import sigint_deferred
 from .outstanding import OutstandingWrites, WriteFuture, settle
 from .pending import wait_for_pending_writes
-from .plan import CheckpointPlan, tensor_versions
+from .process import CheckpointProcess, HandoverFuture
+from .protocol import WriteOptions
 from .reader import CheckpointReader
-from .slab import StagingLease
-from .staging import CheckpointStager, StagedStateDict
+from .staging import CheckpointStager, DefaultStager, StagedStateDict
 from .types import STATE_DICT, CheckpointStats, WriteResult
 from .utils import wrap_future
 from .writer import CheckpointWriter
@@ -143,17 +143,24 @@ class SyncCheckpointer(Checkpointer):
             self._writer.close()
 
 
-@dataclasses.dataclass(frozen=True)
-class _LastSave:
-    """The previous save, for dedupe_key: its plan and its slab's lease (the same bytes, should a
-    link be impossible), not its staged dict, which would be copied out when the slab is reused."""
+class ProcessOfTorchShape(Protocol):
+    """What AsyncCheckpointer needs of its process: torch's CheckpointProcess shape. Ours
+    (core.CheckpointProcess) also takes WriteOptions and a close() timeout."""
 
-    key: Any
-    versions: tuple
-    kwargs: dict
-    plan: CheckpointPlan
-    lease: StagingLease
+    def write(self, state_dict: Any, path: str, **kwargs: Any) -> Future[Any]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclasses.dataclass
+class _Save:
+    """One save on its way to the writer."""
+
     path: str
+    kwargs: dict[str, Any]
+    options: WriteOptions
+    future: WriteFuture
+    start: float
 
 
 class AsyncCheckpointer(Checkpointer):
@@ -172,7 +179,7 @@ class AsyncCheckpointer(Checkpointer):
     def __init__(
         self,
         checkpoint_stager: CheckpointStager,
-        checkpoint_process: Any,
+        checkpoint_process: ProcessOfTorchShape,
         reader: CheckpointReader,
         *,
         drain_timeout_secs: float | None = None,
@@ -181,8 +188,9 @@ class AsyncCheckpointer(Checkpointer):
         self._stager = checkpoint_stager
         self._process = checkpoint_process
         self._reader = reader
-        process_config = getattr(checkpoint_process, "config", None)
-        if not isinstance(process_config, CheckpointProcessConfig):
+        if isinstance(checkpoint_process, CheckpointProcess):
+            process_config = checkpoint_process.config
+        else:
             process_config = CheckpointProcessConfig()
         self._drain_timeout = drain_timeout_secs or process_config.drain_timeout_secs
         self._sigterm_drain_secs = (
@@ -191,7 +199,7 @@ class AsyncCheckpointer(Checkpointer):
         self._owner_pid = os.getpid()
         self._lock = threading.Lock()  # stats
         self._writes = OutstandingWrites()
-        self._last: _LastSave | None = None  # the previous save, for dedupe_key
+        self._repeats = RepeatedSaves()
         self._closed = False
         self.stats = CheckpointStats()
         drain.register(self, drain_on_sigterm=self._sigterm_drain_secs > 0)
@@ -201,24 +209,34 @@ class AsyncCheckpointer(Checkpointer):
         return self._stager
 
     @property
-    def process(self) -> Any:
+    def process(self) -> ProcessOfTorchShape:
         """The CheckpointProcess that writes this checkpointer's saves."""
         return self._process
 
     @property
     def writer_pid(self) -> int | None:
         """The writer process's pid (None when it is not running)."""
-        return getattr(self._process, "pid", None)
+        return self._process.pid if isinstance(self._process, CheckpointProcess) else None
 
     # -- saving
 
-    def save(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> tuple[Future[None], Future[WriteResult]]:
+    def save(
+        self,
+        path: str,
+        state_dict: STATE_DICT,
+        *,
+        report_errors: bool = True,
+        dedupe_key: Any = None,
+        create_folder: bool = True,
+        **kwargs: Any,
+    ) -> tuple[Future[None], Future[WriteResult]]:
         """Snapshot `state_dict` and write it to `path` in the background.
 
         kwargs reach the stager and the writer, as in torch: file_format ("torch", the default,
         or "safetensors", a flat dict of tensors) and values for the commit hooks and the
         checkpoint's metadata (e.g. step=100). report_errors=False: a failure of this save is
-        reported on its write future only (not again by save/wait/close).
+        reported on its write future only (not again by save/wait/close). create_folder=False:
+        the write fails if the checkpoint's folder is missing (instead of creating it).
 
         dedupe_key: when it equals the previous save's and nothing changed since (the same
         pickled structure, the same tensors with the same version counters, the same other
@@ -228,98 +246,78 @@ class AsyncCheckpointer(Checkpointer):
         whenever the state may change behind PyTorch's back (e.g. the global step: Lightning's
         ModelCheckpoint saves a top-k file and last.ckpt of one step this way).
         """
-        report_errors = kwargs.pop("report_errors", True)
-        dedupe_key = kwargs.pop("dedupe_key", None)
         self._check_usable()
         self._writes.raise_unseen()
         path = os.fspath(path)
         if not path:
             raise ValueError("the checkpoint path is empty; name a file or directory to save to")
-        start = time.perf_counter()
-        write_future: WriteFuture | None = None
+        save: _Save | None = None
         handed_over: threading.Event | None = None
-        staging: Any
+        staging: STATE_DICT | Future[STATE_DICT]
         try:
             # A Ctrl-C during these steps is raised after each assignment, inside this try: the save
             # then either fails here as a whole or, once handed over, goes on to completion.
             with sigint_deferred():
-                write_future = self._writes.start(path, report_errors)
-            versions = tensor_versions(state_dict) if dedupe_key is not None else None
-            again = self._unchanged_since_last_save(dedupe_key, versions, state_dict, kwargs)
-            if again is not None and again.lease.hold():  # its slab still holds that snapshot
-                staging, handed_over = self._save_again(again, path, kwargs, write_future, start)
-                return wrap_future(staging), write_future
+                save = _Save(path, kwargs, WriteOptions(create_folder=create_folder), WriteFuture(), 0.0)
+                save.future = self._writes.start(path, report_errors)
+                save.start = time.perf_counter()
+            versions = self._repeats.versions(dedupe_key, state_dict)
+            plan_of = self._stager.plan_of if isinstance(self._stager, DefaultStager) else None
+            again = plan_of and self._repeats.repeat_of(dedupe_key, versions, state_dict, kwargs, plan_of)
+            if again and again.lease.hold():  # its slab still holds that snapshot
+                staging, handed_over = self._save_again(again, save)
+                return wrap_future(staging), save.future
             staging = self._stager.stage(state_dict, **kwargs)
-            self._remember(dedupe_key, versions, kwargs, staging, path)
-            if isinstance(staging, Future):
-                with sigint_deferred():
-                    write_future.handed_over = True
-                    staging.add_done_callback(lambda done: self._staged_later(done, path, kwargs, write_future, start))
+            if isinstance(staging, StagedStateDict):  # (never its truth value: that would build the snapshot)
+                self._repeats.remember(dedupe_key, versions, kwargs, staging.plan, staging.lease, path)
             else:
-                handed_over = self._hand_over(staging, path, kwargs, write_future, start)
+                self._repeats.remember(dedupe_key, None, kwargs, None, None, path)
+            if isinstance(staging, Future):
+                later = staging
+                with sigint_deferred():
+                    save.future.handed_over = True
+                    later.add_done_callback(lambda done: self._staged_later(done, save))
+            else:
+                handed_over = self._hand_over(staging, save)
         except BaseException as exc:
-            if write_future is not None and not write_future.handed_over:
-                write_future.observed = True  # raised to the caller right here
-                settle(write_future, error=exc)
+            if save is not None and not save.future.handed_over:
+                save.future.observed = True  # raised to the caller right here
+                settle(save.future, error=exc)
             raise
         finally:
             if handed_over is not None:
                 handed_over.wait()  # a Ctrl-C here interrupts the caller; the write still completes
-        return wrap_future(staging), write_future
+        return wrap_future(staging), save.future
 
-    def _save_again(
-        self, again: _LastSave, path: str, kwargs: dict, write_future: WriteFuture, start: float
-    ) -> tuple[StagedStateDict, threading.Event | None]:
-        """Save the previous snapshot, still in its slab (held by the caller), under `path`: the
-        writer links or clones the file it committed from it."""
+    def _save_again(self, again: LastSave, save: _Save) -> tuple[StagedStateDict, threading.Event | None]:
+        """Save the previous snapshot, still in its slab (held by the caller), under `save.path`:
+        the writer links or clones the file it committed from it."""
         try:
             staging = StagedStateDict(again.plan, again.lease, copied_nbytes=0)
-            handed_over = self._hand_over(staging, path, {**kwargs, "link_from": again.path}, write_future, start)
+            save.options = dataclasses.replace(save.options, link_from=again.path)
+            handed_over = self._hand_over(staging, save)
         finally:
             again.lease.release()
-        self._last = dataclasses.replace(again, path=path)
+        self._repeats.repeated_at(again, save.path)
         return staging, handed_over
 
-    def _remember(self, dedupe_key: Any, versions: tuple | None, kwargs: dict, staging: Any, path: str) -> None:
-        """What a later save with the same dedupe_key is compared with (only a snapshot ready now)."""
-        if versions is None or not isinstance(staging, StagedStateDict):
-            self._last = None
-        else:
-            self._last = _LastSave(dedupe_key, versions, dict(kwargs), staging.plan, staging.lease, path)
-
-    def _unchanged_since_last_save(
-        self, dedupe_key: Any, versions: tuple | None, state_dict: STATE_DICT, kwargs: dict
-    ) -> _LastSave | None:
-        last = self._last
-        if versions is None or last is None or not _equal(last.key, dedupe_key) or not _equal(last.kwargs, kwargs):
-            return None
-        plan_of = getattr(self._stager, "plan_of", None)
-        if plan_of is None or versions != last.versions:
-            return None
-        if plan_of(state_dict, kwargs.get("file_format", "torch")).structure != last.plan.structure:
-            return None
-        return last
-
-    def _staged_later(self, done: Future, path: str, kwargs: dict, write_future: WriteFuture, start: float) -> None:
+    def _staged_later(self, done: Future[STATE_DICT], save: _Save) -> None:
         error = done.exception()
         if error is not None:
-            write_future.set_exception(error)
+            save.future.set_exception(error)
             return
         try:
-            self._hand_over(done.result(), path, kwargs, write_future, start)
+            self._hand_over(done.result(), save)
         except BaseException as exc:  # already on the write future; nobody to raise it to here
-            logger.debug("handing over %s failed: %s", path, exc)
+            logger.debug("handing over %s failed: %s", save.path, exc)
 
-    def _hand_over(
-        self, staged: Any, path: str, kwargs: dict, write_future: WriteFuture, start: float
-    ) -> threading.Event | None:
+    def _hand_over(self, staged: STATE_DICT, save: _Save) -> threading.Event | None:
         """Give the staged state to the process; the write future follows the process's future.
 
         Returns the event set once the request is in the writer's hands (None if not known).
         """
-        blocking_seconds = time.perf_counter() - start
-        lease = getattr(staged, "lease", None)
-        handed_over = None
+        blocking_seconds = time.perf_counter() - save.start
+        lease = staged.lease if isinstance(staged, StagedStateDict) else None
         with sigint_deferred():
             held = lease is not None and lease.hold()  # the stager must not reuse the slab while it is written
 
@@ -327,36 +325,40 @@ class AsyncCheckpointer(Checkpointer):
                 if held and lease is not None:
                     lease.release()
 
+            written: Future[Any]
             try:
-                written = self._process.write(staged, path, **kwargs)
+                if isinstance(self._process, CheckpointProcess):
+                    written = self._process.write(staged, save.path, options=save.options, **save.kwargs)
+                else:
+                    written = self._process.write(staged, save.path, **save.kwargs)
             except BaseException as exc:
                 release()
-                write_future.observed = True
-                settle(write_future, error=exc)
+                save.future.observed = True
+                settle(save.future, error=exc)
                 raise
 
-            def finish(done: Future) -> None:
+            def finish(done: Future[Any]) -> None:
                 release()
                 error = done.exception()
                 if error is not None:
-                    settle(write_future, error=error)
+                    settle(save.future, error=error)
                     return
                 result = done.result()
                 if isinstance(result, WriteResult):
+                    copied = staged.copied_nbytes if isinstance(staged, StagedStateDict) else result.nbytes
                     result = dataclasses.replace(
                         result,
                         blocking_seconds=blocking_seconds,
-                        persist_seconds=time.perf_counter() - start,
-                        copied_nbytes=getattr(staged, "copied_nbytes", result.nbytes),
+                        persist_seconds=time.perf_counter() - save.start,
+                        copied_nbytes=copied,
                     )
                     with self._lock:
                         _record(self.stats, result)
-                settle(write_future, result=result)
+                settle(save.future, result=result)
 
             written.add_done_callback(finish)
-            write_future.handed_over = True
-            handed_over = getattr(written, "handed_over", None)
-        return handed_over
+            save.future.handed_over = True
+        return written.handed_over if isinstance(written, HandoverFuture) else None
 
     def prepare(self, state_dict: STATE_DICT, *, file_format: str = "torch") -> Future[None]:
         """Get the staging memory for saves of `state_dict`'s shape ready in the background.
@@ -365,9 +367,8 @@ class AsyncCheckpointer(Checkpointer):
         save costs only the copy. The future completes when the memory is ready.
         """
         self._check_usable()
-        prepare = getattr(self._stager, "prepare", None)
-        if prepare is not None:
-            return prepare(state_dict, file_format)
+        if isinstance(self._stager, DefaultStager):
+            return self._stager.prepare(state_dict, file_format)
         return wrap_future(None)
 
     # -- errors
@@ -429,21 +430,9 @@ class AsyncCheckpointer(Checkpointer):
         self._writes.raise_unseen()
 
 
-def _close_process(process: Any, timeout: float) -> None:
-    """Close a CheckpointProcess within `timeout` (a process of torch's shape has no timeout)."""
-    try:
-        accepts_timeout = "timeout" in inspect.signature(process.close).parameters
-    except (TypeError, ValueError):
-        accepts_timeout = False
-    if accepts_timeout:
+def _close_process(process: ProcessOfTorchShape, timeout: float) -> None:
+    """Close the process within `timeout` (one of torch's shape takes none)."""
+    if isinstance(process, CheckpointProcess):
         process.close(timeout=timeout)
     else:
         process.close()
-
-
-def _equal(a: Any, b: Any) -> bool:
-    """a == b, False where the comparison is not a plain truth value (e.g. tensors)."""
-    try:
-        return bool(a == b)
-    except Exception:
-        return False

@@ -59,7 +59,7 @@ def write_checkpoint_file(
 ) -> WrittenFile:
     """Write a checkpoint file at `path` (which exists, empty) and fsync it.
 
-    `data_pkl` is torch.save's pickle (see plan.capture); `storage_bytes[i]` holds the bytes
+    `data_pkl` is torch.save's pickle (see capture.py); `storage_bytes[i]` holds the bytes
     of its storage "i" as a CPU uint8 tensor. `known_digests[i]`: that storage's chunk digests
     when already computed. `previous`: records of the previous checkpoint of this lineage, by
     key; chunks whose digest matches are copied from that file instead of written.

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import xxhash
@@ -148,6 +149,15 @@ def sweep(directory: str, once: bool = True) -> None:
         os.rmdir(pending)  # only when empty
     except OSError:
         pass
+
+
+def sweep_around(paths: Sequence[str]) -> None:
+    """Sweep (see `sweep`) the folders that writes to `paths` put their temporaries in: each
+    path's folder, and the path itself where it is a folder (a directory checkpoint)."""
+    for path in paths:
+        for directory in {os.path.dirname(path) or ".", path}:
+            if os.path.isdir(directory):
+                sweep(directory, once=False)
 
 
 def _remove(path: str) -> None:

@@ -24,7 +24,6 @@ import os
 import pickle
 import queue
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -38,8 +37,10 @@ from typing import Any
 
 import torch
 
+from . import torch_internals
+from .capture import capture
 from .channel import Channel
-from .config import BarrierConfig, CheckpointProcessConfig, CheckpointWriterConfig
+from .config import CheckpointProcessConfig
 from .errors import (
     BarrierTimeoutError,
     CheckpointCommitError,
@@ -50,7 +51,9 @@ from .errors import (
     WriterStartTimeoutError,
 )
 from .interrupts import sigint_deferred
-from .plan import capture
+from .leftovers import sweep_around
+from .plan import CheckpointPlan
+from .process_context import WriterProcess, WriterProcessContext, describe_exit
 from .protocol import (
     RequestType,
     SharedSource,
@@ -58,13 +61,14 @@ from .protocol import (
     WorkerInit,
     WorkerRequest,
     WorkerResponse,
+    WriteOptions,
     WriteOutcome,
     WriteRequest,
 )
 from .slab import Slab
 from .staging import StagedStateDict
 from .types import STATE_DICT, RankInfo, default_rank_info
-from .writer import CheckpointWriter, WriterHook, remove_temporaries
+from .writer_factory import default_subprocess_init_fn, default_writer_init_fn
 
 __all__ = [
     "CheckpointProcess",
@@ -88,82 +92,7 @@ _DEATH_GRACE_SECS = 5
 _START_LIMIT_FACTOR = 20  # a writer still making progress gets this many init timeouts in all
 
 
-def default_subprocess_init_fn(*args: Any) -> None:
-    """Runs first in the writer process; the default does nothing."""
-
-
-def default_writer_init_fn(
-    rank_info: RankInfo,
-    writer_config: CheckpointWriterConfig | None = None,
-    barrier_config: BarrierConfig | None = None,
-    commit_hook: WriterHook | None = None,
-) -> CheckpointWriter:
-    """Builds the writer process's CheckpointWriter, with the barrier its config names."""
-    from .barriers import create_barrier_from_config
-
-    writer_config = writer_config or CheckpointWriterConfig()
-    barrier = create_barrier_from_config(
-        barrier_config or BarrierConfig(),
-        rank_info,
-        in_writer_process=True,
-        timeout_secs=writer_config.write_barrier_timeout_secs,
-    )
-    return CheckpointWriter(writer_config, rank_info, barrier, commit_hook)
-
-
-def describe_exit(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "it stopped answering"
-    if exitcode < 0:
-        try:
-            return f"killed by signal {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"killed by signal {-exitcode}"
-    return f"exited with code {exitcode}"
-
-
-class WriterProcess:
-    """One writer process, as torch.multiprocessing's process objects present one."""
-
-    def __init__(self, popen: subprocess.Popen) -> None:
-        self._popen = popen
-
-    @property
-    def pid(self) -> int:
-        return self._popen.pid
-
-    @property
-    def exitcode(self) -> int | None:
-        return self._popen.poll()
-
-    def is_alive(self) -> bool:
-        return self._popen.poll() is None
-
-    def join(self, timeout: float | None = None) -> None:
-        try:
-            self._popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-
-    def kill(self) -> None:
-        if self.is_alive():
-            self._popen.kill()
-        self._popen.wait()
-
-
-class WriterProcessContext:
-    """`CheckpointProcess.process`: the writer process, shaped like torch.multiprocessing's
-    ProcessContext (`processes[0]`, `join(timeout)` returning whether it has exited)."""
-
-    def __init__(self, process: WriterProcess) -> None:
-        self.processes = [process]
-
-    def join(self, timeout: float | None = None) -> bool:
-        self.processes[0].join(timeout)
-        return not self.processes[0].is_alive()
-
-
-class WriterFuture(Future):
+class HandoverFuture(Future[Any]):
     """What CheckpointProcess.write returns: a future of the write, with `handed_over`, an event
     set once the request is in the writer's socket (from then on the writer commits it even if
     this process dies)."""
@@ -171,6 +100,15 @@ class WriterFuture(Future):
     def __init__(self) -> None:
         super().__init__()
         self.handed_over = threading.Event()
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What one write() asks of the writer besides the bytes."""
+
+    path: str
+    options: WriteOptions
+    kwargs_pickle: bytes
 
 
 @dataclass
@@ -267,20 +205,29 @@ class CheckpointProcess:
 
     # -- writes
 
-    def write(self, state_dict: STATE_DICT | Future[STATE_DICT], path: str, **kwargs: Any) -> WriterFuture:
+    def write(
+        self,
+        state_dict: STATE_DICT | Future[STATE_DICT],
+        path: str,
+        *,
+        options: WriteOptions | None = None,
+        **kwargs: Any,
+    ) -> HandoverFuture:
         """Write `state_dict` (or the state dict a future yields) to `path`; the future resolves
-        to the writer's result (a WriteResult for CheckpointWriter) once it is committed."""
+        to the writer's result (a WriteResult for CheckpointWriter) once it is committed.
+        `options` tell the writer how (see WriteOptions); `kwargs` reach the writer's hooks."""
         self._check_usable()
-        future = WriterFuture()
+        future = HandoverFuture()
+        request = _Request(os.fspath(path), options or WriteOptions(), _pickled_kwargs(kwargs))
         if isinstance(state_dict, Future):
-            state_dict.add_done_callback(lambda done: self._write_resolved(done, os.fspath(path), kwargs, future))
+            state_dict.add_done_callback(lambda done: self._write_resolved(done, request, future))
         else:
-            self._submit(state_dict, os.fspath(path), kwargs, future)
+            self._submit(state_dict, request, future)
         return future
 
-    def _write_resolved(self, done: Future, path: str, kwargs: dict, future: WriterFuture) -> None:
+    def _write_resolved(self, done: Future[STATE_DICT], request: _Request, future: HandoverFuture) -> None:
         try:
-            self._submit(done.result(), path, kwargs, future)
+            self._submit(done.result(), request, future)
         except BaseException as exc:
             future.handed_over.set()
             if not future.done():
@@ -297,26 +244,25 @@ class CheckpointProcess:
         if self._start_failure is not None:
             raise self._start_failure
 
-    def _submit(self, state_dict: STATE_DICT, path: str, kwargs: dict, future: WriterFuture) -> None:
+    def _submit(self, state_dict: STATE_DICT, request: _Request, future: HandoverFuture) -> None:
         """A state dict DefaultStager staged goes as its plan and slab; any other (or a staged one
         whose slab a later stage() took over: it kept a private copy) by shared memory."""
         if isinstance(state_dict, StagedStateDict):
             if state_dict.lease.hold():
-                self._send_write(state_dict.slab, state_dict.plan, None, path, kwargs, future, state_dict.lease.release)
+                self._send_write(state_dict.slab, state_dict.plan, None, request, future, state_dict.lease.release)
                 return
             state_dict = state_dict.copy()  # the plain dict it stands for, as torch.save would write it
         captured = capture(state_dict)
         shared = [_shared_fd(source.untyped_storage()) for source in captured.sources]
-        self._send_write(None, captured.plan, shared, path, kwargs, future, lambda: None)
+        self._send_write(None, captured.plan, shared, request, future, lambda: None)
 
     def _send_write(
         self,
         slab: Slab | None,
-        plan: Any,
+        plan: CheckpointPlan,
         shared: list[tuple[torch.UntypedStorage, int]] | None,
-        path: str,
-        kwargs: dict,
-        future: WriterFuture,
+        request: _Request,
+        future: HandoverFuture,
         on_done: Callable[[], None],
     ) -> None:
         try:
@@ -336,11 +282,13 @@ class CheckpointProcess:
                 forget = tuple(i for i, ref in list(worker.attached.items()) if _gone(ref))
                 for slab_id in forget:
                     del worker.attached[slab_id]
-                write = WriteRequest(request_id, path, plan, source, _pickled_kwargs(kwargs), forget)
-                request = WorkerRequest(RequestType.WRITE_CHECKPOINT, {"write": write})
-                outgoing = _Outgoing(worker, request, fds, request_id, keepalive=shared, sent=future.handed_over)
+                write = WriteRequest(
+                    request_id, request.path, plan, source, request.kwargs_pickle, request.options, forget
+                )
+                message = WorkerRequest(RequestType.WRITE_CHECKPOINT, write)
+                outgoing = _Outgoing(worker, message, fds, request_id, keepalive=shared, sent=future.handed_over)
                 # Registered and queued together, under the lock: requests leave in the order of their ids.
-                worker.pending[request_id] = _Pending(future, path, on_done)
+                worker.pending[request_id] = _Pending(future, request.path, on_done)
                 self._outbox.put(outgoing)
         except BaseException:
             on_done()
@@ -369,7 +317,7 @@ class CheckpointProcess:
             target=self._receive_loop, args=(worker,), name="async-ckpt-receiver", daemon=True
         )
         worker.receiver.start()
-        self._outbox.put(_Outgoing(worker, WorkerRequest(RequestType.PING, {"init": self._init}), []))
+        self._outbox.put(_Outgoing(worker, WorkerRequest(RequestType.PING, self._init), []))
         return worker
 
     # -- sender thread
@@ -484,7 +432,10 @@ class CheckpointProcess:
     def _on_response(self, worker: _Worker, response: WorkerResponse) -> None:
         if response.request_type is not RequestType.WRITE_CHECKPOINT:
             return
-        outcome: WriteOutcome = (response.payload or {})["outcome"]
+        outcome = response.payload
+        if not isinstance(outcome, WriteOutcome):
+            logger.warning("checkpoint writer answered a write without its outcome; ignored: %s", response)
+            return
         with self._lock:
             pending = worker.pending.pop(outcome.request_id, None)
         if pending is None:
@@ -507,7 +458,7 @@ class CheckpointProcess:
         worker.inbox.close()
         if not orphans:
             return
-        remove_temporaries([p.path for p in orphans])
+        sweep_around([p.path for p in orphans])
         error = failure or WriterProcessDiedError(
             f"Child process terminated unexpectedly: the checkpoint writer process (pid {worker.process.pid}) "
             f"died: {describe_exit(worker.process.exitcode)}; the checkpoint was not committed (any previous "
@@ -537,7 +488,7 @@ class CheckpointProcess:
         deadline = time.monotonic() + limit
         worker = self._worker
         if worker.alive:
-            self._outbox.put(_Outgoing(worker, WorkerRequest(RequestType.TERMINATE_PROCESS, {}), []))
+            self._outbox.put(_Outgoing(worker, WorkerRequest(RequestType.TERMINATE_PROCESS), []))
         self._outbox.put(None)
         self._sender.join(_left(deadline))
         if self._sender.is_alive():  # blocked sending to a writer that does not read (stopped, hung)
@@ -604,12 +555,12 @@ def _shared_fd(storage: torch.UntypedStorage) -> tuple[torch.UntypedStorage, int
         try:
             if not storage.is_shared():
                 storage.share_memory_()
-            return storage, storage._share_fd_cpu_()[0]
+            return storage, torch_internals.share_fd(storage)
         except RuntimeError:
             pass
-    shared = torch.UntypedStorage._new_shared(storage.nbytes())
+    shared = torch_internals.new_shared_storage(storage.nbytes())
     shared.copy_(storage)
-    return shared, shared._share_fd_cpu_()[0]
+    return shared, torch_internals.share_fd(shared)
 
 
 # Writer errors that keep their type across the process boundary (others become CheckpointWriteError).

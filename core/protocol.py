@@ -1,9 +1,10 @@
 """What crosses the socket between the trainer and its writer process.
 
 Every message is a WorkerRequest (trainer to writer) or a WorkerResponse (writer to trainer),
-named as in torch's `_experimental` checkpoint process. Tensor bytes never cross: a write
-names either a staging slab (mapped once by the writer from a descriptor sent with its first
-use) or one shared-memory descriptor per storage, and carries only the plan.
+named as in torch's `_experimental` checkpoint process; each carries one typed payload. Tensor
+bytes never cross: a write names either a staging slab (mapped once by the writer from a
+descriptor sent with its first use) or one shared-memory descriptor per storage, and carries
+only the plan.
 """
 
 from __future__ import annotations
@@ -15,27 +16,13 @@ from enum import Enum
 from typing import Any
 
 from .plan import CheckpointPlan
-from .types import RankInfo
+from .types import RankInfo, WriteResult
 
 
 class RequestType(Enum):
     PING = "ping"
     WRITE_CHECKPOINT = "write_checkpoint"
     TERMINATE_PROCESS = "exit"
-
-
-@dataclass
-class WorkerRequest:
-    request_type: RequestType
-    payload: dict[str, Any]
-
-
-@dataclass
-class WorkerResponse:
-    request_type: RequestType
-    success: bool
-    error_msg: str | None = None
-    payload: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +34,14 @@ class WorkerInit:
     subprocess_init_args: tuple[Any, ...]
     writer_init_fn: Callable[..., Any]
     writer_init_args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class InitOutcome:
+    """The answer to WorkerInit: the writer's pid once it is ready, or the failure's type."""
+
+    pid: int | None = None
+    error_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +61,20 @@ class SharedSource:
 
 
 @dataclass(frozen=True)
+class WriteOptions:
+    """How the writer treats one write, beyond the file's content.
+
+    link_from: the path of a checkpoint this writer committed from the same bytes; while it is
+        still that file, the new file shares its extents or is a hard link to it (dedupe_key).
+    create_folder: create the checkpoint's folder when it is missing; False fails the write
+        instead (a folder deleted while its save ran stays deleted).
+    """
+
+    link_from: str | None = None
+    create_folder: bool = True
+
+
+@dataclass(frozen=True)
 class WriteRequest:
     """One write. The save's keyword arguments travel as a pickle of their own (`kwargs_pickle`):
     a value the writer cannot unpickle (a class defined in the trainer's __main__) then fails
@@ -76,7 +85,8 @@ class WriteRequest:
     plan: CheckpointPlan
     source: SlabSource | SharedSource
     kwargs_pickle: bytes
-    forget: tuple[str, ...] = field(default=())  # slabs the trainer released: unmap them
+    options: WriteOptions = field(default_factory=WriteOptions)
+    forget: tuple[str, ...] = ()  # slabs the trainer released: unmap them
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -84,17 +94,31 @@ class WriteRequest:
 
 
 @dataclass(frozen=True)
-class Undecodable:
-    """A message the writer received but could not unpickle, with the reason."""
-
-    error: str
-
-
-@dataclass(frozen=True)
 class WriteOutcome:
     """A WRITE_CHECKPOINT response's payload."""
 
     request_id: int
-    result: Any = None  # the writer's return value (a WriteResult for CheckpointWriter)
+    result: WriteResult | None = None  # the writer's result (None from a writer of torch's shape)
     error_type: str | None = None
     error_errno: int | None = None  # the OS error number behind a failure (ENOSPC, EACCES...)
+
+
+@dataclass
+class WorkerRequest:
+    request_type: RequestType
+    payload: WorkerInit | WriteRequest | None = None
+
+
+@dataclass
+class WorkerResponse:
+    request_type: RequestType
+    success: bool
+    error_msg: str | None = None
+    payload: InitOutcome | WriteOutcome | None = None
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A message the writer received but could not unpickle, with the reason."""
+
+    error: str

@@ -31,7 +31,7 @@ from .errors import (
 )
 from .fsutil import buffer_of
 from .locks import reading
-from .plan import storage_dtype
+from .rebuild import storage_dtype
 from .types import STATE_DICT, RankInfo, default_rank_info
 
 logger = logging.getLogger(__name__)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import torch_internals
 from .errors import CheckpointerClosedError
 from .fsutil import PAGE_SIZE, round_up
 
@@ -59,8 +60,8 @@ class Slab:
             self._pin()
 
     def _pin(self) -> None:
-        result = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.nbytes, 0)
-        if int(result) != 0:
+        result = torch_internals.cuda_host_register(self.tensor.data_ptr(), self.nbytes)
+        if result != 0:
             logger.warning("cudaHostRegister failed (%s); staging from pageable memory", result)
             return
         self.pinned = True
@@ -82,7 +83,7 @@ class Slab:
         if self.closed:
             return
         if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            torch_internals.cuda_host_unregister(self.tensor.data_ptr())
             self.pinned = False
         del self.tensor
         try:

@@ -21,12 +21,15 @@ from typing import Any
 import torch
 import xxhash
 
+from . import torch_internals
 from .config import CheckpointStagerConfig
 from .errors import CheckpointConfigError, CheckpointerClosedError
 from .fsutil import DEFAULT_CHUNK_BYTES
 from .interrupts import sigint_deferred
 from .manifest import chunk_digests
-from .plan import CapturedState, CheckpointPlan, Lineage, PlanCache, materialize
+from .plan import CapturedState, CheckpointPlan, Lineage
+from .plan_cache import PlanCache
+from .rebuild import materialize
 from .slab import Slab, SlabContents, SlabPool, StagingLease
 from .types import STATE_DICT
 
@@ -151,7 +154,7 @@ def _copy_into(
     if not sources:
         return 0
     if all(s.device.type == "cpu" for s in sources):
-        torch._foreach_copy_(destinations, sources)
+        torch_internals.copy_many(destinations, sources)
     else:
         for destination, source in zip(destinations, sources):
             destination.copy_(source, non_blocking=non_blocking and source.device.type == "cuda")

@@ -19,15 +19,15 @@ import socket
 import threading
 import traceback
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
+from . import torch_internals
 from .channel import Channel
-from .plan import materialize
 from .protocol import (
+    InitOutcome,
     RequestType,
-    SharedSource,
     SlabSource,
     Undecodable,
     WorkerInit,
@@ -36,10 +36,21 @@ from .protocol import (
     WriteOutcome,
     WriteRequest,
 )
+from .rebuild import materialize
 from .types import WriteResult
 from .writer import CheckpointWriter
 
 logger = logging.getLogger(__name__)
+
+Inbox = queue.Queue[tuple[WorkerRequest | Undecodable, list[int]] | None]
+
+
+class WriterOfTorchShape(Protocol):
+    """What a writer init function may return instead of a CheckpointWriter (torch's shape)."""
+
+    def write(self, path: str, state_dict: Any, **kwargs: Any) -> Any: ...
+
+    def close(self) -> None: ...
 
 
 def worker_main(fd: int) -> None:
@@ -47,7 +58,7 @@ def worker_main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     channel = Channel(socket.socket(fileno=fd))
-    inbox: queue.Queue[tuple[WorkerRequest | Undecodable, list[int]] | None] = queue.Queue()
+    inbox: Inbox = queue.Queue()
     threading.Thread(target=_read_all, args=(channel, inbox), name="async-ckpt-inbox", daemon=True).start()
     first = inbox.get()
     if first is None:
@@ -61,7 +72,7 @@ def worker_main(fd: int) -> None:
         writer.close()
 
 
-def _read_all(channel: Channel, inbox: queue.Queue[tuple[WorkerRequest | Undecodable, list[int]] | None]) -> None:
+def _read_all(channel: Channel, inbox: Inbox) -> None:
     while True:
         try:
             data, fds = channel.recv_pickle()
@@ -81,32 +92,32 @@ def _reply(channel: Channel, response: WorkerResponse) -> None:
         logger.debug("the trainer is gone; %s not reported", response.request_type.value)
 
 
-def _init_writer(channel: Channel, request: WorkerRequest | Undecodable) -> Any:
+def _init_writer(channel: Channel, request: WorkerRequest | Undecodable) -> WriterOfTorchShape | None:
     if isinstance(request, Undecodable):
         message = (
             "the writer process cannot unpickle its init functions or their arguments (a function or class "
             f"defined in the training script's __main__ cannot be imported by another process):\n{request.error}"
         )
-        _reply(channel, WorkerResponse(RequestType.PING, False, message, {"error_type": "UnpicklingError"}))
+        _reply(channel, WorkerResponse(RequestType.PING, False, message, InitOutcome(error_type="UnpicklingError")))
         return None
-    init: WorkerInit = request.payload["init"]
+    init = request.payload
+    if not isinstance(init, WorkerInit):
+        _reply(channel, WorkerResponse(RequestType.PING, False, f"the first request must initialise, got {request}"))
+        return None
     try:
         init.subprocess_init_fn(*init.subprocess_init_args)
         args = dict(init.writer_init_args)
         args.setdefault("rank_info", init.rank_info)
-        writer = init.writer_init_fn(**args)
+        writer: WriterOfTorchShape = init.writer_init_fn(**args)
     except BaseException as exc:
-        _reply(
-            channel, WorkerResponse(RequestType.PING, False, traceback.format_exc(), {"error_type": type(exc).__name__})
-        )
+        outcome = InitOutcome(error_type=type(exc).__name__)
+        _reply(channel, WorkerResponse(RequestType.PING, False, traceback.format_exc(), outcome))
         return None
-    _reply(channel, WorkerResponse(RequestType.PING, True, None, {"pid": os.getpid()}))
+    _reply(channel, WorkerResponse(RequestType.PING, True, None, InitOutcome(pid=os.getpid())))
     return writer
 
 
-def _serve(
-    channel: Channel, inbox: queue.Queue[tuple[WorkerRequest | Undecodable, list[int]] | None], writer: Any
-) -> None:
+def _serve(channel: Channel, inbox: Inbox, writer: WriterOfTorchShape) -> None:
     slabs: dict[str, mmap.mmap] = {}
     while True:
         item = inbox.get()
@@ -115,22 +126,26 @@ def _serve(
         request, fds = item
         if isinstance(request, Undecodable):  # only our own types cross outside a write's kwargs
             logger.error("the checkpoint writer received a message it cannot read:\n%s", request.error)
-            for fd in fds:
-                os.close(fd)
+            _close_all(fds)
             continue
         if request.request_type is RequestType.TERMINATE_PROCESS:
             _reply(channel, WorkerResponse(RequestType.TERMINATE_PROCESS, True))
             return
-        if request.request_type is RequestType.WRITE_CHECKPOINT:
-            write: WriteRequest = request.payload["write"]
-            _reply(channel, _write(writer, write, fds, slabs))
+        if request.request_type is RequestType.WRITE_CHECKPOINT and isinstance(request.payload, WriteRequest):
+            _reply(channel, _write(writer, request.payload, fds, slabs))
         else:
-            for fd in fds:
-                os.close(fd)
+            _close_all(fds)
             _reply(channel, WorkerResponse(request.request_type, False, f"unknown request {request.request_type!r}"))
 
 
-def _write(writer: Any, write: WriteRequest, fds: list[int], slabs: dict[str, mmap.mmap]) -> WorkerResponse:
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _write(
+    writer: WriterOfTorchShape, write: WriteRequest, fds: list[int], slabs: dict[str, mmap.mmap]
+) -> WorkerResponse:
     try:
         for slab_id in write.forget:
             slabs.pop(slab_id, None)
@@ -138,15 +153,13 @@ def _write(writer: Any, write: WriteRequest, fds: list[int], slabs: dict[str, mm
         result = _call_writer(writer, write, storages, write.kwargs)
         if isinstance(result, Future):  # torch's CheckpointWriter.write may return one
             result = result.result()
-        if not isinstance(result, WriteResult):
-            result = None  # only our own result type is sent back; anything else may not pickle
-        return WorkerResponse(
-            RequestType.WRITE_CHECKPOINT, True, None, {"outcome": WriteOutcome(write.request_id, result)}
-        )
+        # Only our own result type is sent back; anything else may not pickle.
+        outcome = WriteOutcome(write.request_id, result if isinstance(result, WriteResult) else None)
+        return WorkerResponse(RequestType.WRITE_CHECKPOINT, True, None, outcome)
     except BaseException as exc:
         message = f"{type(exc).__name__}: {exc}\n\nWriter traceback:\n{traceback.format_exc()}"
-        outcome = WriteOutcome(write.request_id, error_type=type(exc).__name__, error_errno=getattr(exc, "errno", None))
-        return WorkerResponse(RequestType.WRITE_CHECKPOINT, False, message, {"outcome": outcome})
+        failed = WriteOutcome(write.request_id, error_type=type(exc).__name__, error_errno=getattr(exc, "errno", None))
+        return WorkerResponse(RequestType.WRITE_CHECKPOINT, False, message, failed)
 
 
 def _storages(write: WriteRequest, fds: list[int], slabs: dict[str, mmap.mmap]) -> list[torch.UntypedStorage]:
@@ -158,12 +171,10 @@ def _storages(write: WriteRequest, fds: list[int], slabs: dict[str, mmap.mmap]) 
                 slabs[source.slab_id] = mmap.mmap(f.fileno(), source.nbytes)
         mapped = slabs[source.slab_id]
         return [_region(mapped, s.slab_offset, s.nbytes) for s in write.plan.storages]
-    assert isinstance(source, SharedSource)
     try:
-        return [torch.UntypedStorage._new_shared_fd_cpu(fd, nbytes) for fd, nbytes in zip(fds, source.nbytes)]  # type: ignore[attr-defined]
+        return [torch_internals.storage_from_shared_fd(fd, nbytes) for fd, nbytes in zip(fds, source.nbytes)]
     finally:
-        for fd in fds:
-            os.close(fd)
+        _close_all(fds)
 
 
 def _region(mapped: mmap.mmap, offset: int, nbytes: int) -> torch.UntypedStorage:
@@ -172,11 +183,13 @@ def _region(mapped: mmap.mmap, offset: int, nbytes: int) -> torch.UntypedStorage
     return torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset).untyped_storage()
 
 
-def _call_writer(writer: Any, write: WriteRequest, storages: list[torch.UntypedStorage], kwargs: dict) -> Any:
+def _call_writer(
+    writer: WriterOfTorchShape, write: WriteRequest, storages: list[torch.UntypedStorage], kwargs: dict[str, Any]
+) -> Any:
     """CheckpointWriter writes straight from the plan; a writer that brings its own write() gets
     the state dict, rebuilt on the staged bytes, as torch's _experimental writer would."""
     if isinstance(writer, CheckpointWriter) and type(writer).write is CheckpointWriter.write:
         storage_bytes = [torch.empty(0, dtype=torch.uint8).set_(s) for s in storages]
-        return writer.write_staged(write.path, write.plan, storage_bytes, **kwargs)
+        return writer.write_staged(write.path, write.plan, storage_bytes, options=write.options, **kwargs)
     state_dict = materialize(write.plan, storages)
     return writer.write(path=write.path, state_dict=state_dict, **kwargs)

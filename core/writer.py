@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .barriers import Barrier, BarrierTimeoutError, exchanges_payloads
+from .capture import capture
 from .checkpoint_file import CheckpointFile
 from .commit import CommitRecord, RankFile, new_write_id, write_commit_record
 from .config import CheckpointWriterConfig
@@ -29,7 +30,8 @@ from .leftovers import TEMPORARY_PREFIX, owner_token
 from .leftovers import sweep as sweep_leftovers
 from .locks import exclusive
 from .parallel_io import copy_range
-from .plan import CheckpointPlan, capture
+from .plan import CheckpointPlan
+from .protocol import WriteOptions
 from .retention import apply_retention, series_of
 from .types import RankInfo, WriteResult, default_rank_info
 
@@ -67,12 +69,7 @@ def _temporary_directory(directory: str) -> str:
     return temporary
 
 
-def remove_temporaries(paths: Sequence[str]) -> None:
-    """Remove what writer processes of this machine that died left while writing to `paths`."""
-    for path in paths:
-        for directory in {os.path.dirname(path) or ".", path}:
-            if os.path.isdir(directory):
-                sweep_leftovers(directory, once=False)
+_DEFAULT_OPTIONS = WriteOptions()
 
 
 class CheckpointWriter:
@@ -112,25 +109,37 @@ class CheckpointWriter:
         self._previous_files = PreviousFiles()
         self._committed: dict[str, str] = {}  # final path -> write id, of this writer's last commits
 
-    def write(self, path: str, state_dict: Any, file_format: str = "torch", **kwargs: Any) -> WriteResult:
+    def write(
+        self,
+        path: str,
+        state_dict: Any,
+        file_format: str = "torch",
+        *,
+        options: WriteOptions = _DEFAULT_OPTIONS,
+        **kwargs: Any,
+    ) -> WriteResult:
         """Write a live state dict (copied first where it is not on the CPU) and commit it."""
         captured = capture(state_dict, file_format)
         storage_bytes = [s if s.device.type == "cpu" else s.cpu() for s in captured.sources]
-        return self.write_staged(path, captured.plan, storage_bytes, **kwargs)
+        return self.write_staged(path, captured.plan, storage_bytes, options=options, **kwargs)
 
     def write_staged(
-        self, path: str, plan: CheckpointPlan, storage_bytes: Sequence[torch.Tensor], **kwargs: Any
+        self,
+        path: str,
+        plan: CheckpointPlan,
+        storage_bytes: Sequence[torch.Tensor],
+        *,
+        options: WriteOptions = _DEFAULT_OPTIONS,
+        **kwargs: Any,
     ) -> WriteResult:
         """Write a planned checkpoint whose storage bytes are `storage_bytes` (CPU uint8) and commit it.
 
         Keyword arguments reach the commit hook; those with plain values (str, int, float, bool)
-        are also recorded as the checkpoint's metadata (e.g. step=100). `link_from`: the path of
-        a checkpoint this writer committed with the same plan and bytes; while it is still the
-        file committed there, the new checkpoint shares its extents, or is a hard link to it, or a
-        copy inside the kernel (see _link_or_copy), and no byte is written again.
+        are also recorded as the checkpoint's metadata (e.g. step=100). `options` (see
+        WriteOptions): `link_from` makes the file from a committed one without writing a byte
+        (see _link_or_copy); `create_folder=False` leaves a missing folder missing.
         """
-        link_from = kwargs.pop("link_from", None)
-        create_folder = kwargs.pop("create_folder", True)
+        link_from, create_folder = options.link_from, options.create_folder
         if self._executor is None:
             raise RuntimeError("CheckpointWriter is closed")
         start = time.perf_counter()

@@ -5,7 +5,8 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from core.plan import PlanCache, capture
+from core.capture import capture
+from core.plan_cache import PlanCache
 
 
 def _base():

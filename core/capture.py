@@ -1,0 +1,206 @@
+"""Capture: torch.save's pickle of a state dict, without its tensor bytes.
+
+`capture` pickles the state dict exactly as `torch.save` would (the same `data.pkl`: tensors as
+`_rebuild_tensor_v2`/`v3` or `_rebuild_parameter` calls whose storages are persistent
+references "0", "1", ...), but without touching tensor bytes, and lists the storages those
+references name. Tensors that share a storage (tied weights, views) keep sharing it with their
+own sizes, strides and offsets, so the file has exactly the aliasing of the live state. The
+writer never unpickles anything, so user classes need not be importable in the writer process.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import functools
+import io
+import pickle
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from . import torch_internals
+from .errors import UnsupportedStateError
+from .plan import CapturedState, bytes_of, planned
+
+
+class _StorageRef:
+    """Stands for storage `key` in the pickle; becomes torch's persistent storage id."""
+
+    __slots__ = ("key", "storage_type", "numel")
+
+    def __init__(self, key: str, storage_type: Any, numel: int) -> None:
+        self.key, self.storage_type, self.numel = key, storage_type, numel
+
+
+@functools.cache
+def _legacy_storage_type(dtype: torch.dtype) -> Any:
+    """The storage class torch.save names for `dtype` (UntypedStorage for newer dtypes)."""
+    if dtype in torch_internals.untyped_storage_dtypes():
+        return torch.UntypedStorage
+    return getattr(torch, torch_internals.storage_type_names()[dtype])
+
+
+def check_tensor(tensor: torch.Tensor) -> None:
+    """Refuse, before anything is written, a tensor no checkpoint file can hold."""
+    kind = f"tensor of shape {tuple(tensor.shape)} and dtype {tensor.dtype}"
+    if tensor.is_meta:
+        raise UnsupportedStateError(
+            f"cannot checkpoint a meta {kind}: it holds no data; materialise it (to_empty + init) first"
+        )
+    if tensor.is_quantized:
+        raise UnsupportedStateError(
+            f"cannot checkpoint a quantized {kind} ({tensor.qscheme()}): async-ckpt saves dense tensors; "
+            "save tensor.dequantize() or use torch.save for quantized models"
+        )
+    if tensor.layout != torch.strided:
+        raise UnsupportedStateError(
+            f"cannot checkpoint a {kind} with layout {tensor.layout}: convert it to a dense tensor (to_dense()) first"
+        )
+
+
+_PLAIN_TYPES = frozenset(
+    {
+        str,
+        int,
+        float,
+        bool,
+        type(None),
+        tuple,
+        list,
+        dict,
+        OrderedDict,
+        bytes,
+        torch.Tensor,
+        torch.nn.Parameter,
+        torch.dtype,
+        torch.device,
+        torch.Size,
+    }
+)
+
+
+class _CapturePickler(pickle.Pickler):
+    """torch.save's pickling, with storages collected instead of serialised."""
+
+    def __init__(self, buffer: io.BytesIO) -> None:
+        super().__init__(buffer, protocol=2)
+        self.storages: list[torch.UntypedStorage] = []
+        self._refs: dict[tuple[str, int], tuple[_StorageRef, torch.dtype]] = {}
+        self.dispatch_table = copyreg.dispatch_table.copy()
+        self.dispatch_table[torch.Tensor] = self._reduce_tensor
+        self.dispatch_table[torch.nn.Parameter] = self._reduce_parameter
+
+    def release(self) -> list[torch.UntypedStorage]:
+        """The storages collected; the pickler lets go of them and of itself. Its dispatch table
+        holds its own bound methods, a reference cycle that would otherwise keep every storage of
+        the state alive until Python's cyclic garbage collector runs."""
+        storages, self.storages = self.storages, []
+        self.dispatch_table = {}
+        self._refs = {}
+        return storages
+
+    def _storage_ref(self, tensor: torch.Tensor) -> _StorageRef:
+        storage = tensor.untyped_storage()
+        identity = (str(storage.device), torch_internals.storage_key(storage))
+        if identity not in self._refs:
+            storage_type = _legacy_storage_type(tensor.dtype)
+            numel = (
+                storage.nbytes() if storage_type is torch.UntypedStorage else storage.nbytes() // tensor.element_size()
+            )
+            self._refs[identity] = (_StorageRef(str(len(self.storages)), storage_type, numel), tensor.dtype)
+            self.storages.append(storage)
+        ref, dtype = self._refs[identity]
+        if dtype != tensor.dtype:
+            raise UnsupportedStateError(
+                f"cannot checkpoint tensors that view the same memory as different dtypes ({dtype} and "
+                f"{tensor.dtype}); torch.load cannot restore that sharing. Save a .clone() of one of them"
+            )
+        return ref
+
+    def _reduce_tensor(self, tensor: torch.Tensor) -> tuple:
+        """torch.save's reduction of a dense tensor (Tensor.__reduce_ex__), storages by reference."""
+        check_tensor(tensor)
+        ref = self._storage_ref(tensor)
+        args: tuple = (
+            ref,
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.stride(),
+            tensor.requires_grad,
+            OrderedDict(),
+        )
+        metadata = torch_internals.tensor_metadata(tensor)  # the conjugate and negative bits
+        rebuild: Any = torch_internals.rebuild_tensor_v2
+        if ref.storage_type is torch.UntypedStorage:
+            rebuild, args = torch_internals.rebuild_tensor_v3, (*args, tensor.dtype)
+        if metadata:
+            args = (*args, metadata)
+        state = torch_internals.object_state(tensor)
+        if state:  # Python attributes set on the tensor, which torch.save keeps
+            return torch_internals.rebuild_from_type_v2, (rebuild, type(tensor), args, state)
+        return rebuild, args
+
+    def _reduce_parameter(self, parameter: torch.nn.Parameter) -> tuple:
+        state = torch_internals.object_state(parameter)
+        if state:
+            return torch_internals.rebuild_parameter_with_state, (
+                parameter.data,
+                parameter.requires_grad,
+                OrderedDict(),
+                state,
+            )
+        return torch_internals.rebuild_parameter, (parameter.data, parameter.requires_grad, OrderedDict())
+
+    def persistent_id(self, obj: Any) -> Any:
+        # Called for every object pickled: the common types leave after one set lookup.
+        kind = type(obj)
+        if kind in _PLAIN_TYPES:
+            return None
+        if kind is _StorageRef:
+            return ("storage", obj.storage_type, obj.key, "cpu", obj.numel)
+        if isinstance(obj, torch.Tensor) and type(obj) not in (torch.Tensor, torch.nn.Parameter):
+            raise UnsupportedStateError(
+                f"cannot checkpoint a {type(obj).__name__} of shape {tuple(obj.shape)}: only plain tensors and "
+                "nn.Parameter are supported; convert it (e.g. .full_tensor() or .to_local()) first"
+            )
+        if isinstance(obj, (torch.UntypedStorage, torch.storage.TypedStorage)):
+            raise UnsupportedStateError("cannot checkpoint a bare torch storage; save a tensor that views it instead")
+        return None
+
+
+def capture(state_dict: Any, file_format: str = "torch") -> CapturedState:
+    """Plan a checkpoint of `state_dict` in `file_format` ("torch" or "safetensors")."""
+    if file_format == "safetensors":
+        from .safetensors_format import capture_safetensors  # it builds on check_tensor here
+
+        return capture_safetensors(state_dict)
+    if file_format != "torch":
+        raise ValueError(f"unknown checkpoint format {file_format!r}; use 'torch' or 'safetensors'")
+    return capture_torch(state_dict)
+
+
+def capture_torch(state_dict: Any) -> CapturedState:
+    """Pickle `state_dict` as torch.save would and plan the copy of its tensor bytes.
+
+    Non-tensor values are deep-copied by the pickling, so later changes to them do not reach
+    the checkpoint. Raises UnsupportedStateError, before anything is written, for values that
+    cannot be checkpointed (lambdas, open files, meta and quantized tensors). A tensor that is
+    part of an autograd graph is saved as torch.save saves it: its values and requires_grad.
+    """
+    buffer = io.BytesIO()
+    pickler = _CapturePickler(buffer)
+    try:
+        pickler.dump(state_dict)
+    except UnsupportedStateError:
+        raise
+    except Exception as exc:
+        raise UnsupportedStateError(
+            f"cannot checkpoint this state dict: a value cannot be pickled ({type(exc).__name__}: {exc}). "
+            "Checkpoints may hold tensors, numbers, strings, containers and picklable objects; "
+            "remove open files, lambdas, locks and similar values before saving"
+        ) from exc
+    finally:
+        storages = pickler.release()
+    sources = [bytes_of(storage, 0, storage.nbytes()) for storage in storages]
+    return planned(buffer.getvalue(), sources, "torch")

@@ -1,0 +1,133 @@
+"""PlanCache: reusing an earlier capture's pickle for a state dict of the same skeleton."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import torch_internals
+from .capture import capture, capture_torch
+from .plan import CapturedState, CheckpointPlan, bytes_of
+
+
+class PlanCache:
+    """Reuses an earlier capture's pickle for a state dict of the same skeleton.
+
+    Pickling a large state dict (thousands of tensors with optimizer state) costs tens of
+    milliseconds of Python; walking it to compare with earlier saves costs a few. The
+    skeleton records everything the pickle depends on: container types and lengths, keys and
+    plain values in order, which objects are the same object (pickle's memo), and each tensor's
+    type, dtype, shape, stride, offset, device, requires_grad and storage (by first appearance
+    and size). An equal skeleton means torch.save would write the same data.pkl, so only the
+    storage list is rebuilt. Anything else (custom objects, tensor subclasses) is captured anew.
+    The last `entries` skeletons are kept, for callers that save several state dicts in turn
+    (Accelerate's model, optimizer and scheduler files).
+    """
+
+    def __init__(self, entries: int = 8) -> None:
+        self._entries = entries
+        self._cached: list[_CachedPlan] = []  # most recent last
+
+    def clear(self) -> None:
+        self._cached = []
+
+    def capture(self, state_dict: Any, file_format: str = "torch") -> CapturedState:
+        if file_format != "torch":
+            return capture(state_dict, file_format)
+        walked = _walk_skeleton(state_dict)
+        if walked is None:
+            return capture_torch(state_dict)
+        skeleton, storages = walked
+        for index, cached in enumerate(self._cached):
+            if cached.skeleton == skeleton:
+                del self._cached[index]
+                self._cached.append(cached)
+                # Byte views of this save's storages: the cache itself holds no tensor memory.
+                sources = [bytes_of(storage, 0, storage.nbytes()) for storage in storages]
+                return CapturedState(plan=dataclasses.replace(cached.plan), sources=sources)
+        captured = capture_torch(state_dict)
+        self._cached = [
+            *self._cached[-(self._entries - 1) :],
+            _CachedPlan(skeleton, dataclasses.replace(captured.plan)),
+        ]
+        return captured
+
+
+@dataclass(frozen=True)
+class _CachedPlan:
+    skeleton: list[Any]
+    plan: CheckpointPlan
+
+
+_SCALAR_TYPES = frozenset({int, bool, type(None)})
+
+
+def _walk_skeleton(state_dict: Any) -> tuple[list[Any], list[torch.UntypedStorage]] | None:
+    """(skeleton, storages in the order the pickle names them), or None when it cannot be cached."""
+    walk = _SkeletonWalk()
+    try:
+        walk.visit(state_dict)
+    except Exception:  # an object the skeleton does not describe, or a tensor without strides
+        return None
+    return walk.skeleton, [storage for _, storage in walk.storages.values()]
+
+
+class _SkeletonWalk:
+    """One walk of a state dict for PlanCache. A class, not a recursive closure: a closure that
+    calls itself is a reference cycle, and this one would keep every storage of the state alive
+    (a whole model's memory, per save) until Python's cyclic garbage collector happens to run."""
+
+    def __init__(self) -> None:
+        self.skeleton: list[Any] = []
+        self.storages: dict[int, tuple[int, torch.UntypedStorage]] = {}  # id -> (index in the pickle, storage)
+        self._seen: dict[int, int] = {}
+
+    def visit(self, obj: Any) -> None:
+        skeleton = self.skeleton
+        kind = type(obj)
+        if kind in _SCALAR_TYPES:
+            skeleton.append((kind, obj))
+            return
+        if kind is float:
+            skeleton.append(obj.hex())  # tells 0.0 from -0.0, which compare equal
+            return
+        if id(obj) in self._seen:
+            skeleton.append(self._seen[id(obj)])  # the same object again: pickle writes a memo reference
+            return
+        self._seen[id(obj)] = -len(self._seen) - 1
+        if kind is str or kind is bytes:
+            skeleton.append(obj)
+        elif kind is dict or kind is OrderedDict:
+            skeleton.append((kind, len(obj)))
+            for key, value in obj.items():
+                self.visit(key)
+                self.visit(value)
+        elif kind is list or kind is tuple:
+            skeleton.append((kind, len(obj)))
+            for value in obj:
+                self.visit(value)
+        elif (kind is torch.Tensor or kind is torch.nn.Parameter) and not obj.__dict__:
+            storage = obj.untyped_storage()
+            index = self.storages.setdefault(torch_internals.storage_key(storage), (len(self.storages), storage))[0]
+            skeleton.append(
+                (
+                    kind,
+                    obj.dtype,
+                    obj.shape,
+                    obj.stride(),
+                    obj.storage_offset(),
+                    obj.device,
+                    obj.requires_grad,
+                    obj.is_conj(),
+                    obj.is_neg(),
+                    obj.layout,
+                    index,
+                    storage.nbytes(),
+                )
+            )
+        else:
+            raise TypeError(kind)
