@@ -4,7 +4,7 @@ save_state() snapshots every object Accelerate would save (models, optimizers, s
 samplers, scaler, RNG states, registered custom objects) and returns. As Accelerate does, it
 creates the checkpoint folder at once; the files, with Accelerate's names and formats, are
 written in the background into a hidden staging folder inside it (one per process) and
-published into it once every rank's files are durable (core's FileSetCheckpointer): only this
+published into it once every rank's files are durable (FileSetCheckpointer): only this
 save's files are added or replaced. `total_limit` pruning runs after a newer checkpoint is
 published and keeps every checkpoint still being written. `load_state()` and `end_training()`
 first wait for pending checkpoints (of any Accelerator of the process), and so do
@@ -16,7 +16,6 @@ checkpoint, skips it). Deleting a checkpoint's folder while it is written cancel
 from __future__ import annotations
 
 import collections
-import copyreg
 import logging
 import os
 import random
@@ -39,21 +38,21 @@ from accelerate.utils.constants import (
     SCHEDULER_NAME,
     WEIGHTS_NAME,
 )
-from accelerate.utils.other import clean_state_dict_for_safetensors
 
 from core import (
     CheckpointerConfig,
-    FileSetCheckpointer,
-    NamedState,
     UncommittedCheckpointError,
     WriteResult,
     WriterHook,
     pending_writes,
     wait_for_pending_writes,
 )
-from core.leftovers import PENDING_DIR, TRASH_PREFIX, owner_alive, owner_token
+from core.leftovers import PENDING_DIR, PUBLISHING_SUFFIX, TRASH_PREFIX, owner_alive, owner_token
 from core.leftovers import sweep as sweep_leftovers
-from core.publish import interrupted_publish
+
+from . import accelerate_internals as internals
+from .file_set import FileSetCheckpointer, NamedState
+from .publish import interrupted_publish
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +84,7 @@ def _being_written(folder: str) -> bool:
         names = os.listdir(os.path.join(folder, PENDING_DIR))
     except OSError:
         return False
-    return any(owner_alive(name) is not False for name in names if not name.endswith(".publishing"))
+    return any(owner_alive(name) is not False for name in names if not name.endswith(PUBLISHING_SUFFIX))
 
 
 def _incomplete(folder: str) -> str | None:
@@ -136,24 +135,28 @@ def _rng_states(accelerator: Accelerator) -> dict[str, Any]:
     return states
 
 
-def _shared_files(accelerator: Accelerator, weights: list[dict], safe_serialization: bool) -> list[NamedState]:
+def _shared_files(
+    accelerator: Accelerator, weights: list[dict[str, Any]], safe_serialization: bool
+) -> list[NamedState]:
     """The files one process writes for everyone, named as save_accelerator_state names them."""
     files = []
     weights_name = SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
     for i, state in enumerate(weights):
         if safe_serialization:
-            files.append(NamedState(_indexed(weights_name, i), clean_state_dict_for_safetensors(state), "safetensors"))
+            files.append(
+                NamedState(_indexed(weights_name, i), internals.clean_state_dict_for_safetensors(state), "safetensors")
+            )
         else:
             files.append(NamedState(_indexed(weights_name, i), state))
-    for i, optimizer in enumerate(accelerator._optimizers):
+    for i, optimizer in enumerate(internals.optimizers(accelerator)):
         files.append(NamedState(_indexed(f"{OPTIMIZER_NAME}.bin", i), optimizer.state_dict()))
-    for i, scheduler in enumerate(accelerator._schedulers):
+    for i, scheduler in enumerate(internals.schedulers(accelerator)):
         files.append(NamedState(_indexed(f"{SCHEDULER_NAME}.bin", i), scheduler.state_dict()))
-    for i, dataloader in enumerate(accelerator._dataloaders):
+    for i, dataloader in enumerate(internals.dataloaders(accelerator)):
         files.extend(_dataloader_files(dataloader, i))
     if accelerator.scaler is not None:
         files.append(NamedState(SCALER_NAME, accelerator.scaler.state_dict()))
-    for i, obj in enumerate(accelerator._custom_objects):
+    for i, obj in enumerate(internals.custom_objects(accelerator)):
         files.append(NamedState(f"custom_checkpoint_{i}.pkl", obj.state_dict()))
     return files
 
@@ -185,13 +188,6 @@ class _HookedMethod:
         return self._function(*args, **kwargs)
 
 
-def _reduce_without_hooks(accelerator: Accelerator) -> Any:
-    """Pickle an accelerator as Accelerate would, minus the hook: it unpickles with its own methods."""
-    reduced: Any = object.__reduce_ex__(accelerator, 2)
-    state = {k: v for k, v in reduced[2].items() if not isinstance(v, _HookedMethod)}
-    return (reduced[0], reduced[1], state, *reduced[3:])
-
-
 class AsyncSaveState:
     """Makes one Accelerator's save_state() asynchronous; see the module docstring.
 
@@ -208,13 +204,18 @@ class AsyncSaveState:
         self._saver.on_committed.append(self._unlogged.append)
         self._originals = {name: getattr(accelerator, name) for name in _HOOKED}
         self._overridden = {name for name in self._originals if name in vars(accelerator)}
-        copyreg.pickle(type(accelerator), _reduce_without_hooks)
+        # Pickling (and deepcopy) asks the instance for __getstate__: while the hook is on, the
+        # accelerator's own answer leaves the hook out, so a copy has Accelerate's methods.
+        accelerator.__getstate__ = _HookedMethod(self._state_without_hook, None)
         accelerator.save_state = _HookedMethod(self.save_state, self._originals["save_state"].__doc__)
         accelerator.load_state = _HookedMethod(self._load_state, self._originals["load_state"].__doc__)
         accelerator.end_training = _HookedMethod(self._end_training, self._originals["end_training"].__doc__)
         accelerator.save_model = _HookedMethod(self._save_model, self._originals["save_model"].__doc__)
         accelerator.save = _HookedMethod(self._save, self._originals["save"].__doc__)
         self._open = True
+
+    def _state_without_hook(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self._accelerator).items() if not isinstance(v, _HookedMethod)}
 
     @property
     def stats(self) -> Any:
@@ -241,9 +242,10 @@ class AsyncSaveState:
         staging = self._staging_dir(final)
         os.makedirs(staging)
 
-        weights = [accelerator.get_state_dict(model, unwrap=False) for model in accelerator._models]
-        for hook in accelerator._save_model_state_pre_hook.values():
-            hook(accelerator._models, weights, staging)  # files it writes there are published with the rest
+        models = internals.models(accelerator)
+        weights = [accelerator.get_state_dict(model, unwrap=False) for model in models]
+        for hook in internals.save_model_state_pre_hooks(accelerator):
+            hook(models, weights, staging)  # files it writes there are published with the rest
         files = [NamedState(f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl", _rng_states(accelerator))]
         if self._writes_shared_files():
             files = _shared_files(accelerator, weights, safe_serialization) + files
@@ -322,8 +324,8 @@ class AsyncSaveState:
         """Whether this process writes the files one process writes for all (models, optimizers...)."""
         accelerator = self._accelerator
         if accelerator.project_configuration.save_on_each_node:
-            return accelerator.is_local_main_process
-        return accelerator.is_main_process
+            return bool(accelerator.is_local_main_process)
+        return bool(accelerator.is_main_process)
 
     def _numbered(self) -> list[tuple[int, str]]:
         base = self._checkpoints_dir()
@@ -401,6 +403,7 @@ class AsyncSaveState:
                     setattr(self._accelerator, name, method)
                 else:
                     delattr(self._accelerator, name)  # back to the class's own method
+            del self._accelerator.__getstate__
 
     def __enter__(self) -> AsyncSaveState:
         return self

@@ -14,7 +14,6 @@ moves over by changing its imports to `core` (see the README for the differences
 from .barriers import (
     BARRIER_REGISTRY,
     Barrier,
-    BarrierTimeoutError,
     DistBarrier,
     TCPStoreBarrier,
     create_barrier_from_config,
@@ -33,6 +32,7 @@ from .config import (
     RetentionConfig,
 )
 from .errors import (
+    BarrierTimeoutError,
     CheckpointCommitError,
     CheckpointConfigError,
     CheckpointerClosedError,
@@ -52,17 +52,15 @@ from .errors import (
     WriterStartError,
     WriterStartTimeoutError,
 )
-from .file_set import CommitVote, FileSetCheckpointer, NamedState
-from .options import adapter_config, with_slabs_per_save
+from .futures import wrap_future
+from .options import AsyncOptions
 from .outstanding import WriteFuture
 from .pending import pending_writes, register_pending_write, wait_for_pending_writes
 from .process import CheckpointProcess
 from .protocol import RequestType, WorkerRequest, WorkerResponse
-from .publish import publish_directory
 from .reader import CheckpointReader
 from .staging import CheckpointStager, DefaultStager, StagedStateDict
 from .types import STATE_DICT, CheckpointStats, RankInfo, WriteResult
-from .utils import wrap_future
 from .writer import CheckpointWriter, WriterHook
 from .writer_factory import default_subprocess_init_fn, default_writer_init_fn
 
@@ -70,6 +68,7 @@ __async_ckpt__ = True  # marks this distribution's `core`, as opposed to a user'
 
 __all__ = [
     "AsyncCheckpointer",
+    "AsyncOptions",
     "BARRIER_REGISTRY",
     "Barrier",
     "BarrierConfig",
@@ -93,12 +92,6 @@ __all__ = [
     "CheckpointerClosedError",
     "CheckpointerConfig",
     "CommitRecord",
-    "CommitVote",
-    "FileSetCheckpointer",
-    "NamedState",
-    "adapter_config",
-    "publish_directory",
-    "with_slabs_per_save",
     "CorruptCheckpointError",
     "DefaultStager",
     "DistBarrier",

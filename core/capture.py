@@ -118,11 +118,11 @@ class _CapturePickler(pickle.Pickler):
             )
         return ref
 
-    def _reduce_tensor(self, tensor: torch.Tensor) -> tuple:
+    def _reduce_tensor(self, tensor: torch.Tensor) -> tuple[Any, ...]:
         """torch.save's reduction of a dense tensor (Tensor.__reduce_ex__), storages by reference."""
         check_tensor(tensor)
         ref = self._storage_ref(tensor)
-        args: tuple = (
+        args: tuple[Any, ...] = (
             ref,
             tensor.storage_offset(),
             tuple(tensor.shape),
@@ -141,7 +141,7 @@ class _CapturePickler(pickle.Pickler):
             return torch_internals.rebuild_from_type_v2, (rebuild, type(tensor), args, state)
         return rebuild, args
 
-    def _reduce_parameter(self, parameter: torch.nn.Parameter) -> tuple:
+    def _reduce_parameter(self, parameter: torch.nn.Parameter) -> tuple[Any, ...]:
         state = torch_internals.object_state(parameter)
         if state:
             return torch_internals.rebuild_parameter_with_state, (

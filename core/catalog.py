@@ -19,7 +19,7 @@ from .commit import COMMIT_RECORD, read_commit_record
 from .errors import CheckpointError, NotACheckpointError
 from .leftovers import TEMPORARY_PREFIX, Leftover
 from .leftovers import find as find_leftovers
-from .reader import structure_problem
+from .unpickle import structure_problem
 
 logger = logging.getLogger(__name__)
 

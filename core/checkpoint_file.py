@@ -17,8 +17,7 @@ import zipfile
 import zlib
 from typing import IO, Any
 
-import torch
-
+from . import torch_internals
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -90,7 +89,7 @@ class CheckpointFile:
         self._infos = self._zip_directory()
         try:
             self._file.seek(0)  # torch's reader reads the archive from the file's position
-            self._zip = torch._C.PyTorchFileReader(self._file)
+            self._zip = torch_internals.FileReader(self._file)
             self.records = set(self._zip.get_all_records())
         except Exception as exc:  # any damage the C++ reader trips on
             raise CorruptCheckpointError(
@@ -255,7 +254,7 @@ class CheckpointFile:
         with self._lock:
             if key not in self._offsets:
                 try:
-                    self._offsets[key] = int(self._zip.get_record_offset(f"data/{key}"))  # type: ignore[attr-defined]
+                    self._offsets[key] = torch_internals.record_offset(self._zip, f"data/{key}")
                 except Exception as exc:
                     raise self._damaged(f"storage data/{key} cannot be found ({exc})") from None
             return self._offsets[key]

@@ -15,6 +15,7 @@ from . import drain
 from .config import CheckpointProcessConfig
 from .dedupe import LastSave, RepeatedSaves
 from .errors import CheckpointerClosedError, MissingKeysError
+from .futures import wrap_future
 from .interrupts import sigint_deferred
 from .outstanding import OutstandingWrites, WriteFuture, settle
 from .pending import wait_for_pending_writes
@@ -23,7 +24,6 @@ from .protocol import WriteOptions
 from .reader import CheckpointReader
 from .staging import CheckpointStager, DefaultStager, StagedStateDict
 from .types import STATE_DICT, CheckpointStats, WriteResult
-from .utils import wrap_future
 from .writer import CheckpointWriter
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class Checkpointer(abc.ABC):
     """Saves and loads checkpoints. A context manager: leaving the block closes it."""
 
     @abc.abstractmethod
-    def save(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> tuple[Future, Future] | None:
+    def save(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> tuple[Future[Any], Future[Any]] | None:
         """Save `state_dict` at `path`: None once written (sync), or (stage_future, write_future)."""
 
     @abc.abstractmethod
@@ -94,6 +94,7 @@ def _load(
         raise TypeError("load() got both map_location and default_map_location; pass one")
     map_location = default_map_location if map_location is None else map_location
     wait_for_pending_writes(path)
+    loaded: STATE_DICT
     loaded, missing = reader.read(path, state_dict, map_location=map_location, strict=strict, **kwargs)
     if strict and missing:  # a reader of torch's shape reports missing keys and leaves strictness to us
         raise MissingKeysError(f"Checkpoint at {path} is missing keys: {missing}")

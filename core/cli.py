@@ -32,7 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        code: int = args.run(args)
+        return code
     except (CheckpointNotFoundError, NotACheckpointError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"{parser.prog} {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -182,9 +183,9 @@ def _flatten(obj: Any) -> dict[str, Any]:
     share one list at every level: 2**60 paths in a few KiB)."""
     flat: dict[str, Any] = {}
     first_seen: dict[int, str] = {}
-    stack: list[tuple[str, Any]] = [("", obj)]
+    stack: list[tuple[str, Any, int]] = [("", obj, 0)]
     while stack:
-        prefix, item = stack.pop()
+        prefix, item, depth = stack.pop()
         if isinstance(item, dict):
             items: Any = item.items()
         elif isinstance(item, (list, tuple)) and not isinstance(item, torch.Size):
@@ -198,8 +199,17 @@ def _flatten(obj: Any) -> dict[str, Any]:
         first_seen[id(item)] = prefix
         if len(flat) + len(first_seen) > _MAX_ENTRIES:
             raise CheckpointError(f"the checkpoint holds more than {_MAX_ENTRIES} entries: too many to list")
-        stack.extend(reversed([(f"{prefix}.{key}" if prefix else str(key), value) for key, value in items]))
+        stack.extend(reversed([(_key(prefix, key, depth), value, depth + 1) for key, value in items]))
     return flat
+
+
+_MAX_KEY_DEPTH = 1000  # far deeper than any state dict nests: beyond it keys stop growing (else quadratic)
+
+
+def _key(prefix: str, key: Any, depth: int) -> str:
+    if depth >= _MAX_KEY_DEPTH:
+        return prefix if prefix.endswith(".<deeper>") else f"{prefix}.<deeper>"
+    return f"{prefix}.{key}" if prefix else str(key)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

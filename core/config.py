@@ -37,7 +37,9 @@ class CheckpointStagerConfig:
     use_non_blocking_copy: CUDA copies on a side stream. Asked for (True) on a machine without
         an accelerator, DefaultStager raises CheckpointConfigError (an AssertionError, as in torch).
     max_in_flight: how many saves may be staged or writing at once; each holds one staging
-        buffer, so host memory is about max_in_flight times the state dict's tensor bytes.
+        buffer, so host memory is about max_in_flight times the state dict's tensor bytes. Two
+        (the default, as in the adapters' AsyncOptions) let a save not wait for the previous
+        one's write.
     incremental: skip what did not change since the previous save of the same state-dict
         shape. CPU tensors are hashed (xxh3, in parallel, GIL released) and those whose bytes
         the staging buffer already holds are not copied; the writer copies unchanged chunks from
@@ -49,7 +51,7 @@ class CheckpointStagerConfig:
     use_shared_memory: bool = True
     use_async_staging: bool | None = None
     use_non_blocking_copy: bool | None = None
-    max_in_flight: int = 1
+    max_in_flight: int = 2
     incremental: bool = False
 
     def __post_init__(self) -> None:

@@ -3,6 +3,10 @@
 Objects with background saves register here. At interpreter exit each is closed (which drains
 it). On SIGTERM (preemption) each gets a bounded wait for its pending saves, then the handler
 that was installed before runs: the user's, Lightning's, or the default (exit).
+
+Process-wide by nature: interpreter exit and a signal's handler belong to the process. The
+SIGTERM handler is installed once, by the first checkpointer that drains on SIGTERM, from the
+main thread; it chains to the handler it found, so the user's or the framework's still runs.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from . import torch_internals
 from .fsutil import DEFAULT_CHUNK_BYTES, PAGE_SIZE, write_all
 from .manifest import MANIFEST_RECORD, Manifest, chunk_ranges
 from .parallel_io import Chunk, DirectIO, PreviousRecord, write_chunks
@@ -116,10 +117,11 @@ def _write_skeleton(path: str, data_pkl: bytes, storage_sizes: Sequence[int], ma
     try:
         _lay_out_skeleton(memory, path, data_pkl, storage_sizes, manifest)
         with os.fdopen(os.dup(memory), "rb") as skeleton:
-            reader = torch._C.PyTorchFileReader(skeleton)
-            record_offset = reader.get_record_offset  # type: ignore[attr-defined]  # no stub for it
-            offsets = {str(key): record_offset(f"data/{key}") for key in range(len(storage_sizes))}
-            offsets[MANIFEST_RECORD] = record_offset(MANIFEST_RECORD)
+            reader = torch_internals.FileReader(skeleton)
+            offsets = {
+                str(key): torch_internals.record_offset(reader, f"data/{key}") for key in range(len(storage_sizes))
+            }
+            offsets[MANIFEST_RECORD] = torch_internals.record_offset(reader, MANIFEST_RECORD)
             del reader
         _copy_extents(memory, path)
     finally:
@@ -133,16 +135,16 @@ def _lay_out_skeleton(memory: int, path: str, data_pkl: bytes, storage_sizes: Se
     os.mkdir(alias_folder, 0o700)
     try:
         os.symlink(f"/proc/{os.getpid()}/fd/{memory}", alias)
-        writer = torch._C.PyTorchFileWriter(alias, True, STORAGE_ALIGNMENT)
+        writer = torch_internals.FileWriter(alias, True, STORAGE_ALIGNMENT)
         writer.write_record("data.pkl", data_pkl, len(data_pkl))
         for name, value in (
             (".format_version", "1"),
             (".storage_alignment", str(STORAGE_ALIGNMENT)),
             ("byteorder", sys.byteorder),
         ):
-            writer.write_record(name, value, len(value))  # type: ignore[arg-type]  # str records, as torch.save writes
+            writer.write_record(name, value, len(value))  # str records, as torch.save writes
         for key, nbytes in enumerate(storage_sizes):
-            writer.write_record_metadata(f"data/{key}", nbytes)  # type: ignore[attr-defined]  # no stub for it
+            torch_internals.reserve_record(writer, f"data/{key}", nbytes)
         writer.write_record(MANIFEST_RECORD, manifest, len(manifest))
         writer.write_end_of_file()
         del writer

@@ -41,6 +41,20 @@ def fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
+def process_umask() -> int:
+    """The process's umask, read without changing it (Linux 4.7+ shows it in /proc/self/status).
+    Files take their final permissions from it when they are published, as open() would give them."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    # Older kernels: reading it means setting it; put it back at once (a race only with another
+    # thread that changes the umask at the same moment).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def resolved(path: str | os.PathLike[str]) -> str:
     """One spelling for every way of naming a path: absolute, symlinks and `..` resolved."""
     text = os.fspath(path)

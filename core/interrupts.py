@@ -5,6 +5,13 @@ statements that register a save and hand it to the writer run with SIGINT deferr
 that arrives meanwhile is raised as soon as they are done, so the caller is interrupted at once
 after them, and a save is either fully handed over or not at all. Long work (the copy, waiting
 for the writer) stays interruptible.
+
+Why a handler swap, which is process-wide state: a signal's handler belongs to the process, and
+Python runs it in the main thread. Blocking SIGINT with a signal mask instead would not defer
+it: the kernel delivers a process's signal to any thread that does not block it (ours, torch's,
+the user's), Python notes it there and the main thread raises it at its next bytecode, inside
+the section. The swap lasts only for those few statements, in the main thread, and always
+restores the handler that was there, then runs it for a Ctrl-C that came meanwhile.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ TEMPORARY_PREFIX = ".async-ckpt-"
 TRASH_PREFIX = ".async_ckpt_trash."
 PENDING_DIR = ".async_ckpt_pending"
 MARKER_PREFIX = ".async_ckpt_saving."
+PUBLISHING_SUFFIX = ".publishing"  # a multi-file publish in progress (see accelerate_ckpt/publish.py)
 
 _TOKEN = r"(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+)"
 _PATTERNS = (
@@ -142,7 +143,7 @@ def sweep(directory: str, once: bool = True) -> None:
     _swept.add(key)
     for leftover in find(directory):
         # A dead publish's marker says the folder mixes two saves; only a complete publish removes it.
-        if leftover.owner_alive is False and not leftover.name.endswith(".publishing"):
+        if leftover.owner_alive is False and not leftover.name.endswith(PUBLISHING_SUFFIX):
             _remove(leftover.path)
     pending = os.path.join(directory, PENDING_DIR)
     try:

@@ -21,7 +21,7 @@ from .pending import register_pending_write, remove_marker
 logger = logging.getLogger(__name__)
 
 
-class WriteFuture(Future):
+class WriteFuture(Future[Any]):
     """A save's write future; it knows whether anyone has looked at its outcome, so that a
     failure the caller has already seen on the future is not raised again by save/wait/close.
     Its marker for other processes (see pending.py) is gone before anyone waiting wakes."""
@@ -50,7 +50,7 @@ class WriteFuture(Future):
         return error
 
 
-def settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
+def settle(future: Future[Any], result: Any = None, error: BaseException | None = None) -> None:
     """Complete `future` unless something (a drain that gave up) already has."""
     try:
         if error is not None:
@@ -72,7 +72,7 @@ class OutstandingWrites:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._writes: dict[Future, _Write] = {}
+        self._writes: dict[Future[Any], _Write] = {}
         self._failed: list[WriteFuture] = []
 
     def start(self, path: str, report_errors: bool = True) -> WriteFuture:
@@ -85,7 +85,7 @@ class OutstandingWrites:
             future.marker = register_pending_write(path, future)
         return future  # callers defer SIGINT around this call too, so that they hold the future
 
-    def _finished(self, future: Future) -> None:
+    def _finished(self, future: Future[Any]) -> None:
         with self._lock:
             write = self._writes.pop(future, None)
             error = future._exception  # not exception(): that counts as looking
@@ -100,7 +100,7 @@ class OutstandingWrites:
         if unseen:
             raise unseen[0].exception()  # type: ignore[misc]
 
-    def futures(self) -> list[Future]:
+    def futures(self) -> list[Future[Any]]:
         with self._lock:
             return list(self._writes)
 

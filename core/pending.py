@@ -22,6 +22,7 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
+from typing import Any
 
 import xxhash
 
@@ -31,12 +32,12 @@ from .leftovers import MARKER_PREFIX, PENDING_DIR, TEMPORARY_PREFIX, owner_alive
 logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-_pending: dict[str, list[Future]] = {}
+_pending: dict[str, list[Future[Any]]] = {}
 _FOREIGN_MARKER_WAIT_SECS = 600.0
 _POLL_SECS = 0.02
 
 
-def register_pending_write(path: str | os.PathLike[str], future: Future) -> str | None:
+def register_pending_write(path: str | os.PathLike[str], future: Future[Any]) -> str | None:
     """Know `future` as a write to `path` until it completes (successfully or not), in this
     process and, in a job of several processes, in every other through a marker file (placed
     where the folder exists). Returns the marker's path: the caller may remove it with
@@ -47,7 +48,7 @@ def register_pending_write(path: str | os.PathLike[str], future: Future) -> str 
         _pending.setdefault(key, []).append(future)
     marker = _place_marker(key) if _other_processes_may_read() else None
 
-    def forget(done: Future) -> None:
+    def forget(done: Future[Any]) -> None:
         with _lock:
             futures = _pending.get(key, [])
             if done in futures:
@@ -69,7 +70,7 @@ def remove_marker(marker: str | None) -> None:
             pass  # removed already, or its folder was deleted (a cancelled save)
 
 
-def pending_writes(path: str | os.PathLike[str]) -> list[Future]:
+def pending_writes(path: str | os.PathLike[str]) -> list[Future[Any]]:
     """This process's pending writes to `path`, to a path under it, or to a checkpoint directory holding it."""
     key = resolved(path)
     with _lock:

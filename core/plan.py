@@ -9,6 +9,7 @@ a plan and its bytes back into a state dict, `plan_cache.py` reuses plans across
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -56,7 +57,7 @@ class CheckpointPlan:
     lineage: Lineage | None = None
 
     @property
-    def slab_shape(self) -> tuple:
+    def slab_shape(self) -> tuple[Any, ...]:
         """What makes two plans' slabs interchangeable: format and every storage's place and size."""
         return (self.format, self.slab_nbytes, tuple((s.slab_offset, s.nbytes) for s in self.storages))
 

@@ -113,7 +113,7 @@ class _Request:
 
 @dataclass
 class _Pending:
-    future: Future
+    future: Future[Any]
     path: str
     on_done: Callable[[], None]
 
@@ -123,7 +123,7 @@ class _Worker:
     context: WriterProcessContext
     channel: Channel  # sends (torch's name for it: _parent_end)
     inbox: Channel  # receives, on its own descriptor
-    ready: Future = field(default_factory=Future)
+    ready: Future[Any] = field(default_factory=Future)
     pending: dict[int, _Pending] = field(default_factory=dict)
     attached: dict[str, weakref.ref[Slab]] = field(default_factory=dict)
     alive: bool = True
@@ -187,7 +187,7 @@ class CheckpointProcess:
     # -- what torch's CheckpointProcess exposes
 
     @property
-    def process_creation_future(self) -> Future:
+    def process_creation_future(self) -> Future[None]:
         return self._worker.ready
 
     @property

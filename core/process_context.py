@@ -20,7 +20,7 @@ def describe_exit(exitcode: int | None) -> str:
 class WriterProcess:
     """One writer process, as torch.multiprocessing's process objects present one."""
 
-    def __init__(self, popen: subprocess.Popen) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
         self._popen = popen
 
     @property

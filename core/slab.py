@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ _slab_ids = itertools.count()
 class SlabContents:
     """What a slab holds, for incremental saves: the plan's slab shape and each storage's digests."""
 
-    slab_shape: tuple
+    slab_shape: tuple[Any, ...]
     digests: list[list[str] | None]
 
 
@@ -144,6 +145,11 @@ class SlabPool:
         """Whether slabs exist and every one is pinned (registered with CUDA)."""
         with self._changed:
             return bool(self._all) and all(slab.pinned for slab in self._all.values())
+
+    @property
+    def max_slabs(self) -> int:
+        """How many slabs may exist at once."""
+        return self._max_slabs
 
     @property
     def has_room(self) -> bool:

@@ -36,7 +36,7 @@ from .types import STATE_DICT
 logger = logging.getLogger(__name__)
 
 
-class StagedStateDict(dict):
+class StagedStateDict(dict[Any, Any]):
     """A staged snapshot, usable as a state dict: built on first read, on a private copy of the
     staged bytes, and kept valid when a later stage() reuses the slab.
 
@@ -109,7 +109,7 @@ class StagedStateDict(dict):
         self._build()
         return dict.items(self)
 
-    def copy(self) -> dict:
+    def copy(self) -> dict[Any, Any]:
         self._build()
         return dict(dict.items(self))
 
@@ -117,7 +117,7 @@ class StagedStateDict(dict):
         return dict, (self.copy(),)
 
 
-def _holding(slab_shape: tuple) -> Callable[[Slab], bool]:
+def _holding(slab_shape: tuple[Any, ...]) -> Callable[[Slab], bool]:
     """Prefers the slab that held the last snapshot of this shape (incremental saves skip what it holds)."""
     return lambda slab: slab.contents is not None and slab.contents.slab_shape == slab_shape
 
@@ -258,7 +258,7 @@ class DefaultStager(CheckpointStager):
         return future
 
     def _copy(
-        self, captured: CapturedState, lease: StagingLease, skip: set[int], digests: list | None
+        self, captured: CapturedState, lease: StagingLease, skip: set[int], digests: list[list[str] | None] | None
     ) -> StagedStateDict:
         copied = _copy_into(lease.slab, captured, non_blocking=False, skip=skip)
         if digests is not None:
@@ -266,7 +266,12 @@ class DefaultStager(CheckpointStager):
         return StagedStateDict(captured.plan, lease, copied)
 
     def _finish_in_background(
-        self, future: Future, captured: CapturedState, lease: StagingLease, skip: set[int], digests: list | None
+        self,
+        future: Future[Any],
+        captured: CapturedState,
+        lease: StagingLease,
+        skip: set[int],
+        digests: list[list[str] | None] | None,
     ) -> None:
         try:
             staged = self._copy(captured, lease, skip, digests)
@@ -305,7 +310,7 @@ class DefaultStager(CheckpointStager):
         self._last_of_lineage[name] = sequence
         return skip, digests
 
-    def _stage_cuda(self, captured: CapturedState, lease: StagingLease, future: Future) -> None:
+    def _stage_cuda(self, captured: CapturedState, lease: StagingLease, future: Future[Any]) -> None:
         if self._stream is None:
             self._stream = torch.cuda.Stream()
         self._stream.wait_stream(torch.cuda.current_stream())

@@ -120,12 +120,14 @@ def share_fd(storage: torch.UntypedStorage) -> int:
 
 
 def new_shared_storage(nbytes: int) -> torch.UntypedStorage:
-    return torch.UntypedStorage._new_shared(nbytes)
+    storage: torch.UntypedStorage = torch.UntypedStorage._new_shared(nbytes)
+    return storage
 
 
 def storage_from_shared_fd(fd: int, nbytes: int) -> torch.UntypedStorage:
     """The storage another process shared with `share_fd`."""
-    return torch.UntypedStorage._new_shared_fd_cpu(fd, nbytes)  # type: ignore[attr-defined]
+    storage: torch.UntypedStorage = torch.UntypedStorage._new_shared_fd_cpu(fd, nbytes)  # type: ignore[attr-defined]
+    return storage
 
 
 def copy_many(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:

@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
-from .barriers import Barrier, BarrierTimeoutError, exchanges_payloads
+from .barriers import Barrier, exchanges_payloads
 from .capture import capture
 from .checkpoint_file import CheckpointFile
 from .commit import CommitRecord, RankFile, new_write_id, write_commit_record
 from .config import CheckpointWriterConfig
-from .errors import CheckpointCommitError, CheckpointError, CheckpointWriteError
+from .errors import BarrierTimeoutError, CheckpointCommitError, CheckpointError, CheckpointWriteError
 from .file_writer import StepClock, WrittenFile, write_checkpoint_file, write_safetensors_file
-from .fsutil import FICLONE, filesystem_clones, fsync_directory
+from .fsutil import FICLONE, filesystem_clones, fsync_directory, process_umask
 from .incremental import PreviousFiles
 from .leftovers import TEMPORARY_PREFIX, owner_token
 from .leftovers import sweep as sweep_leftovers
@@ -36,9 +36,6 @@ from .retention import apply_retention, series_of
 from .types import RankInfo, WriteResult, default_rank_info
 
 logger = logging.getLogger(__name__)
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class WriterHook(abc.ABC):
@@ -234,7 +231,7 @@ class CheckpointWriter:
         plan: CheckpointPlan,
         storage_bytes: Sequence[torch.Tensor],
         write_id: str,
-        metadata: dict,
+        metadata: dict[str, Any],
         series: str | None,
     ) -> WrittenFile:
         io_options: dict[str, Any] = {
@@ -345,7 +342,7 @@ class CheckpointWriter:
         final: str,
         directory: str,
         files: list[RankFile] | None,
-        metadata: dict,
+        metadata: dict[str, Any],
         series: str | None,
     ) -> None:
         """Give this rank's file its final name; in the directory layout, commit once every rank has.
@@ -353,7 +350,7 @@ class CheckpointWriter:
         One rank alone renames and writes the record under an exclusive lock on the directory,
         so two saves to the same path commit one after the other, each whole (the last wins).
         """
-        os.chmod(temporary, 0o666 & ~_UMASK)
+        os.chmod(temporary, 0o666 & ~process_umask())
         if self._config.layout != "directory":
             os.replace(temporary, final)
             fsync_directory(directory)
@@ -400,7 +397,9 @@ class CheckpointWriter:
         if failed and failure is None:
             raise CheckpointCommitError(f"checkpoint {directory!r} was not committed: {failed}")
 
-    def _write_record(self, directory: str, files: list[RankFile], metadata: dict, series: str | None) -> None:
+    def _write_record(
+        self, directory: str, files: list[RankFile], metadata: dict[str, Any], series: str | None
+    ) -> None:
         """Write commit.json (with the directory locked); with several ranks, first check that every
         rank's file is still the one this save wrote."""
         for entry in files if self._rank_info.global_world_size > 1 else ():

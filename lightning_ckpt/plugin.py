@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -15,16 +16,18 @@ from lightning.pytorch.callbacks import Callback
 
 from core import (
     AsyncCheckpointer,
+    AsyncOptions,
     CheckpointerConfig,
     CheckpointReader,
     CheckpointStats,
     CheckpointWriter,
     RankInfo,
     WriterHook,
-    adapter_config,
     make_async_checkpointer,
     wait_for_pending_writes,
 )
+
+from .lightning_internals import trainer_of
 
 logger = logging.getLogger(__name__)
 
@@ -63,15 +66,10 @@ class AsyncCheckpointIO(CheckpointIO):
     the path Lightning gives, atomically, and is a plain torch.load / load_from_checkpoint file.
 
     Args:
-        max_in_flight: how many checkpoints may be staged or writing at once (each holds a host
-            copy of the checkpoint); a further save waits for the oldest. The default, 2, lets
-            ModelCheckpoint save a top-k file and last.ckpt in the same step without waiting.
-        pin_memory: stage into pinned memory for fast GPU copies (None: when CUDA is available).
-        checksums: store checksums so that loads verify the bytes.
-        use_direct_io: write with O_DIRECT where the filesystem supports it.
-        io_threads: parallel writes per checkpoint (0: chosen from the CPU count).
-        incremental: skip tensors unchanged since the previous save (see CheckpointStagerConfig).
-        config: a full CheckpointerConfig instead of the options above.
+        options: core.AsyncOptions, or its fields by name (`AsyncCheckpointIO(max_in_flight=3)`):
+            max_in_flight (default 2: ModelCheckpoint saves a top-k file and last.ckpt in one
+            step without waiting), pin_memory, checksums, use_direct_io, io_threads, incremental.
+        config: a full CheckpointerConfig instead of the options.
         commit_hook: a picklable WriterHook run in the writer process around each commit.
         share_repeated_saves: a save of the state the previous save of the same global step held
             (ModelCheckpoint's last.ckpt after its top-k file) copies and writes nothing: its file
@@ -95,32 +93,21 @@ class AsyncCheckpointIO(CheckpointIO):
 
     def __init__(
         self,
-        max_in_flight: int = 2,
-        pin_memory: bool | None = None,
-        checksums: bool = True,
-        use_direct_io: bool = True,
-        io_threads: int = 0,
-        incremental: bool = False,
+        options: AsyncOptions | None = None,
+        *,
         config: CheckpointerConfig | None = None,
         commit_hook: WriterHook | None = None,
         share_repeated_saves: bool = True,
+        **option_fields: Any,
     ) -> None:
         super().__init__()
-        self._config = adapter_config(
-            config,
-            max_in_flight=max_in_flight,
-            pin_memory=pin_memory,
-            checksums=checksums,
-            use_direct_io=use_direct_io,
-            io_threads=io_threads,
-            incremental=incremental,
-        )
+        self._config = dataclasses.replace(options or AsyncOptions(), **option_fields).config(config)
         self._commit_hook = commit_hook
         self._share_repeated_saves = share_repeated_saves
         self._checkpointer: AsyncCheckpointer | None = None
         self._reader = CheckpointReader(RankInfo(0, 1))
         self._drain_callback = _AsyncCheckpointCallback(self)
-        self._attached_to: list[weakref.ref] = []
+        self._attached_to: list[weakref.ref[Any]] = []
         self._last_fit_stats: CheckpointStats | None = None
 
     @property
@@ -174,6 +161,7 @@ class AsyncCheckpointIO(CheckpointIO):
         wait_for_pending_writes(path)
         if weights_only is None:  # torch.load's default, as with Lightning's TorchCheckpointIO
             weights_only = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() not in ("1", "true", "yes")
+        loaded: dict[str, Any]
         loaded, _missing = self._reader.read(
             os.fspath(path), map_location=map_location, weights_only=weights_only, **kwargs
         )
@@ -253,7 +241,7 @@ def _caller() -> _Fitting | _FabricLoop | None:
     """Who is saving, found on the call stack (a CheckpointIO is never handed its Trainer):
     a fitting Trainer, Fabric, or (None) anything else: a Trainer that is not training, a
     direct call, another plugin's background thread. Only the first two save asynchronously."""
-    from lightning.fabric.strategies import Strategy as FabricStrategy
+    from lightning.fabric.strategies.strategy import Strategy as FabricStrategy
     from lightning.pytorch.strategies import Strategy
     from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 
@@ -262,7 +250,7 @@ def _caller() -> _Fitting | _FabricLoop | None:
         candidate = frame.f_locals.get("self")
         if isinstance(candidate, Strategy):
             module = candidate.lightning_module
-            trainer = module._trainer if module is not None else None
+            trainer = trainer_of(module) if module is not None else None
             if (
                 trainer is not None
                 and trainer.state.fn == TrainerFn.FITTING

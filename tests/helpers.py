@@ -5,6 +5,7 @@ import contextlib
 import ctypes
 import dataclasses
 import gc
+import io
 import os
 import shutil
 import socket
@@ -195,6 +196,45 @@ def script_env(**extra: str) -> dict:
     return {**os.environ, "PYTHONPATH": REPO, **extra}
 
 
+def start_scenario(scenario: str, out, own_session: bool = False) -> subprocess.Popen:
+    """Start tests/scripts/fault_scripts.py SCENARIO OUT (text output); in a session of its own
+    when the test kills it together with its writer (os.killpg)."""
+    return subprocess.Popen(
+        [sys.executable, os.path.join(SCRIPTS, "fault_scripts.py"), scenario, str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=script_env(),
+        start_new_session=own_session,
+    )
+
+
+def crash_at_the_held_commit(out) -> None:
+    """Run the crash_before_commit scenario in OUT and SIGKILL its trainer and writer together once
+    step_3's file is written and its commit held (step_1 and step_2 are committed)."""
+    trainer = start_scenario("crash_before_commit", out, own_session=True)
+    assert trainer.stdout.readline().startswith("pending"), trainer.stderr.read()
+    wait_until(lambda: (out / "reached").exists(), what="the held commit")  # the file is written and fsynced
+    os.killpg(trainer.pid, 9)
+    trainer.wait()
+
+
+@contextlib.contextmanager
+def small_tmpfs(folder, size: str):
+    """A tmpfs of `size` mounted on a new folder in `folder` (skips the test where it cannot be)."""
+    mount_point = folder / "small"
+    mount_point.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)], capture_output=True
+    )
+    if not mounted or mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
 def run_script(name: str, *args, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
     """Run tests/scripts/NAME with this interpreter; the result's output is text."""
     return subprocess.run(
@@ -206,6 +246,16 @@ def run_script(name: str, *args, timeout: float = 600, **kwargs) -> subprocess.C
         env=kwargs.pop("env", script_env()),
         **kwargs,
     )
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """`python -m core ARGS...`, run in this process: its exit code and what it printed."""
+    from core.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(["python", "-m", "core", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def wait_until(condition, timeout: float = 60, what: str = "condition") -> None:

@@ -27,6 +27,7 @@ from tests.helpers import (
     assert_same,
     free_port,
     script_env,
+    start_scenario,
     unwritable,
 )
 
@@ -402,22 +403,10 @@ def test_deleting_the_folder_of_a_pending_save_cancels_it_quietly(tmp_path):
         assert handle.stats.saves == 0
 
 
-def _killed(scenario, out):
-    trainer = subprocess.Popen(
-        [sys.executable, os.path.join(SCRIPTS, "fault_scripts.py"), scenario, str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=script_env(),
-        start_new_session=True,
-    )
-    return trainer
-
-
 def test_a_save_killed_before_publishing_is_refused_by_load_state_and_skipped_by_its_search(tmp_path):
     from core import UncommittedCheckpointError
 
-    trainer = _killed("accelerate_killed_before_publish", tmp_path)
+    trainer = start_scenario("accelerate_killed_before_publish", tmp_path, own_session=True)
     assert trainer.stdout.readline().startswith("pending"), trainer.stderr.read()
     from tests.helpers import wait_until
 
@@ -436,7 +425,7 @@ def test_a_save_killed_before_publishing_is_refused_by_load_state_and_skipped_by
 def test_a_save_killed_halfway_through_publishing_is_refused_until_saved_again(tmp_path):
     from core import UncommittedCheckpointError
 
-    trainer = _killed("accelerate_killed_mid_publish", tmp_path)
+    trainer = start_scenario("accelerate_killed_mid_publish", tmp_path)
     trainer.communicate(timeout=300)
     assert trainer.returncode == -9
     accelerator, models, optimizers, schedulers, counter = setup()

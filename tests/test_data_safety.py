@@ -1,11 +1,8 @@
 """Data safety: retention deletes only its own checkpoints, loads never mix saves, damaged and
 hostile files are clear errors everywhere, a full disk is an error and never a crash."""
 
-import contextlib
-import io
 import json
 import os
-import subprocess
 import threading
 
 import pytest
@@ -30,9 +27,8 @@ from core import (
     make_async_checkpointer,
     make_sync_checkpointer,
 )
-from core.cli import main as cli
 from tests import hostile
-from tests.helpers import flip_byte, run_script
+from tests.helpers import flip_byte, run_cli, run_script, small_tmpfs
 
 
 def _retaining(**retention):
@@ -43,12 +39,9 @@ def _state(step):
     return {"w": torch.full((256,), float(step)), "step": step}
 
 
-def _command(*args):
-    """A CLI command run in-process: (exit code, everything it printed)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        code = cli([str(a) for a in args])
-    return code, out.getvalue()
+def _printed(result):
+    """(exit code, everything printed) of a CLI run."""
+    return result.returncode, result.stdout + result.stderr
 
 
 # ---------------------------------------------------------------- 1. retention owns only its series
@@ -115,9 +108,9 @@ def test_a_damaged_old_checkpoint_breaks_neither_resume_nor_later_saves(tmp_path
             assert result.path == str(tmp_path / f"step_{step}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0", "step_1", "step_4", "step_5", "step_6"]
     for command in (["ls", tmp_path], ["verify", tmp_path / "step_0"], ["inspect", tmp_path / "step_1"]):
-        code, said = _command(*command)
+        code, said = _printed(run_cli(*command))
         assert code in (0, 1) and "Traceback" not in said, (command, said)
-    assert _command("verify", tmp_path / "step_1")[0] == 1
+    assert _printed(run_cli("verify", tmp_path / "step_1"))[0] == 1
 
 
 def test_maintenance_after_a_commit_never_fails_that_save(tmp_path, monkeypatch):
@@ -202,7 +195,8 @@ def test_a_staged_state_whose_slab_was_reused_is_written_as_torch_save_writes_it
 
 
 def test_two_threads_saving_through_one_checkpointer_write_loadable_files(tmp_path):
-    with make_async_checkpointer() as ckpt:  # one staging slab: the threads' saves take it from each other
+    one_slab = CheckpointerConfig(staging_config=CheckpointStagerConfig(max_in_flight=1))
+    with make_async_checkpointer(one_slab) as ckpt:  # one staging slab: the threads' saves take it from each other
 
         def save_many(name):
             for n in range(48):
@@ -231,7 +225,7 @@ def saved(tmp_path):
 def _refused_everywhere(path, match=None):
     with pytest.raises(CorruptCheckpointError, match=match):
         make_sync_checkpointer().load(path)
-    code, said = _command("verify", path)
+    code, said = _printed(run_cli("verify", path))
     assert code == 1 and "Traceback" not in said, said
 
 
@@ -294,7 +288,7 @@ def test_an_odd_commit_time_is_damage_and_ls_lists_it(tmp_path, value):
     record = json.loads((tmp_path / "ck" / "commit.json").read_text())
     record["committed_at"] = value
     (tmp_path / "ck" / "commit.json").write_text(json.dumps(record))
-    code, said = _command("ls", tmp_path)
+    code, said = _printed(run_cli("ls", tmp_path))
     assert code == 0 and "INCOMPLETE" in said and "committed_at" in said, said
     assert find_latest(tmp_path) is None
 
@@ -359,9 +353,9 @@ def test_a_tensor_that_does_not_fit_its_record_is_refused_everywhere(tmp_path, o
     with pytest.raises(CorruptCheckpointError):
         make_sync_checkpointer().load(path)
     for command in (["verify", path], ["inspect", path]):
-        code, said = _command(*command)
+        code, said = _printed(run_cli(*command))
         assert code == 1 and "Traceback" not in said, (command, said)
-    code, said = _command("ls", tmp_path)
+    code, said = _printed(run_cli("ls", tmp_path))
     assert code == 0 and "INCOMPLETE" in said, said
     assert find_latest(tmp_path) is None
 
@@ -370,8 +364,8 @@ def test_a_stride_0_tensor_of_2_to_the_40_elements_loads_and_diffs_at_once(tmp_p
     for name, value in (("a.pt", 4), ("b.pt", 5)):
         hostile.forged_tensor_file(tmp_path / name, 0, (2**40,), (0,), elements=value)
     assert make_sync_checkpointer().load(tmp_path / "a.pt")["x"].shape == (2**40,)  # as torch.load gives it
-    assert _command("diff", tmp_path / "a.pt", tmp_path / "a.pt")[0] == 0
-    code, said = _command("diff", tmp_path / "a.pt", tmp_path / "b.pt")  # views of different memory
+    assert _printed(run_cli("diff", tmp_path / "a.pt", tmp_path / "a.pt"))[0] == 0
+    code, said = _printed(run_cli("diff", tmp_path / "a.pt", tmp_path / "b.pt"))  # views of different memory
     assert code == 1 and "x" in said, said
 
 
@@ -383,7 +377,7 @@ def test_a_structure_sharing_one_list_at_every_level_stays_bounded(tmp_path):
     assert ckpt.load(path, {"x": None, "w": torch.zeros(3)})["x"][0] is not None
     assert ckpt.load(path, map_location="cpu")["x"][0][0] is not None
     for command in (["inspect", path], ["diff", path, path], ["verify", path], ["ls", tmp_path]):
-        code, said = _command(*command)
+        code, said = _printed(run_cli(*command))
         assert code == 0 and "Traceback" not in said, (command, said[-500:])
 
 
@@ -397,7 +391,7 @@ def test_deep_nesting_is_no_traceback(tmp_path):
     except CheckpointError:
         pass
     for command in (["inspect", path], ["diff", path, path], ["verify", path], ["ls", tmp_path]):
-        code, said = _command(*command)
+        code, said = _printed(run_cli(*command))
         assert code in (0, 1) and "Traceback" not in said, (command, said[-500:])
 
 
@@ -416,19 +410,8 @@ def test_the_fuzzer_finds_nothing(tmp_path):
 
 @pytest.fixture
 def small_filesystem(tmp_path):
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    if (
-        os.geteuid() != 0
-        or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True
-        ).returncode
-    ):
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with small_tmpfs(tmp_path, "1m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=True)
 
 
 def test_every_level_of_free_space_is_a_clear_error_and_the_process_lives(small_filesystem):

@@ -2,24 +2,12 @@
 
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from core import CheckpointWriteError, make_async_checkpointer, make_sync_checkpointer
-from tests.helpers import SCRIPTS, rss_bytes, script_env, small_training_state, train_step, wait_until
-
-
-def _start(scenario, out):
-    return subprocess.Popen(
-        [sys.executable, os.path.join(SCRIPTS, "fault_scripts.py"), scenario, str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=script_env(),
-    )
+from tests.helpers import rss_bytes, small_tmpfs, small_training_state, start_scenario, train_step, wait_until
 
 
 def _alive(pid):
@@ -49,7 +37,7 @@ def _assert_the_orphan_committed(trainer, writer_pid, folder, step):
 
 
 def test_trainer_killed_after_save_still_gets_its_checkpoint(tmp_path):
-    trainer = _start("orphan", tmp_path)
+    trainer = start_scenario("orphan", tmp_path)
     writer_pid = _saved(trainer)
     wait_until(lambda: (tmp_path / "reached").exists(), what="the commit to be reached")
     trainer.kill()  # SIGKILL right after save() returned, while the writer holds the commit
@@ -60,7 +48,7 @@ def test_trainer_killed_after_save_still_gets_its_checkpoint(tmp_path):
 
 
 def test_trainer_killed_while_its_writer_still_starts_still_gets_its_checkpoint(tmp_path):
-    trainer = _start("early_death", tmp_path)
+    trainer = start_scenario("early_death", tmp_path)
     writer_pid = _saved(trainer)
     trainer.kill()  # the writer is still importing torch: it has not read anything yet
     trainer.wait()
@@ -68,7 +56,7 @@ def test_trainer_killed_while_its_writer_still_starts_still_gets_its_checkpoint(
 
 
 def test_a_forked_child_gets_a_clear_error_and_the_parent_keeps_saving(tmp_path):
-    trainer = _start("fork", tmp_path)
+    trainer = start_scenario("fork", tmp_path)
     out, errors = trainer.communicate(timeout=300)
     assert trainer.returncode == 0 and "parent done" in out, errors
     outcome = (tmp_path / "child_outcome").read_text()
@@ -81,7 +69,7 @@ def test_a_forked_child_gets_a_clear_error_and_the_parent_keeps_saving(tmp_path)
 
 
 def test_ctrl_c_interrupts_the_caller_at_once_and_never_breaks_the_writer(tmp_path):
-    trainer = _start("ctrl_c", tmp_path)
+    trainer = start_scenario("ctrl_c", tmp_path)
     out, errors = trainer.communicate(timeout=300)
     assert trainer.returncode == 0, errors
     summary = dict(item.split("=") for item in out.split())
@@ -105,34 +93,22 @@ def _terminate_while_draining(trainer, tmp_path):
 
 
 def test_sigterm_drains_pending_writes_then_runs_the_previous_handler(tmp_path):
-    _terminate_while_draining(_start("sigterm", tmp_path), tmp_path)
+    _terminate_while_draining(start_scenario("sigterm", tmp_path), tmp_path)
     # The user's handler ran after the drain: it saw the committed file.
     assert (tmp_path / "user_handler_ran").read_text() == "True"
     assert torch.all(torch.load(tmp_path / "ck" / "checkpoint_0.pt", weights_only=True)["w"] == 3.0)
 
 
 def test_sigterm_publishes_a_pending_accelerate_checkpoint_first(tmp_path):
-    _terminate_while_draining(_start("accelerate_sigterm", tmp_path), tmp_path)
+    _terminate_while_draining(start_scenario("accelerate_sigterm", tmp_path), tmp_path)
     seen = (tmp_path / "user_handler_ran").read_text()
     assert "random_states_0.pkl" in seen and "model.safetensors" in seen, seen
 
 
 @pytest.fixture
 def tiny_filesystem(tmp_path):
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    if (
-        os.geteuid() != 0
-        or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True
-        ).returncode
-        != 0
-    ):
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with small_tmpfs(tmp_path, "2m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
 
 
 def test_disk_full_is_a_clear_error_and_keeps_the_previous_checkpoint(tiny_filesystem):

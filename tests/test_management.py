@@ -3,7 +3,6 @@
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -23,18 +22,7 @@ from core import (
     read_latest,
 )
 from core.locks import reading
-from tests.helpers import REPO, SCRIPTS, flip_byte, script_env, wait_until
-
-
-def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "core", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-        env=script_env(),
-    )
+from tests.helpers import crash_at_the_held_commit, flip_byte, run_cli
 
 
 def _state(step, frozen=None):
@@ -50,18 +38,7 @@ def _retaining(**retention):
 
 
 def test_find_latest_skips_a_checkpoint_whose_commit_a_crash_interrupted(tmp_path, caplog):
-    trainer = subprocess.Popen(
-        [sys.executable, os.path.join(SCRIPTS, "fault_scripts.py"), "crash_before_commit", str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=script_env(),
-        start_new_session=True,
-    )
-    assert trainer.stdout.readline().startswith("pending"), trainer.stderr.read()
-    wait_until(lambda: (tmp_path / "reached").exists(), what="the held commit")  # the file is written and fsynced
-    os.killpg(trainer.pid, signal.SIGKILL)  # trainer and writer die together, mid-commit
-    trainer.wait()
+    crash_at_the_held_commit(tmp_path)
 
     with caplog.at_level(logging.WARNING, logger="core.catalog"):
         assert find_latest(tmp_path) == str(tmp_path / "step_2")
@@ -70,13 +47,13 @@ def test_find_latest_skips_a_checkpoint_whose_commit_a_crash_interrupted(tmp_pat
     with make_sync_checkpointer() as ckpt:
         assert torch.equal(ckpt.load(find_latest(tmp_path))["w"], torch.full((1000,), 2.0))
 
-    listing = json.loads(_cli("ls", tmp_path, "--json").stdout)
+    listing = json.loads(run_cli("ls", tmp_path, "--json").stdout)
     assert [(r["name"], r["step"], r["complete"], r["latest"]) for r in listing] == [
         ("step_1", 1, True, False),
         ("step_2", 2, True, True),
         ("step_3", 3, False, False),
     ]
-    verify = _cli("verify", tmp_path / "step_2", tmp_path / "step_3")
+    verify = run_cli("verify", tmp_path / "step_2", tmp_path / "step_3")
     assert verify.returncode == 1 and "DAMAGED " + str(tmp_path / "step_3") + ": not committed" in verify.stdout
 
 
@@ -116,7 +93,7 @@ def test_cli_inspect_verify_and_diff(tmp_path):
         ckpt.save(tmp_path / "b", _state(2), step=2)
         ckpt.save(tmp_path / "a_again", _state(1), step=1)
 
-    inspect = _cli("inspect", tmp_path / "a", "--json")
+    inspect = run_cli("inspect", tmp_path / "a", "--json")
     assert inspect.returncode == 0, inspect.stderr
     report = json.loads(inspect.stdout)
     assert report["step"] == 1 and report["complete"]
@@ -127,33 +104,33 @@ def test_cli_inspect_verify_and_diff(tmp_path):
     }
     assert report["groups"] == {"model": {"tensors": 2, "nbytes": 4256}, "optimizer": {"tensors": 1, "nbytes": 4000}}
     assert report["values"] == {"optimizer.lr": "0.1", "step": "1"}
-    table = _cli("inspect", tmp_path / "a").stdout
+    table = run_cli("inspect", tmp_path / "a").stdout
     assert "model.w" in table and "(1000,)" in table and "optimizer" in table
 
-    same = _cli("diff", tmp_path / "a", tmp_path / "a_again", "--json")
+    same = run_cli("diff", tmp_path / "a", tmp_path / "a_again", "--json")
     assert same.returncode == 0 and json.loads(same.stdout)["changed"] == []
-    different = _cli("diff", tmp_path / "a", tmp_path / "b", "--json")
+    different = run_cli("diff", tmp_path / "a", tmp_path / "b", "--json")
     assert different.returncode == 1
     changed = {c["key"]: c for c in json.loads(different.stdout)["changed"]}
     assert set(changed) == {"model.w", "optimizer.exp_avg", "step"}
     assert changed["model.w"]["max_abs_diff"] == 1.0 and changed["model.w"]["relative_change"] == pytest.approx(1.0)
-    assert "model.w" in _cli("diff", tmp_path / "a", tmp_path / "b").stdout
+    assert "model.w" in run_cli("diff", tmp_path / "a", tmp_path / "b").stdout
 
-    assert _cli("verify", tmp_path / "a", tmp_path / "b").returncode == 0
+    assert run_cli("verify", tmp_path / "a", tmp_path / "b").returncode == 0
     flip_byte(tmp_path / "b" / "checkpoint_0.pt", "data/0", at=10)
-    damaged = _cli("verify", tmp_path / "a", tmp_path / "b", "--json")
+    damaged = run_cli("verify", tmp_path / "a", tmp_path / "b", "--json")
     assert damaged.returncode == 1
     results = {os.path.basename(r["path"]): r for r in json.loads(damaged.stdout)}
     assert results["a"]["ok"] and not results["b"]["ok"] and "fail their checksums" in results["b"]["reason"]
 
-    inspect_damaged = _cli("inspect", tmp_path / "b")
+    inspect_damaged = run_cli("inspect", tmp_path / "b")
     assert inspect_damaged.returncode == 0, "inspect reads no tensor bytes, so it still works"
-    diff_damaged = _cli("diff", tmp_path / "a", tmp_path / "b")
+    diff_damaged = run_cli("diff", tmp_path / "a", tmp_path / "b")
     assert diff_damaged.returncode == 1 and "fail their checksum" in diff_damaged.stderr
 
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     for command in (("verify", tmp_path / "missing"), ("inspect", tmp_path / "notes.txt")):
-        result = _cli(*command)
+        result = run_cli(*command)
         assert result.returncode == 2 and result.stderr.strip(), result
     console = os.path.join(os.path.dirname(sys.executable), "async-ckpt")
     assert subprocess.run([console, "ls", str(tmp_path)], capture_output=True, text=True).returncode == 0
@@ -199,14 +176,14 @@ def test_hostile_and_odd_files_are_clear_errors_everywhere(tmp_path, monkeypatch
 
     for bad in (tmp_path / "odd_record", tmp_path / "evil.pt", tmp_path / "huge.pt"):
         for command in (["verify", bad], ["inspect", bad], ["diff", bad, tmp_path / "good"]):
-            result = _cli(*command)
+            result = run_cli(*command)
             assert result.returncode == 1, (command, result.stdout, result.stderr)
             said = result.stdout + result.stderr
             assert "Traceback" not in said and ("damaged" in said or "refuses" in said or "claims" in said), (
                 command,
                 said,
             )
-    listing = _cli("ls", tmp_path, "--json")
+    listing = run_cli("ls", tmp_path, "--json")
     assert listing.returncode == 0 and "Traceback" not in listing.stderr, listing.stderr
     complete = {row["name"]: row["complete"] for row in json.loads(listing.stdout)}
     assert complete["good"] and not complete["odd_record"] and not complete["evil.pt"] and not complete["huge.pt"]

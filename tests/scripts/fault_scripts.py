@@ -172,7 +172,7 @@ def accelerate_killed_before_publish(out: str) -> None:
 def accelerate_killed_mid_publish(out: str) -> None:
     """A save into an existing checkpoint folder whose process dies after publishing its first
     file: the folder mixes two saves."""
-    import core.publish
+    import accelerate_ckpt.publish
     from accelerate_ckpt import enable_async_checkpointing
     from tests.accelerate_helpers import setup, train
 
@@ -187,7 +187,7 @@ def accelerate_killed_mid_publish(out: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
         return []
 
-    core.publish._merge = merge_one_then_die
+    accelerate_ckpt.publish._merge = merge_one_then_die
     handle = enable_async_checkpointing(accelerator)
     accelerator.save_state(os.path.join(out, "ck"))
     handle.wait()

@@ -11,6 +11,7 @@ resolves to a WriteResult with `cancelled=True`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -20,18 +21,23 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from . import drain
-from .barriers import TCPStoreBarrier
-from .builder import make_async_checkpointer
-from .checkpointer import AsyncCheckpointer
-from .config import CheckpointerConfig
-from .errors import BarrierTimeoutError, CheckpointWriteError
-from .interrupts import sigint_deferred
-from .options import with_slabs_per_save
-from .outstanding import OutstandingWrites, WriteFuture, settle
+from core import (
+    BarrierTimeoutError,
+    CheckpointerConfig,
+    CheckpointWriteError,
+    RankInfo,
+    TCPStoreBarrier,
+    WriteResult,
+    WriterHook,
+    drain,
+    make_async_checkpointer,
+)
+from core.checkpointer import AsyncCheckpointer
+from core.interrupts import sigint_deferred
+from core.outstanding import OutstandingWrites, WriteFuture, settle
+from core.types import CheckpointStats
+
 from .publish import publish_directory
-from .types import CheckpointStats, RankInfo, WriteResult
-from .writer import WriterHook
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +135,7 @@ class FileSetCheckpointer:
         self.raise_unseen()
         start = time.perf_counter()
         checkpointer = self._ensure_checkpointer(len(files))
-        writes: list[Future] = []
+        writes: list[Future[Any]] = []
         future: WriteFuture | None = None
         try:
             with sigint_deferred():  # a Ctrl-C is raised after the assignment, inside this try
@@ -166,12 +172,12 @@ class FileSetCheckpointer:
 
     def _ensure_checkpointer(self, files_per_save: int) -> AsyncCheckpointer:
         if self._checkpointer is None:
-            config = with_slabs_per_save(self._config, files_per_save)
+            config = _with_slabs_per_save(self._config, files_per_save)
             self._checkpointer = make_async_checkpointer(config, RankInfo(0, 1), commit_hook=self._commit_hook)
             self._committer = ThreadPoolExecutor(1, thread_name_prefix="async-ckpt-file-set-commit")
         return self._checkpointer
 
-    def _commit(self, save: _Save, writes: list[Future], future: WriteFuture) -> None:
+    def _commit(self, save: _Save, writes: list[Future[Any]], future: WriteFuture) -> None:
         try:
             result = self._publish_when_durable(save, writes)
         except BaseException as exc:
@@ -194,7 +200,7 @@ class FileSetCheckpointer:
             callback(result)
         settle(future, result=result)
 
-    def _publish_when_durable(self, save: _Save, writes: list[Future]) -> WriteResult:
+    def _publish_when_durable(self, save: _Save, writes: list[Future[Any]]) -> WriteResult:
         errors = [f.exception() for f in writes]  # every file finished, not just up to the first failure
         failure = next((e for e in errors if e is not None), None)
         all_ok = save.vote.cast(failure is None)
@@ -223,7 +229,7 @@ class FileSetCheckpointer:
         )
 
     @staticmethod
-    def _remove_staging(staging: str, writes: list[Future]) -> None:
+    def _remove_staging(staging: str, writes: list[Future[Any]]) -> None:
         for write in writes:
             write.exception()  # nothing may still be writing into it
         shutil.rmtree(staging, ignore_errors=True)
@@ -265,6 +271,14 @@ class FileSetCheckpointer:
             self._open = False
             drain.unregister(self)
             self.release()
+
+
+def _with_slabs_per_save(config: CheckpointerConfig, files_per_save: int) -> CheckpointerConfig:
+    """`config` with room for `max_in_flight` whole saves of `files_per_save` files each
+    (every file of a save holds a staging slab of its own); everything else kept."""
+    staging = config.staging_config
+    in_flight = staging.max_in_flight * max(files_per_save, 1)
+    return dataclasses.replace(config, staging_config=dataclasses.replace(staging, max_in_flight=in_flight))
 
 
 def _remove_if_empty(directory: str) -> None:

@@ -17,10 +17,8 @@ from __future__ import annotations
 import os
 import shutil
 
-from .fsutil import fsync_directory
-from .leftovers import MARKER_PREFIX, owner_alive
-
-PUBLISHING_SUFFIX = ".publishing"
+from core.fsutil import fsync_directory
+from core.leftovers import MARKER_PREFIX, PUBLISHING_SUFFIX, owner_alive
 
 
 def publish_directory(staging: str, final: str) -> list[str]:

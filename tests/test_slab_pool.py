@@ -1,0 +1,78 @@
+"""SlabPool: reuse across saves, holds by writes, room, replacement, and closing."""
+
+import pytest
+
+from core import CheckpointerClosedError
+from core.slab import SlabPool
+
+
+def test_a_staged_slab_is_reused_for_the_next_save_of_its_size():
+    pool = SlabPool(1)
+    try:
+        first = pool.try_acquire(10_000)
+        assert first is not None
+        assert pool.try_acquire(10_000) is None, "one slab, being staged: no room"
+        pool.staged(first)
+        second = pool.try_acquire(10_000)
+        assert second is not None and second.slab is first.slab
+        assert not first.hold(), "a later snapshot took the slab: the first one's write cannot hold it"
+    finally:
+        pool.close()
+
+
+def test_a_held_slab_is_not_handed_out_until_its_write_releases_it():
+    pool = SlabPool(2)
+    try:
+        lease = pool.try_acquire(4096)
+        pool.staged(lease)
+        assert lease.hold()
+        other = pool.try_acquire(4096)
+        assert other is not None and other.slab is not lease.slab, "the held slab was reused"
+        pool.staged(other)
+        assert other.hold()
+        assert pool.try_acquire(4096) is None, "both slabs are held by writes"
+        lease.release()
+        again = pool.try_acquire(4096)
+        assert again is not None and again.slab is lease.slab
+    finally:
+        pool.close()
+
+
+def test_a_free_slab_too_small_is_replaced_and_its_snapshot_kept_valid():
+    pool = SlabPool(1)
+    kept = []
+    try:
+        small = pool.try_acquire(4096)
+        small.before_reuse = lambda: kept.append("copied out")
+        pool.staged(small)
+        large = pool.try_acquire(1 << 20)
+        assert large is not None and large.slab.nbytes >= 1 << 20 and small.slab.closed
+        assert kept == ["copied out"]
+    finally:
+        pool.close()
+
+
+def test_a_spare_is_made_only_when_no_free_slab_fits_and_there_is_room():
+    pool = SlabPool(2)
+    try:
+        lease = pool.try_acquire(8192)
+        pool.staged(lease)
+        assert pool.new_spare(8192) is None, "a free slab of that size exists"
+        spare = pool.new_spare(8192, besides=lease.slab)
+        assert spare is not None and spare.slab is not lease.slab
+        pool.abandon(spare)
+        assert pool.new_spare(8192, besides=lease.slab) is None, "the spare exists now"
+        assert len(pool.slabs) == 2
+    finally:
+        pool.close()
+
+
+def test_a_closed_pool_refuses_and_frees_every_slab():
+    pool = SlabPool(1)
+    lease = pool.try_acquire(4096)
+    pool.close()
+    assert lease.slab.closed and pool.slabs == ()
+    with pytest.raises(CheckpointerClosedError):
+        pool.try_acquire(4096)
+    with pytest.raises(ValueError):
+        SlabPool(0)
