@@ -129,6 +129,12 @@ class Channel:
     def close(self) -> None:
         self._sock.close()
 
+    def detach(self) -> socket.socket:
+        """The socket, no longer this channel's (for a writer kept in the pool)."""
+        sock, self._sock = self._sock, socket.socket()
+        self._sock.close()
+        return sock
+
 
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)

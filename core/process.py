@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from . import torch_internals
+from . import torch_internals, writer_pool
 from .capture import capture
 from .channel import Channel
 from .config import CheckpointProcessConfig
@@ -127,7 +127,9 @@ class _Worker:
     pending: dict[int, _Pending] = field(default_factory=dict)
     attached: dict[str, weakref.ref[Slab]] = field(default_factory=dict)
     alive: bool = True
+    released: bool = False  # answered a RELEASE_WRITER request: it waits in the pool for another checkpointer
     receiver: threading.Thread | None = None
+    sys_path: tuple[str, ...] = ()
 
     @property
     def process(self) -> WriterProcess:
@@ -164,7 +166,7 @@ class CheckpointProcess:
     ) -> None:
         self._rank_info = rank_info or default_rank_info()
         self.config = config or CheckpointProcessConfig()
-        self._init = WorkerInit(
+        self._init_args = (
             self._rank_info,
             subprocess_init_fn,
             tuple(subprocess_init_args),
@@ -172,6 +174,11 @@ class CheckpointProcess:
             dict(checkpoint_writer_init_args or {}),
         )
         self._owner_pid = os.getpid()
+        # A writer that runs only our own init functions holds nothing of this checkpointer's
+        # after it is closed: it may serve the next one (see writer_pool.py).
+        self._poolable = (
+            subprocess_init_fn is default_subprocess_init_fn and checkpoint_writer_init_fn is default_writer_init_fn
+        )
         self._ids = itertools.count()
         self._lock = threading.Lock()  # the current worker, its pending requests, the init failure
         self._outbox: queue.Queue[_Outgoing | None] = queue.Queue()
@@ -218,7 +225,7 @@ class CheckpointProcess:
         `options` tell the writer how (see WriteOptions); `kwargs` reach the writer's hooks."""
         self._check_usable()
         future = HandoverFuture()
-        request = _Request(os.fspath(path), options or WriteOptions(), _pickled_kwargs(kwargs))
+        request = _Request(_absolute(os.fspath(path)), options or WriteOptions(), _pickled_kwargs(kwargs))
         if isinstance(state_dict, Future):
             state_dict.add_done_callback(lambda done: self._write_resolved(done, request, future))
         else:
@@ -306,18 +313,26 @@ class CheckpointProcess:
     # -- starting a writer
 
     def _start_worker(self) -> _Worker:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        with child:
-            env = {**os.environ, "ASYNC_CKPT_WORKER_PATH": json.dumps([_DISTRIBUTION_ROOT, sys.path])}
-            popen = subprocess.Popen(
-                [sys.executable, "-c", _WORKER_BOOTSTRAP, str(child.fileno())], pass_fds=(child.fileno(),), env=env
-            )
+        """A writer for this process: an idle one from the pool when its init allows, else a new one."""
+        sys_path = tuple(sys.path)
+        idle = writer_pool.take(sys_path) if self._poolable else None
+        if idle is not None:
+            popen, parent = idle.popen, idle.sock
+        else:
+            parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            with child:
+                env = {**os.environ, "ASYNC_CKPT_WORKER_PATH": json.dumps([_DISTRIBUTION_ROOT, list(sys_path)])}
+                popen = subprocess.Popen(
+                    [sys.executable, "-c", _WORKER_BOOTSTRAP, str(child.fileno())], pass_fds=(child.fileno(),), env=env
+                )
         worker = _Worker(WriterProcessContext(WriterProcess(popen)), Channel(parent), Channel(parent.dup()))
+        worker.sys_path = sys_path
         worker.receiver = threading.Thread(
             target=self._receive_loop, args=(worker,), name="async-ckpt-receiver", daemon=True
         )
         worker.receiver.start()
-        self._outbox.put(_Outgoing(worker, WorkerRequest(RequestType.PING, self._init), []))
+        init = WorkerInit(*self._init_args, environ=dict(os.environ), cwd=os.getcwd())
+        self._outbox.put(_Outgoing(worker, WorkerRequest(RequestType.PING, init), []))
         return worker
 
     # -- sender thread
@@ -370,6 +385,9 @@ class CheckpointProcess:
                 break
             for fd in fds:
                 os.close(fd)
+            if response.request_type is RequestType.RELEASE_WRITER:
+                worker.released = True  # it lives on in the pool: not gone
+                return
             self._on_response(worker, response)
         self._on_worker_gone(worker, failure)
 
@@ -487,14 +505,23 @@ class CheckpointProcess:
         limit = self.config.subprocess_shutdown_timeout_secs if timeout is None else max(timeout, 0.0)
         deadline = time.monotonic() + limit
         worker = self._worker
+        releasing = self._releasable(worker)
         if worker.alive:
-            self._outbox.put(_Outgoing(worker, WorkerRequest(RequestType.TERMINATE_PROCESS), []))
+            farewell = RequestType.RELEASE_WRITER if releasing else RequestType.TERMINATE_PROCESS
+            self._outbox.put(_Outgoing(worker, WorkerRequest(farewell), []))
         self._outbox.put(None)
         self._sender.join(_left(deadline))
         if self._sender.is_alive():  # blocked sending to a writer that does not read (stopped, hung)
             worker.process.kill()
             worker.channel.shutdown(both=True)
             self._sender.join()
+        elif releasing and worker.receiver is not None:
+            worker.receiver.join(_left(deadline))
+            if worker.released:
+                worker.inbox.close()
+                popen = worker.process.popen
+                writer_pool.give(writer_pool.IdleWriter(popen, worker.channel.detach(), worker.sys_path))
+                return
         worker.inbox.shutdown()
         if not self.process.join(_left(deadline)):
             logger.warning("checkpoint writer process %d did not stop in time; killing it", worker.process.pid)
@@ -502,6 +529,12 @@ class CheckpointProcess:
         if worker.receiver is not None:
             worker.receiver.join()
         worker.channel.close()
+
+    def _releasable(self, worker: _Worker) -> bool:
+        """Whether the writer can serve another checkpointer: it runs only our own init functions,
+        started, and has no write left (a close that gave up on writes stops it)."""
+        ready = worker.ready.done() and worker.ready.exception() is None
+        return self._poolable and worker.alive and ready and not worker.pending
 
     def drain_for_signal(self) -> None:
         """Nothing to wait for here: the checkpointer that owns this process waits for its writes."""
@@ -518,6 +551,12 @@ def _progress(pid: int) -> tuple[int, int]:
     except (OSError, IndexError, ValueError):
         return (0, 0)
     return (ticks, read)
+
+
+def _absolute(path: str) -> str:
+    """`path` from this process's working directory, as spelled (`..` kept for the kernel to resolve,
+    as the final rename will): the writer's own working directory never decides where a file goes."""
+    return path if not path or os.path.isabs(path) else os.path.join(os.getcwd(), path)
 
 
 def _left(deadline: float) -> float:

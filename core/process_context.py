@@ -24,6 +24,10 @@ class WriterProcess:
         self._popen = popen
 
     @property
+    def popen(self) -> subprocess.Popen[bytes]:
+        return self._popen
+
+    @property
     def pid(self) -> int:
         return self._popen.pid
 

@@ -23,17 +23,22 @@ class RequestType(Enum):
     PING = "ping"
     WRITE_CHECKPOINT = "write_checkpoint"
     TERMINATE_PROCESS = "exit"
+    RELEASE_WRITER = "release"  # close the writer, then wait for the next init (see writer_pool.py)
 
 
 @dataclass(frozen=True)
 class WorkerInit:
-    """The first request's payload: how the writer process builds its writer."""
+    """The first request's payload: how the writer process builds its writer, and the trainer's
+    environment and working directory, which the writer adopts (a writer from the pool was
+    started earlier, perhaps before MASTER_PORT was set or the trainer changed directory)."""
 
     rank_info: RankInfo
     subprocess_init_fn: Callable[..., None]
     subprocess_init_args: tuple[Any, ...]
     writer_init_fn: Callable[..., Any]
     writer_init_args: dict[str, Any]
+    environ: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from .protocol import (
 from .rebuild import materialize
 from .types import WriteResult
 from .writer import CheckpointWriter
+from .writer_pool import IDLE_SECS
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +62,22 @@ def worker_main(fd: int) -> None:
     inbox: Inbox = queue.Queue()
     threading.Thread(target=_read_all, args=(channel, inbox), name="async-ckpt-inbox", daemon=True).start()
     first = inbox.get()
-    if first is None:
-        return
-    writer = _init_writer(channel, first[0])
-    if writer is None:
-        return
-    try:
-        _serve(channel, inbox, writer)
-    finally:
-        writer.close()
+    while first is not None:
+        writer = _init_writer(channel, first[0])
+        if writer is None:
+            return
+        try:
+            released = _serve(channel, inbox, writer)
+        finally:
+            writer.close()
+        if not released:
+            return
+        # Released into the trainer's pool: wait for its next checkpointer's init, or go.
+        _reply(channel, WorkerResponse(RequestType.RELEASE_WRITER, True))
+        try:
+            first = inbox.get(timeout=IDLE_SECS)
+        except queue.Empty:
+            return
 
 
 def _read_all(channel: Channel, inbox: Inbox) -> None:
@@ -105,6 +113,10 @@ def _init_writer(channel: Channel, request: WorkerRequest | Undecodable) -> Writ
         _reply(channel, WorkerResponse(RequestType.PING, False, f"the first request must initialise, got {request}"))
         return None
     try:
+        if init.cwd is not None:
+            os.chdir(init.cwd)
+            os.environ.clear()
+            os.environ.update(init.environ)
         init.subprocess_init_fn(*init.subprocess_init_args)
         args = dict(init.writer_init_args)
         args.setdefault("rank_info", init.rank_info)
@@ -117,12 +129,14 @@ def _init_writer(channel: Channel, request: WorkerRequest | Undecodable) -> Writ
     return writer
 
 
-def _serve(channel: Channel, inbox: Inbox, writer: WriterOfTorchShape) -> None:
+def _serve(channel: Channel, inbox: Inbox, writer: WriterOfTorchShape) -> bool:
+    """Write what the trainer sends until it is done; True when it released this process for
+    another checkpointer, False when it stopped it or is gone."""
     slabs: dict[str, mmap.mmap] = {}
     while True:
         item = inbox.get()
         if item is None:
-            return
+            return False
         request, fds = item
         if isinstance(request, Undecodable):  # only our own types cross outside a write's kwargs
             logger.error("the checkpoint writer received a message it cannot read:\n%s", request.error)
@@ -130,7 +144,9 @@ def _serve(channel: Channel, inbox: Inbox, writer: WriterOfTorchShape) -> None:
             continue
         if request.request_type is RequestType.TERMINATE_PROCESS:
             _reply(channel, WorkerResponse(RequestType.TERMINATE_PROCESS, True))
-            return
+            return False
+        if request.request_type is RequestType.RELEASE_WRITER:
+            return True
         if request.request_type is RequestType.WRITE_CHECKPOINT and isinstance(request.payload, WriteRequest):
             _reply(channel, _write(writer, request.payload, fds, slabs))
         else:

@@ -1,5 +1,9 @@
 """Every test is checked for leaks: no thread, child process or /dev/shm entry of ours may outlive it.
 
+Writers released into the pool of idle writers (core.writer_pool) outlive the checkpointer that
+started them by design: they are the pool's, counted apart, and the session ends by releasing
+them and checking that no child process is left.
+
 /dev/shm is shared by the whole machine, so only entries our own processes made count: those
 whose name carries the pid of this process or of a process a test started (torch names its
 shared memory `torch_<pid>_...`), and any entry named after async-ckpt. Another program's
@@ -12,6 +16,8 @@ import subprocess
 import threading
 
 import pytest
+
+from core.writer_pool import idle_writer_pids, release_idle_writers
 
 _TORCH_SHM = re.compile(r"torch_(\d+)_")
 _started_pids: set[int] = set()
@@ -57,7 +63,15 @@ def no_leaks():
     yield
     leaked_threads = [t.name for t in threading.enumerate() if t.ident not in threads_before and t.is_alive()]
     assert not leaked_threads, f"threads left running: {leaked_threads}"
-    assert _child_pids() - children_before == set(), "child processes left running"
+    assert _child_pids() - children_before - idle_writer_pids() == set(), "child processes left running"
     ours = {os.getpid(), *_started_pids}
     leaked_shm = {name for name in _shm_entries() - shm_before if _ours(name, ours)}
     assert not leaked_shm, f"shared memory segments left in /dev/shm: {sorted(leaked_shm)}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def idle_writers_are_released():
+    """At the end of the session, releasing the idle writers leaves no child process."""
+    yield
+    release_idle_writers()
+    assert _child_pids() == set(), "child processes left after releasing the idle writers"

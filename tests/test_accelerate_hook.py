@@ -207,6 +207,7 @@ def test_unsupported_setups_fall_back_with_a_warning():
             accelerator.state.distributed_type = DistributedType.NO
 
 
+@pytest.mark.slow
 def test_two_processes_with_accelerate_launch(tmp_path):
     """`accelerate launch --multi_gpu` starts torchrun; with cpu=True the ranks use gloo on CPU."""
     result = subprocess.run(
@@ -403,6 +404,7 @@ def test_deleting_the_folder_of_a_pending_save_cancels_it_quietly(tmp_path):
         assert handle.stats.saves == 0
 
 
+@pytest.mark.slow
 def test_a_save_killed_before_publishing_is_refused_by_load_state_and_skipped_by_its_search(tmp_path):
     from core import UncommittedCheckpointError
 
@@ -422,6 +424,7 @@ def test_a_save_killed_before_publishing_is_refused_by_load_state_and_skipped_by
         accelerator.load_state()  # the newest complete one: checkpoint_0
 
 
+@pytest.mark.slow
 def test_a_save_killed_halfway_through_publishing_is_refused_until_saved_again(tmp_path):
     from core import UncommittedCheckpointError
 

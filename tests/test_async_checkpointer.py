@@ -16,8 +16,10 @@ from core import (
     UnsupportedStateError,
     WriterProcessDiedError,
     make_async_checkpointer,
+    release_idle_writers,
 )
 from core.fsutil import filesystem_clones
+from core.writer_pool import idle_writer_pids
 from tests.helpers import (
     GatedCommit,
     SlowCommit,
@@ -27,6 +29,7 @@ from tests.helpers import (
     rss_bytes,
     small_training_state,
     train_step,
+    user_init,
     wait_until,
 )
 
@@ -165,10 +168,25 @@ def test_close_is_idempotent_and_releases_everything(tmp_path):
     with pytest.raises(CheckpointerClosedError):
         ckpt.save(tmp_path / "again", {"w": torch.ones(1)})
     assert (tmp_path / "ck" / "checkpoint_0.pt").exists(), "close() did not drain the pending save"
-    if pid is not None:
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
     assert not any(name.startswith("memfd:async-ckpt") for name in _open_fd_targets())
+    # The writer process waits, idle, for the next checkpointer of this process; releasing the
+    # pool stops it.
+    assert pid in idle_writer_pids()
+    release_idle_writers()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def test_the_next_checkpointer_reuses_the_idle_writer_and_a_user_init_function_never_does(tmp_path):
+    with make_async_checkpointer() as first:
+        first.save(tmp_path / "a", {"w": torch.ones(4)})[1].result()
+        pid = first.writer_pid
+    with make_async_checkpointer() as second:
+        assert second.writer_pid == pid, "the idle writer was not reused"
+        assert second.save(tmp_path / "b", {"w": torch.ones(4)})[1].result().nbytes == 16
+    with make_async_checkpointer(subprocess_init_fn=user_init) as third:
+        assert third.writer_pid != pid, "a writer that ran a user's init function was reused"
+        third.save(tmp_path / "c", {"w": torch.ones(4)})[1].result()
 
 
 def _open_fd_targets() -> list[str]:

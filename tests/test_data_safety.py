@@ -395,6 +395,7 @@ def test_deep_nesting_is_no_traceback(tmp_path):
         assert code in (0, 1) and "Traceback" not in said, (command, said[-500:])
 
 
+@pytest.mark.slow
 def test_the_fuzzer_finds_nothing(tmp_path):
     """Flipped, truncated, extended, swapped and zeroed bytes in every part of a checkpoint:
     the saved values or a CheckpointError from every reader, in bounded time and memory."""
@@ -414,6 +415,7 @@ def small_filesystem(tmp_path):
         yield mount_point
 
 
+@pytest.mark.slow
 def test_every_level_of_free_space_is_a_clear_error_and_the_process_lives(small_filesystem):
     result = run_script("fault_scripts.py", "disk_full_levels", small_filesystem, timeout=600)
     assert result.returncode == 0, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])

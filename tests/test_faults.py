@@ -9,6 +9,8 @@ import torch
 from core import CheckpointWriteError, make_async_checkpointer, make_sync_checkpointer
 from tests.helpers import rss_bytes, small_tmpfs, small_training_state, start_scenario, train_step, wait_until
 
+pytestmark = pytest.mark.slow  # real processes started, killed and signalled: the long tests
+
 
 def _alive(pid):
     try:

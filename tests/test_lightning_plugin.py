@@ -92,6 +92,7 @@ class _CheckEarlierCheckpointsAreDurable(Callback):
         self.checked += 1
 
 
+@pytest.mark.slow
 def test_every_checkpoint_of_an_epoch_is_durable_when_the_next_epoch_starts(tmp_path):
     checker = _CheckEarlierCheckpointsAreDurable(tmp_path)
     by_step = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=3)
@@ -179,6 +180,7 @@ def test_bad_options_are_clear_errors(tmp_path):
     plugin.teardown()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_rank_zero_writes_and_all_ranks_resume(tmp_path):
     result = run_script("lightning_ddp_script.py", tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -335,6 +337,7 @@ def test_resuming_a_fit_readies_the_staging_memory_of_its_first_save(tmp_path):
     assert probe.ready and probe.after_first_save == probe.ready, "the first save allocated its staging memory"
 
 
+@pytest.mark.slow
 def test_fabric_ddp_every_rank_loads_what_was_just_saved(tmp_path):
     result = run_script("fabric_ddp_script.py", tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

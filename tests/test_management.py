@@ -37,6 +37,7 @@ def _retaining(**retention):
     return CheckpointerConfig(writer_config=CheckpointWriterConfig(retention=RetentionConfig(**retention)))
 
 
+@pytest.mark.slow
 def test_find_latest_skips_a_checkpoint_whose_commit_a_crash_interrupted(tmp_path, caplog):
     crash_at_the_held_commit(tmp_path)
 

@@ -17,6 +17,9 @@ from tests.helpers import REPO, SCRIPTS, free_port
 WORKER = os.path.join(SCRIPTS, "multi_rank_worker.py")
 
 
+pytestmark = pytest.mark.slow  # real processes started, killed and signalled: the long tests
+
+
 def launch(world: int, mode: str, scenario: str, out, timeout: float = 240, nodes: int = 1) -> list[int]:
     """Run one scenario on `world` ranks spread over `nodes`; returns the exit codes, one per rank
     (one per node when nodes > 1). With several nodes each one runs in a mount namespace of its

@@ -29,6 +29,7 @@ def test_an_adapter_names_a_users_core_package_that_shadows_ours(project_with_it
     assert "not async-ckpt's core" in result.stderr and str(project_with_its_own_core / "core") in result.stderr
 
 
+@pytest.mark.slow
 def test_the_writer_process_imports_our_core_whatever_the_trainers_path_holds(project_with_its_own_core):
     (project_with_its_own_core / "core" / "__init__.py").write_text("raise SystemExit('the user core was imported')\n")
     script = (

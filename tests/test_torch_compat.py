@@ -214,6 +214,7 @@ def test_a_failing_init_function_is_a_runtime_error():
         process.close()
 
 
+@pytest.mark.slow
 def test_a_slow_start_is_a_timeout_error():
     process = _upstream_process(subprocess_init_fn=slow_subprocess_init_fn, timeout=1)
     try:
@@ -366,6 +367,7 @@ def test_a_process_that_raises_fails_the_save_and_its_future(tmp_path):
     checkpointer.close()
 
 
+@pytest.mark.slow
 def test_a_dead_pipe_a_failing_writer_a_failing_hook_and_a_lonely_barrier_all_fail_their_futures(tmp_path, monkeypatch):
     process = _upstream_process()
     checkpointer = AsyncCheckpointer(DefaultStager(), process, CheckpointReader(ONE_RANK))

@@ -36,12 +36,14 @@ def _starting_with(init_fn, seconds, timeout):
     return make_async_checkpointer(config, subprocess_init_fn=init_fn, subprocess_init_args=(seconds,))
 
 
+@pytest.mark.slow
 def test_a_writer_that_starts_slowly_but_makes_progress_is_waited_for(tmp_path):
     with _starting_with(burn_cpu, 6, timeout=2) as ckpt:  # busy three times longer than the timeout
         result = ckpt.save(tmp_path / "ck", {"w": torch.ones(4)})[1].result()
     assert result.nbytes == 16 and torch.equal(torch.load(tmp_path / "ck" / "checkpoint_0.pt")["w"], torch.ones(4))
 
 
+@pytest.mark.slow
 def test_a_writer_that_makes_no_progress_fails_as_stuck(tmp_path):
     with _starting_with(sleep_for, 600, timeout=2) as ckpt:
         _, written = ckpt.save(tmp_path / "ck", {"w": torch.ones(4)})
@@ -108,6 +110,7 @@ def _ls(folder):
     return {row["name"]: row for row in json.loads(result.stdout)}
 
 
+@pytest.mark.slow
 def test_what_a_writer_killed_mid_write_left_is_shown_then_removed_by_the_next_save(tmp_path):
     crash_at_the_held_commit(tmp_path)
     row = _ls(tmp_path)["step_3"]

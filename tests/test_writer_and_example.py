@@ -92,12 +92,14 @@ def _run_example(script, tmp_path, *args):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_core_example_runs(tmp_path):
     out = _run_example("finetune_core.py", tmp_path, "--steps", "4", "--every", "2", "--width", "64")
     assert "weights identical to the live model: True" in out
     assert "async" in out and "sync" in out
 
 
+@pytest.mark.slow
 def test_lightning_main_job_example_runs(tmp_path):
     out = _run_example(
         "finetune_lightning.py", tmp_path, "--epochs", "1", "--width", "32", "--samples", "128", "--every", "2"
@@ -106,6 +108,7 @@ def test_lightning_main_job_example_runs(tmp_path):
     assert "last.ckpt" in os.listdir(tmp_path / "async")
 
 
+@pytest.mark.slow
 def test_accelerate_example_runs(tmp_path):
     out = _run_example(
         "finetune_accelerate.py", tmp_path, "--epochs", "1", "--width", "32", "--samples", "128", "--every", "2"
