@@ -170,7 +170,20 @@ class _CapturePickler(pickle.Pickler):
 
 
 def capture(state_dict: Any, file_format: str = "torch") -> CapturedState:
-    """Plan a checkpoint of `state_dict` in `file_format` ("torch" or "safetensors")."""
+    """Plan a checkpoint of `state_dict` in `file_format` ("torch" or "safetensors"); a state
+    dict holding DTensors is planned as this rank's part of a sharded checkpoint instead."""
+    from .sharding import contains_dtensor
+
+    if contains_dtensor(state_dict):
+        if file_format != "torch":
+            raise UnsupportedStateError(
+                f"cannot save a state dict holding DTensors as {file_format!r}: sharded state is saved as a sharded "
+                "(DCP) checkpoint directory. Leave file_format at its default"
+            )
+        from .sharded_plan import capture_sharded
+        from .types import default_rank_info
+
+        return capture_sharded(state_dict, default_rank_info().global_rank)
     if file_format == "safetensors":
         from .safetensors_format import capture_safetensors  # it builds on check_tensor here
 
@@ -204,3 +217,38 @@ def capture_torch(state_dict: Any) -> CapturedState:
         storages = pickler.release()
     sources = [bytes_of(storage, 0, storage.nbytes()) for storage in storages]
     return planned(buffer.getvalue(), sources, "torch")
+
+
+class _ContiguousTensor:
+    """Pickles as torch.save pickles a contiguous tensor of `shape` and `dtype` whose storage "0"
+    holds exactly its elements: the data.pkl of one item of a sharded (DCP) checkpoint file."""
+
+    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        self.dtype, self.shape = dtype, shape
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        storage_type = _legacy_storage_type(self.dtype)
+        untyped = storage_type is torch.UntypedStorage
+        ref = _StorageRef("0", storage_type, numel * torch_internals.element_size(self.dtype) if untyped else numel)
+        strides, stride = [], 1
+        for size in reversed(self.shape):
+            strides.append(stride)
+            stride *= max(size, 1)
+        args: tuple[Any, ...] = (ref, 0, self.shape, tuple(reversed(strides)), False, OrderedDict())
+        if untyped:
+            return torch_internals.rebuild_tensor_v3, (*args, self.dtype)
+        return torch_internals.rebuild_tensor_v2, args
+
+
+def tensor_pickle(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
+    """torch.save's data.pkl for a contiguous tensor of `shape` and `dtype` (its bytes in record data/0)."""
+    buffer = io.BytesIO()
+    pickler = _CapturePickler(buffer)
+    try:
+        pickler.dump(_ContiguousTensor(dtype, tuple(shape)))
+    finally:
+        pickler.release()
+    return buffer.getvalue()

@@ -1,7 +1,8 @@
 """What a directory of checkpoints holds: which are complete, which is newest, which are in use.
 
-A checkpoint is a directory with a commit record (the core's layout) or a single checkpoint
-file (the adapters', and plain torch.save files). `find_latest` picks the newest complete one
+A checkpoint is a directory with a commit record (the core's layouts, per-rank files or
+sharded), a directory stock DCP wrote, or a single checkpoint file (the adapters', and plain
+torch.save files). `find_latest` picks the newest complete one
 for a resume, skipping incomplete and damaged ones with a logged reason. Readers hold a shared
 lock on a checkpoint while they read it; retention only deletes what it can lock exclusively.
 """
@@ -16,9 +17,11 @@ from typing import Any
 
 from .checkpoint_file import CheckpointFile
 from .commit import COMMIT_RECORD, read_commit_record
+from .dcp_format import INDEX_PREFIX, METADATA_FILE
 from .errors import CheckpointError, NotACheckpointError
 from .leftovers import TEMPORARY_PREFIX, Leftover
 from .leftovers import find as find_leftovers
+from .sharded_load import open_sharded
 from .unpickle import structure_problem
 
 logger = logging.getLogger(__name__)
@@ -81,18 +84,29 @@ def _describe_directory(path: str, deep: bool) -> CheckpointInfo:
         None,
         step_from_name(os.path.basename(path)),
     )
-    if not os.path.exists(os.path.join(path, COMMIT_RECORD)):
+    committed = os.path.exists(os.path.join(path, COMMIT_RECORD))
+    if not committed and not _written_by_dcp(path):
         info.reason = f"not committed (no {COMMIT_RECORD})" + _interrupted(leftovers)
         return info
     try:
-        record = read_commit_record(path)
+        record = read_commit_record(path) if committed else None
+        sharded = open_sharded(path)
     except CheckpointError as exc:
         info.reason = str(exc)
         return info
-    info.committed_at, info.world_size, info.metadata = record.committed_at, record.world_size, record.metadata
-    info.series = record.series
-    step = record.metadata.get("step")
+    if record is None:  # stock DCP's: complete once its .metadata is there
+        info.committed_at = os.path.getmtime(os.path.join(path, METADATA_FILE))
+    else:
+        info.committed_at, info.world_size, info.metadata = record.committed_at, record.world_size, record.metadata
+        info.series = record.series
+    step = info.metadata.get("step")
     info.step = step if isinstance(step, int) and not isinstance(step, bool) else info.step
+    if sharded is not None:
+        with sharded:
+            info.reason = sharded.problem(deep)
+        info.complete = info.reason is None
+        return info
+    assert record is not None
     for entry in record.files:
         if not record.shared_filesystem and not os.path.exists(os.path.join(path, entry.file)):
             continue  # per-node local disks: other nodes hold their ranks' files
@@ -193,7 +207,18 @@ def _listing_time(info: CheckpointInfo) -> float:
 
 def _looks_like_checkpoint_dir(path: str) -> bool:
     names = os.listdir(path)
-    return COMMIT_RECORD in names or any(name.startswith(("checkpoint_", TEMPORARY_PREFIX)) for name in names)
+    return (
+        COMMIT_RECORD in names
+        or METADATA_FILE in names
+        or any(name.startswith(("checkpoint_", TEMPORARY_PREFIX)) for name in names)
+    )
+
+
+def _written_by_dcp(path: str) -> bool:
+    """Whether the directory is a checkpoint stock torch.distributed.checkpoint wrote (its
+    `.metadata`, written last, and none of our index files, which a commit record must name)."""
+    names = os.listdir(path)
+    return METADATA_FILE in names and not any(name.startswith(INDEX_PREFIX) for name in names)
 
 
 def find_latest(root: str, deep: bool = False) -> str | None:

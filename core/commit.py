@@ -22,7 +22,7 @@ from .fsutil import fsync_directory
 
 COMMIT_RECORD = "commit.json"
 COMMIT_FORMAT = "async-ckpt-commit"
-COMMIT_VERSION = 1
+COMMIT_VERSION = 2  # 2: sharded checkpoints (an index); records without one are still written as 1
 _MAX_RECORD_BYTES = 64 << 20  # far beyond any job's record (about 150 bytes a rank)
 
 
@@ -40,7 +40,9 @@ class RankFile:
 class CommitRecord:
     """What commit.json holds: every rank's file, when it was committed, the save's metadata,
     whether every rank's file is on this filesystem (False: per-node local disks), and the
-    retention series that may delete it (None: no retention owns it)."""
+    retention series that may delete it (None: no retention owns it). A sharded checkpoint's
+    record also names its index (`index_file`) and that file's digest: the index says where
+    every item of every rank's file lies, and the digest ties it to this commit."""
 
     world_size: int
     files: tuple[RankFile, ...]
@@ -48,13 +50,21 @@ class CommitRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
     shared_filesystem: bool = True
     series: str | None = None  # the retention series that owns this checkpoint (see retention.py)
+    index_file: str | None = None
+    index_digest: str | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.index_file is not None
 
     def file_of(self, rank: int) -> RankFile:
         return self.files[rank]
 
     def to_json(self) -> str:
         record = asdict(self)
-        return json.dumps({"format": COMMIT_FORMAT, "version": COMMIT_VERSION, **record}, indent=1)
+        if not self.sharded:
+            del record["index_file"], record["index_digest"]
+        return json.dumps({"format": COMMIT_FORMAT, "version": 2 if self.sharded else 1, **record}, indent=1)
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str) -> CommitRecord:
@@ -86,7 +96,12 @@ class CommitRecord:
             series = raw.get("series")
             if not isinstance(shared, bool) or not (series is None or isinstance(series, str)):
                 raise ValueError("shared_filesystem or series has the wrong type")
-            record = cls(world_size, files, float(committed_at), metadata, shared, series)
+            index_file, index_digest = raw.get("index_file"), raw.get("index_digest")
+            if index_file is not None and not (
+                isinstance(index_file, str) and is_plain_name(index_file) and isinstance(index_digest, str)
+            ):
+                raise ValueError(f"index_file {index_file!r} or index_digest {index_digest!r} is not valid")
+            record = cls(world_size, files, float(committed_at), metadata, shared, series, index_file, index_digest)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise CorruptCheckpointError(
                 f"commit record {where!r} is damaged ({type(exc).__name__}: {exc}); use an earlier checkpoint"

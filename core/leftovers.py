@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import socket
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -150,6 +151,15 @@ def sweep(directory: str, once: bool = True) -> None:
         os.rmdir(pending)  # only when empty
     except OSError:
         pass
+
+
+def new_temporary_folder(directory: str) -> str:
+    """A private folder in `directory` for one file being written, named after this process:
+    if it dies, the next save into `directory` removes the folder (see `sweep`)."""
+    sweep(directory)
+    temporary = os.path.join(directory, f"{TEMPORARY_PREFIX}{owner_token()}-{uuid.uuid4().hex[:12]}.tmp")
+    os.mkdir(temporary, 0o700)
+    return temporary
 
 
 def sweep_around(paths: Sequence[str]) -> None:

@@ -40,7 +40,7 @@ class PlanCache:
             return capture(state_dict, file_format)
         walked = _walk_skeleton(state_dict)
         if walked is None:
-            return capture_torch(state_dict)
+            return capture(state_dict)
         skeleton, storages = walked
         for index, cached in enumerate(self._cached):
             if cached.skeleton == skeleton:

@@ -18,6 +18,7 @@ from .locks import reading
 from .map_location import apply_map_location
 from .partial_load import copy_pairs, match, raise_if_strict
 from .resolve import resolve_checkpoint_file
+from .sharded_load import ShardedCheckpoint, load_sharded, open_sharded
 from .torch_internals import storage_key
 from .types import STATE_DICT, RankInfo, default_rank_info
 from .unpickle import LazyStorages, unpickle, walk_tensors
@@ -60,6 +61,9 @@ class CheckpointReader:
         """
         options = _ReadOptions.of(kwargs)
         with reading(path):
+            sharded = open_sharded(path)
+            if sharded is not None:
+                return self._read_sharded(path, sharded, state_dict, map_location, options)
             resolved = resolve_checkpoint_file(path, self._rank_info, options.source_rank)
             with CheckpointFile(resolved.path, legacy_ok=True) as ckpt:
                 if ckpt.legacy:
@@ -94,10 +98,34 @@ class CheckpointReader:
         copy_pairs(pairs)
         return state_dict, missing
 
+    def _read_sharded(
+        self,
+        path: str,
+        sharded: ShardedCheckpoint,
+        state_dict: STATE_DICT | None,
+        map_location: Any,
+        options: _ReadOptions,
+    ) -> tuple[Any, list[str]]:
+        """A sharded checkpoint (see sharded_load.py): whole, or into `state_dict` at any world size."""
+        with sharded:
+            loaded, missing = load_sharded(
+                sharded, state_dict, verify=options.verify, weights_only=options.weights_only
+            )
+        raise_if_strict(os.fspath(path), missing, options.strict)
+        if state_dict is not None:
+            return loaded, missing
+        storages = {str(i): tensor.untyped_storage() for i, (_, tensor) in enumerate(walk_tensors(loaded))}
+        return apply_map_location(loaded, storages, map_location), []
+
     def read_structure(self, path: str, *, source_rank: int | None = None, weights_only: bool = True) -> Any:
         """The checkpoint's objects with every tensor's shape and dtype, without reading tensor bytes
-        (tensor values are undefined): what `inspect` shows."""
+        (tensor values are undefined): what `inspect` shows. A sharded checkpoint's tensors are
+        meta tensors of their global shapes."""
         with reading(path):
+            sharded = open_sharded(path)
+            if sharded is not None:
+                with sharded:
+                    return sharded.structure()
             resolved = resolve_checkpoint_file(path, self._rank_info, source_rank)
             with CheckpointFile(resolved.path) as ckpt:
                 return unpickle(ckpt, LazyStorages(ckpt), weights_only, verify=True)

@@ -35,6 +35,10 @@ def materialize(plan: CheckpointPlan, storages: Sequence[torch.UntypedStorage]) 
         from .safetensors_format import materialize_safetensors
 
         return materialize_safetensors(plan.structure, storages)
+    if plan.format == "dcp":
+        from .sharded_plan import materialize_sharded
+
+        return materialize_sharded(plan.structure, storages)
 
     def persistent_load(saved_id: Any) -> Any:
         _, storage_type, key, _location, _numel = saved_id

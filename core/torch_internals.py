@@ -43,6 +43,11 @@ NAMES = (
     "torch.UntypedStorage._new_shared",
     "torch.UntypedStorage._new_shared_fd_cpu",
     "torch._foreach_copy_",
+    "torch.distributed.checkpoint._nested_dict.flatten_state_dict",
+    "torch.distributed.checkpoint._nested_dict.unflatten_state_dict",
+    "torch.distributed.checkpoint.filesystem._StorageInfo",
+    "torch.distributed.tensor.DTensor.__create_chunk_list__",
+    "torch.distributed.tensor.placement_types._StridedShard",
 )
 # Looked up on the objects that have them: TypedStorage(..., _internal=True), storage._cdata,
 # tensor._version (checked by their tests).
@@ -61,6 +66,11 @@ _element_size: Any = _torch("torch._utils._element_size")
 _dtype_to_storage_type_map: Any = _torch("torch.storage._dtype_to_storage_type_map")
 _new_dtypes: Any = _torch("torch.storage._new_dtypes")
 _foreach_copy: Any = _torch("torch._foreach_copy_")
+# DCP's own way of naming the leaves of a nested state dict ("optim.state.0.weight.exp_avg") and of
+# putting them back: a sharded checkpoint must use exactly these to be DCP's.
+flatten_state_dict: Any = _torch("torch.distributed.checkpoint._nested_dict.flatten_state_dict")
+unflatten_state_dict: Any = _torch("torch.distributed.checkpoint._nested_dict.unflatten_state_dict")
+DcpStorageInfo: Any = _torch("torch.distributed.checkpoint.filesystem._StorageInfo")
 for _name in NAMES:
     _torch(_name)  # the methods too: fail at import, not in the middle of a save
 
@@ -133,6 +143,20 @@ def storage_from_shared_fd(fd: int, nbytes: int) -> torch.UntypedStorage:
 def copy_many(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
     """destination.copy_(source) for each pair, in one call."""
     _foreach_copy(list(destinations), list(sources))
+
+
+_StridedShard: Any = _torch("torch.distributed.tensor.placement_types._StridedShard")
+
+
+def is_strided_shard(placement: Any) -> bool:
+    """Whether a DTensor placement is the strided shard FSDP uses over tensor parallelism."""
+    return isinstance(placement, _StridedShard)
+
+
+def local_chunk(dtensor: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(global offsets, sizes) of the part of a DTensor this rank holds, as DCP computes it."""
+    (chunk,) = dtensor.__create_chunk_list__()
+    return tuple(chunk.offsets), tuple(chunk.sizes)
 
 
 def cuda_host_register(pointer: int, nbytes: int) -> int:

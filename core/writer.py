@@ -9,7 +9,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -17,7 +16,8 @@ from typing import Any
 
 import torch
 
-from .barriers import Barrier, exchanges_payloads
+from .agreement import RankAgreement
+from .barriers import Barrier
 from .capture import capture
 from .checkpoint_file import CheckpointFile
 from .commit import CommitRecord, RankFile, new_write_id, write_commit_record
@@ -26,13 +26,14 @@ from .errors import BarrierTimeoutError, CheckpointCommitError, CheckpointError,
 from .file_writer import StepClock, WrittenFile, write_checkpoint_file, write_safetensors_file
 from .fsutil import FICLONE, filesystem_clones, fsync_directory, process_umask
 from .incremental import PreviousFiles
-from .leftovers import TEMPORARY_PREFIX, owner_token
-from .leftovers import sweep as sweep_leftovers
+from .leftovers import new_temporary_folder
 from .locks import exclusive
 from .parallel_io import copy_range
 from .plan import CheckpointPlan
 from .protocol import WriteOptions
 from .retention import apply_retention, series_of
+from .sharded_plan import FORMAT as SHARDED_FORMAT
+from .sharded_writer import ShardedCommit
 from .types import RankInfo, WriteResult, default_rank_info
 
 logger = logging.getLogger(__name__)
@@ -57,15 +58,6 @@ def checkpoint_file_path(path: str, layout: str, rank: int) -> str:
     return os.path.join(path, f"checkpoint_{rank}.pt") if layout == "directory" else path
 
 
-def _temporary_directory(directory: str) -> str:
-    """A private folder for one file being written, named after the writing process (see
-    leftovers.py): if that process dies, the next save into `directory` removes it."""
-    sweep_leftovers(directory)
-    temporary = os.path.join(directory, f"{TEMPORARY_PREFIX}{owner_token()}-{uuid.uuid4().hex[:12]}.tmp")
-    os.mkdir(temporary, 0o700)
-    return temporary
-
-
 _DEFAULT_OPTIONS = WriteOptions()
 
 
@@ -87,6 +79,7 @@ class CheckpointWriter:
         self._config = config or CheckpointWriterConfig()
         self._rank_info = rank_info or default_rank_info()
         self._barrier = barrier
+        self._agreement = RankAgreement(self._rank_info, barrier)
         self._commit_hook = commit_hook
         world_size = self._rank_info.global_world_size
         if world_size > 1:
@@ -103,6 +96,7 @@ class CheckpointWriter:
         self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
             self._config.threads, thread_name_prefix="async-ckpt-io"
         )
+        self._sharded = ShardedCommit(self._config, self._rank_info, self._agreement, self._executor)
         self._previous_files = PreviousFiles()
         self._committed: dict[str, str] = {}  # final path -> write id, of this writer's last commits
 
@@ -143,6 +137,8 @@ class CheckpointWriter:
         path = os.fspath(path)
         if not path:
             raise ValueError("the checkpoint path is empty; name a file or directory to save to")
+        if plan.format == SHARDED_FORMAT:
+            return self._write_sharded(path, plan, storage_bytes, create_folder, kwargs, start)
         final = checkpoint_file_path(path, self._config.layout, self._rank_info.global_rank)
         # The folder as spelled (`sub/../b.ckpt` needs `sub/`), as the final rename resolves it.
         directory = os.path.dirname(final) or "."
@@ -174,6 +170,48 @@ class CheckpointWriter:
             phases=phases,
         )
 
+    def _write_sharded(
+        self,
+        path: str,
+        plan: CheckpointPlan,
+        storage_bytes: Sequence[torch.Tensor],
+        create_folder: bool,
+        kwargs: dict[str, Any],
+        start: float,
+    ) -> WriteResult:
+        """This rank's part of a sharded checkpoint: the directory `path`, whatever the layout."""
+        metadata = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}
+
+        def before_commit() -> None:
+            if self._commit_hook is not None:
+                self._commit_hook.pre_commit(path, **kwargs)
+
+        try:
+            if create_folder:
+                os.makedirs(path, exist_ok=True)
+            written = self._sharded.write(
+                path, plan.structure, storage_bytes, metadata, series_of(path, self._config.retention), before_commit
+            )
+        except OSError as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise _write_error(exc, path) from exc
+        if self._commit_hook is not None:
+            self._commit_hook.post_commit(path, **kwargs)
+        self._maintain(path)
+        written.clock.mark("after_commit")
+        seconds = time.perf_counter() - start
+        logger.info(
+            "sharded checkpoint %s: this rank's %.1f MB committed in %.3f s", path, written.file.nbytes / 1e6, seconds
+        )
+        return WriteResult(
+            path=path,
+            files=(written.final,),
+            nbytes=written.file.nbytes,
+            write_seconds=seconds,
+            phases=dict(written.clock.seconds),
+        )
+
     def _write_and_commit(
         self,
         path: str,
@@ -189,7 +227,7 @@ class CheckpointWriter:
         write_id = new_write_id()
         metadata = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}
         series = series_of(path, self._config.retention)
-        temporary_directory = _temporary_directory(directory)
+        temporary_directory = new_temporary_folder(directory)
         temporary = os.path.join(temporary_directory, os.path.basename(final))
         try:
             try:
@@ -207,10 +245,11 @@ class CheckpointWriter:
                     self._commit_hook.pre_commit(path, **kwargs)
                 clock.mark("pre_commit")
             except BaseException as exc:
-                self._tell_peers_of_failure(path, exc)
+                self._agreement.tell_failure(path, exc)
                 raise
             mine = RankFile(self._rank_info.global_rank, os.path.basename(final), written.nbytes, write_id)
-            files = self._agree(path, mine)
+            agreed = self._agreement.agree(path, {"file": asdict(mine)})
+            files = None if agreed is None else [RankFile(**payload["file"]) for payload in agreed]
             clock.mark("barrier")
             self._publish(temporary, final, directory, files, metadata, series)
             clock.mark("publish")
@@ -294,48 +333,6 @@ class CheckpointWriter:
         mode = self._config.copy_unchanged
         return mode == "always" or (mode == "auto" and filesystem_clones(directory))
 
-    @property
-    def _exchanges(self) -> bool:
-        """Whether ranks agree through the barrier's exchange (several ranks and a barrier that has one)."""
-        return self._rank_info.global_world_size > 1 and self._barrier is not None and exchanges_payloads(self._barrier)
-
-    def _tell_peers_of_failure(self, path: str, exc: BaseException) -> None:
-        """Let the other ranks fail this save now, with this rank's reason, instead of at their timeout."""
-        if not self._exchanges or isinstance(exc, BarrierTimeoutError):
-            return
-        assert self._barrier is not None
-        try:
-            self._barrier.exchange({"path": os.path.normpath(path), "error": f"{type(exc).__name__}: {exc}"})
-        except BarrierTimeoutError:
-            pass
-
-    def _agree(self, path: str, mine: RankFile) -> list[RankFile] | None:
-        """Wait until every rank's file is durable; every rank must be saving the same path.
-
-        Returns every rank's file, or None when the barrier cannot exchange them (a plain
-        execute_barrier, as torch's barriers have): rank 0 then reads them from the directory.
-        """
-        if self._barrier is None:
-            return [mine]
-        if not self._exchanges:
-            self._barrier.execute_barrier()
-            return [mine] if self._rank_info.global_world_size == 1 else None
-        payloads = self._barrier.exchange({"path": os.path.normpath(path), "file": asdict(mine)})
-        failed = {rank: p["error"] for rank, p in enumerate(payloads) if p.get("error")}
-        if failed:
-            raise CheckpointCommitError(
-                f"checkpoint {path!r} was not committed: rank(s) {sorted(failed)} failed to write their part: {failed}"
-            )
-        paths: dict[str, list[int]] = {}
-        for rank, payload in enumerate(payloads):
-            paths.setdefault(payload["path"], []).append(rank)
-        if len(paths) > 1:
-            raise CheckpointCommitError(
-                f"ranks saved to different paths in the same save ({paths}); every rank must call save() with "
-                "the same path at the same point of training. Nothing was committed"
-            )
-        return [RankFile(**payload["file"]) for payload in payloads]
-
     def _publish(
         self,
         temporary: str,
@@ -364,8 +361,7 @@ class CheckpointWriter:
         fsync_directory(directory)
         failure: BaseException | None = None
         try:
-            if self._barrier is not None:
-                self._barrier.execute_barrier()
+            self._agreement.wait_for_all()
             if self._writes_commit_record:
                 with exclusive(directory):
                     self._write_record(
@@ -379,23 +375,10 @@ class CheckpointWriter:
             raise
         except BaseException as exc:
             failure = exc
-        self._confirm_commit(directory, failure)
+        self._agreement.confirm(directory, failure)
         if failure is not None:
             os.unlink(final)
             raise failure
-
-    def _confirm_commit(self, directory: str, failure: BaseException | None) -> None:
-        """Every rank returns once the commit record is written (or every rank learns it was not):
-        a rank's write future must not resolve before the checkpoint it belongs to is committed."""
-        if self._barrier is None:
-            return
-        if not self._exchanges:
-            self._barrier.execute_barrier()
-            return
-        outcome = None if failure is None else f"{type(failure).__name__}: {failure}"
-        failed = [(rank, o["error"]) for rank, o in enumerate(self._barrier.exchange({"error": outcome})) if o["error"]]
-        if failed and failure is None:
-            raise CheckpointCommitError(f"checkpoint {directory!r} was not committed: {failed}")
 
     def _write_record(
         self, directory: str, files: list[RankFile], metadata: dict[str, Any], series: str | None

@@ -160,6 +160,21 @@ class FailingCommit:
         pass
 
 
+class DiesBeforeCommit:
+    """A picklable WriterHook that SIGKILLs the process it runs in (the writer) once the file of
+    the save with metadata `step` is durable, before its commit."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def pre_commit(self, path, **kwargs):
+        if kwargs.get("step") == self.step:
+            os.kill(os.getpid(), 9)
+
+    def post_commit(self, path, **kwargs):
+        pass
+
+
 def flip_byte(path, record: str, at: int = 0) -> None:
     """Invert one byte of a checkpoint file, `at` bytes into its zip record `record` (e.g. "data/0")."""
     offset = torch._C.PyTorchFileReader(str(path)).get_record_offset(record) + at
@@ -215,8 +230,31 @@ def crash_at_the_held_commit(out) -> None:
     trainer = start_scenario("crash_before_commit", out, own_session=True)
     assert trainer.stdout.readline().startswith("pending"), trainer.stderr.read()
     wait_until(lambda: (out / "reached").exists(), what="the held commit")  # the file is written and fsynced
+    kill_together(trainer)
+
+
+def kill_together(trainer: subprocess.Popen) -> None:
+    """SIGKILL a scenario started with own_session=True and its writer; return once both are dead.
+    (SIGKILL lands when a process leaves the kernel: a writer inside an fsync dies after it returns.)"""
     os.killpg(trainer.pid, 9)
     trainer.wait()
+    wait_until(lambda: not live_members_of_group(trainer.pid), timeout=600, what="the killed writer to die")
+
+
+def live_members_of_group(pgid: int) -> list[int]:
+    """The processes of process group `pgid` that still run (zombies have finished)."""
+    live = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            live.append(int(entry))
+    return live
 
 
 @contextlib.contextmanager
@@ -233,6 +271,60 @@ def small_tmpfs(folder, size: str):
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def launch_ranks(world: int, argv: list[str], timeout: float = 240, nodes: int = 1, node_disk=None) -> list[int]:
+    """Run the script `argv` (path and arguments) on `world` ranks spread over `nodes`, as torchrun
+    would; returns the exit codes, one per rank (one per node when nodes > 1). With several nodes
+    each one runs in a mount namespace of its own with a private tmpfs at `node_disk`: a machine
+    with its own local disk."""
+    port = free_port()
+    per_node = world // nodes
+    procs = []
+    for node in range(nodes):
+        commands = []
+        for local in range(per_node):
+            rank = node * per_node + local
+            env = {
+                "RANK": rank,
+                "WORLD_SIZE": world,
+                "LOCAL_RANK": local,
+                "LOCAL_WORLD_SIZE": per_node,
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "PYTHONPATH": REPO,
+            }
+            script = " ".join([sys.executable, *argv])
+            commands.append(" ".join(f"{k}={v}" for k, v in env.items()) + f" {script}")
+        if nodes == 1:
+            for command in commands:
+                procs.append(
+                    subprocess.Popen(
+                        ["sh", "-c", f"exec env {command}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                    )
+                )
+            continue
+        ranks = " ".join(f'env {command} & pids="$pids $!";' for command in commands)
+        wait_all = "status=0; for p in $pids; do wait $p || status=1; done; exit $status"
+        procs.append(
+            subprocess.Popen(
+                ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                 f"mount -t tmpfs tmpfs {node_disk} && {ranks} {wait_all}"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )  # fmt: skip
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    print("\n".join(outputs))
+    return [proc.returncode for proc in procs]
 
 
 def run_script(name: str, *args, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:

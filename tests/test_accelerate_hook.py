@@ -410,11 +410,10 @@ def test_a_save_killed_before_publishing_is_refused_by_load_state_and_skipped_by
 
     trainer = start_scenario("accelerate_killed_before_publish", tmp_path, own_session=True)
     assert trainer.stdout.readline().startswith("pending"), trainer.stderr.read()
-    from tests.helpers import wait_until
+    from tests.helpers import kill_together, wait_until
 
     wait_until(lambda: (tmp_path / "reached").exists(), what="the held commit")
-    os.killpg(trainer.pid, 9)  # trainer and writer die together, before publishing
-    trainer.wait()
+    kill_together(trainer)  # trainer and writer die together, before publishing
     checkpoints = tmp_path / "checkpoints"
     assert sorted(os.listdir(checkpoints)) == ["checkpoint_0", "checkpoint_1"]
     accelerator, *_ = setup(project_dir=tmp_path, automatic_checkpoint_naming=True)

@@ -7,12 +7,10 @@ for them with a bounded timeout; the scenarios themselves assert what every rank
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import REPO, SCRIPTS, free_port
+from tests.helpers import SCRIPTS, launch_ranks
 
 WORKER = os.path.join(SCRIPTS, "multi_rank_worker.py")
 
@@ -21,58 +19,7 @@ pytestmark = pytest.mark.slow  # real processes started, killed and signalled: t
 
 
 def launch(world: int, mode: str, scenario: str, out, timeout: float = 240, nodes: int = 1) -> list[int]:
-    """Run one scenario on `world` ranks spread over `nodes`; returns the exit codes, one per rank
-    (one per node when nodes > 1). With several nodes each one runs in a mount namespace of its
-    own with a private tmpfs at `out`: a machine with its own local disk."""
-    port = free_port()
-    per_node = world // nodes
-    procs = []
-    for node in range(nodes):
-        commands = []
-        for local in range(per_node):
-            rank = node * per_node + local
-            env = {
-                "RANK": rank,
-                "WORLD_SIZE": world,
-                "LOCAL_RANK": local,
-                "LOCAL_WORLD_SIZE": per_node,
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": port,
-                "PYTHONPATH": REPO,
-            }
-            commands.append(
-                " ".join(f"{k}={v}" for k, v in env.items()) + f" {sys.executable} {WORKER} {mode} {scenario} {out}"
-            )
-        if nodes == 1:
-            for command in commands:
-                procs.append(
-                    subprocess.Popen(
-                        ["sh", "-c", f"exec env {command}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-                    )
-                )
-            continue
-        ranks = " ".join(f'env {command} & pids="$pids $!";' for command in commands)
-        wait_all = "status=0; for p in $pids; do wait $p || status=1; done; exit $status"
-        script = f"mount -t tmpfs tmpfs {out} && {ranks} {wait_all}"
-        procs.append(
-            subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=timeout)[0])
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-    codes = [proc.returncode for proc in procs]
-    print("\n".join(outputs))
-    return codes
+    return launch_ranks(world, [WORKER, mode, scenario, str(out)], timeout=timeout, nodes=nodes, node_disk=out)
 
 
 @pytest.mark.parametrize("mode,world", [("async", 4), ("sync", 2)])
