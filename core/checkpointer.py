@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import Any, Protocol
 
@@ -111,12 +112,16 @@ class SyncCheckpointer(Checkpointer):
         self._closed = False
         self.stats = CheckpointStats()
 
-    def save(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> None:
-        """Write and commit `state_dict` at `path`; on error nothing is left under the final name."""
+    def save(
+        self, path: str, state_dict: STATE_DICT, *, extra_files: Mapping[str, bytes] | None = None, **kwargs: Any
+    ) -> None:
+        """Write and commit `state_dict` at `path`; on error nothing is left under the final name.
+        `extra_files` (see AsyncCheckpointer.save) go with sharded checkpoints."""
         if self._closed:
             raise CheckpointerClosedError("save() on a closed SyncCheckpointer; create a new one")
         start = time.perf_counter()
-        result = self._writer.write(path, state_dict, **kwargs)
+        options = WriteOptions(extra_files=tuple((extra_files or {}).items()))
+        result = self._writer.write(path, state_dict, options=options, **kwargs)
         if isinstance(result, WriteResult):
             elapsed = time.perf_counter() - start
             _record(
@@ -229,6 +234,7 @@ class AsyncCheckpointer(Checkpointer):
         report_errors: bool = True,
         dedupe_key: Any = None,
         create_folder: bool = True,
+        extra_files: Mapping[str, bytes] | None = None,
         **kwargs: Any,
     ) -> tuple[Future[None], Future[WriteResult]]:
         """Snapshot `state_dict` and write it to `path` in the background.
@@ -246,6 +252,11 @@ class AsyncCheckpointer(Checkpointer):
         copy where neither works), still a standalone checkpoint. Pass a value that changes
         whenever the state may change behind PyTorch's back (e.g. the global step: Lightning's
         ModelCheckpoint saves a top-k file and last.ckpt of one step this way).
+
+        A state dict holding DTensors is saved as a sharded checkpoint: every rank calls save()
+        with the same path, each writes the chunks it owns, and the directory is committed once
+        all have (see docs/distributed.md). extra_files: {name: bytes} that rank 0 writes into
+        that directory with the commit, which records their digests (loads check them).
         """
         self._check_usable()
         self._writes.raise_unseen()
@@ -259,7 +270,8 @@ class AsyncCheckpointer(Checkpointer):
             # A Ctrl-C during these steps is raised after each assignment, inside this try: the save
             # then either fails here as a whole or, once handed over, goes on to completion.
             with sigint_deferred():
-                save = _Save(path, kwargs, WriteOptions(create_folder=create_folder), WriteFuture(), 0.0)
+                options = WriteOptions(create_folder=create_folder, extra_files=tuple((extra_files or {}).items()))
+                save = _Save(path, kwargs, options, WriteFuture(), 0.0)
                 save.future = self._writes.start(path, report_errors)
                 save.start = time.perf_counter()
             versions = self._repeats.versions(dedupe_key, state_dict)

@@ -52,6 +52,7 @@ class CommitRecord:
     series: str | None = None  # the retention series that owns this checkpoint (see retention.py)
     index_file: str | None = None
     index_digest: str | None = None
+    extra_files: dict[str, str] = field(default_factory=dict)  # name -> digest (see WriteOptions)
 
     @property
     def sharded(self) -> bool:
@@ -63,7 +64,7 @@ class CommitRecord:
     def to_json(self) -> str:
         record = asdict(self)
         if not self.sharded:
-            del record["index_file"], record["index_digest"]
+            del record["index_file"], record["index_digest"], record["extra_files"]
         return json.dumps({"format": COMMIT_FORMAT, "version": 2 if self.sharded else 1, **record}, indent=1)
 
     @classmethod
@@ -101,7 +102,15 @@ class CommitRecord:
                 isinstance(index_file, str) and is_plain_name(index_file) and isinstance(index_digest, str)
             ):
                 raise ValueError(f"index_file {index_file!r} or index_digest {index_digest!r} is not valid")
-            record = cls(world_size, files, float(committed_at), metadata, shared, series, index_file, index_digest)
+            extra = raw.get("extra_files") or {}
+            if not isinstance(extra, dict) or not all(
+                isinstance(name, str) and is_plain_name(name) and isinstance(value, str)
+                for name, value in extra.items()
+            ):
+                raise ValueError(f"extra_files is {extra!r}")
+            record = cls(
+                world_size, files, float(committed_at), metadata, shared, series, index_file, index_digest, extra
+            )
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise CorruptCheckpointError(
                 f"commit record {where!r} is damaged ({type(exc).__name__}: {exc}); use an earlier checkpoint"

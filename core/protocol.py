@@ -73,10 +73,13 @@ class WriteOptions:
         still that file, the new file shares its extents or is a hard link to it (dedupe_key).
     create_folder: create the checkpoint's folder when it is missing; False fails the write
         instead (a folder deleted while its save ran stays deleted).
+    extra_files: (name, content) of files rank 0 writes into a sharded checkpoint's directory
+        before its commit, which records their digests (Lightning's meta.pt).
     """
 
     link_from: str | None = None
     create_folder: bool = True
+    extra_files: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass(frozen=True)

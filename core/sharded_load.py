@@ -32,7 +32,7 @@ from .dcp_format import (
     parse_index,
     read_dcp_metadata,
 )
-from .errors import CorruptCheckpointError, UncommittedCheckpointError
+from .errors import CheckpointError, CorruptCheckpointError, UncommittedCheckpointError
 from .fsutil import buffer_of
 from .manifest import digest
 from .sharding import is_dtensor, local_chunk
@@ -264,6 +264,7 @@ def open_sharded(directory: str) -> ShardedCheckpoint | None:
         record = read_commit_record(directory)
         if not record.sharded:
             return None
+        _check_extra_files(directory, record)
         return ShardedCheckpoint(directory, _read_index(directory, record), record)
     if not os.path.exists(os.path.join(directory, METADATA_FILE)):
         return None
@@ -273,6 +274,33 @@ def open_sharded(directory: str) -> ShardedCheckpoint | None:
             "or is still running; resume from an earlier checkpoint (core.find_latest finds one)"
         )
     return ShardedCheckpoint(directory, read_dcp_metadata(directory), None)
+
+
+def committed_by_us(directory: str) -> bool:
+    """Whether `directory` holds a sharded checkpoint async-ckpt committed (a commit record with an index)."""
+    if not os.path.exists(os.path.join(directory, COMMIT_RECORD)):
+        return False
+    try:
+        return read_commit_record(directory).sharded
+    except CheckpointError:
+        return True  # ours, damaged: our reader says how
+
+
+def _check_extra_files(directory: str, record: CommitRecord) -> None:
+    """The files committed beside the checkpoint (Lightning's meta.pt) must be the ones committed:
+    a save overwriting the checkpoint that died after replacing one leaves a mix, never loaded."""
+    for name, expected in record.extra_files.items():
+        try:
+            with open(os.path.join(directory, name), "rb") as extra:
+                content = extra.read()
+        except FileNotFoundError:
+            content = None
+        if content is None or digest(content) != expected:
+            state = "missing" if content is None else "not the one its commit record names"
+            raise CorruptCheckpointError(
+                f"sharded checkpoint {directory!r}: {name} is {state} (a save overwriting this checkpoint was "
+                "interrupted after replacing it). Use an earlier checkpoint"
+            )
 
 
 def _read_index(directory: str, record: CommitRecord) -> ShardedIndex:

@@ -21,9 +21,18 @@ from typing import Any
 import torch
 
 from .agreement import RankAgreement
-from .commit import COMMIT_RECORD, CommitRecord, RankFile, new_write_id, read_commit_record, write_commit_record
+from .commit import (
+    COMMIT_RECORD,
+    CommitRecord,
+    RankFile,
+    is_plain_name,
+    new_write_id,
+    read_commit_record,
+    write_commit_record,
+)
 from .config import CheckpointWriterConfig
 from .dcp_format import (
+    INDEX_PREFIX,
     METADATA_FILE,
     PlacedItem,
     dcp_metadata,
@@ -82,10 +91,13 @@ class ShardedCommit:
         metadata: dict[str, Any],
         series: str | None,
         before_commit: Any,
+        extra_files: tuple[tuple[str, bytes], ...] = (),
     ) -> ShardedWritten:
         """Write this rank's file into `directory` and commit the checkpoint with the other ranks.
 
-        `before_commit()` runs once the file is durable, before any rank publishes anything."""
+        `before_commit()` runs once the file is durable, before any rank publishes anything.
+        `extra_files` (rank 0's): written beside the checkpoint and committed with it."""
+        _check_extra_files(extra_files)
         if self._rank_info.global_world_size > 1 and not self._agreement.exchanges:
             raise CheckpointCommitError(
                 "a sharded checkpoint needs a barrier that exchanges values between ranks (rank 0 indexes every "
@@ -128,7 +140,7 @@ class ShardedCommit:
             )
             assert agreed is not None
             clock.mark("barrier")
-            self._publish(temporary, final, directory, agreed, metadata, series, write_id)
+            self._publish(temporary, final, directory, agreed, Commit(metadata, series, write_id, extra_files))
             clock.mark("publish")
         finally:
             shutil.rmtree(temporary_directory, ignore_errors=True)
@@ -140,9 +152,7 @@ class ShardedCommit:
         final: str,
         directory: str,
         agreed: list[dict[str, Any]],
-        metadata: dict[str, Any],
-        series: str | None,
-        write_id: str,
+        commit: Commit,
     ) -> None:
         os.chmod(temporary, 0o666 & ~process_umask())
         os.replace(temporary, final)
@@ -151,7 +161,7 @@ class ShardedCommit:
         try:
             self._agreement.wait_for_all()
             if self._rank_info.global_rank == 0:
-                self._commit(directory, agreed, metadata, series, write_id)
+                self._commit(directory, agreed, commit)
         except BarrierTimeoutError:
             os.unlink(final)
             raise
@@ -162,40 +172,85 @@ class ShardedCommit:
             os.unlink(final)
             raise failure
 
-    def _commit(
-        self,
-        directory: str,
-        agreed: list[dict[str, Any]],
-        metadata: dict[str, Any],
-        series: str | None,
-        write_id: str,
-    ) -> None:
-        """Rank 0: the index, DCP's metadata and the commit record, then the replaced checkpoint's files."""
+    def _commit(self, directory: str, agreed: list[dict[str, Any]], commit: Commit) -> None:
+        """Rank 0: the extra files, the index, DCP's metadata and the commit record, then the
+        replaced checkpoint's files."""
         files = tuple(RankFile(**payload["file"]) for payload in agreed)
-        items = [PlacedItem.from_json(raw) for payload in agreed for raw in payload["items"]]
+        items = _once_each([PlacedItem.from_json(raw) for payload in agreed for raw in payload["items"]])
         mapping = {fqn: tuple(path) for fqn, path in agreed[0]["mapping"]}
         index = index_content(items, mapping, self._config.checksums)
-        index_name = index_file_name(write_id)
+        index_name = index_file_name(commit.write_id)
         with exclusive(directory):
             replaced = _committed_files(directory)
+            for name, content in commit.extra_files:
+                write_durably(directory, name, content)
             write_durably(directory, index_name, index)
             write_durably(
                 directory,
                 METADATA_FILE,
-                _pickled(dcp_metadata(items, mapping, checkpoint_id=directory, save_id=write_id)),
+                _pickled(dcp_metadata(items, mapping, checkpoint_id=directory, save_id=commit.write_id)),
             )
             record = CommitRecord(
                 self._rank_info.global_world_size,
                 files,
-                metadata=metadata,
+                metadata=commit.metadata,
                 shared_filesystem=True,
-                series=series,
+                series=commit.series,
                 index_file=index_name,
                 index_digest=digest(index),
+                extra_files={name: digest(content) for name, content in commit.extra_files},
             )
             write_commit_record(directory, record)
             for name in replaced - {index_name, *(f.file for f in files)}:
                 _remove_replaced(os.path.join(directory, name))
+
+
+@dataclass(frozen=True)
+class Commit:
+    """What rank 0 commits besides the ranks' files."""
+
+    metadata: dict[str, Any]
+    series: str | None
+    write_id: str
+    extra_files: tuple[tuple[str, bytes], ...]
+
+
+_OURS = (COMMIT_RECORD, METADATA_FILE)
+
+
+_warned_of_duplicates = False
+
+
+def _once_each(items: list[PlacedItem]) -> list[PlacedItem]:
+    """Every chunk once: the lowest rank's where several ranks wrote the same one. That happens
+    only when DTensors live on meshes that leave ranks out and those ranks hold the same tensor
+    on a mesh of their own (replicated across a mesh dimension the model does not use): no rank
+    can tell that alone, without a collective."""
+    kept: dict[tuple[str, Any], PlacedItem] = {}
+    for item in items:
+        kept.setdefault((item.fqn, item.offsets), item)
+    if len(kept) < len(items):
+        global _warned_of_duplicates
+        log = logger.debug if _warned_of_duplicates else logger.warning
+        _warned_of_duplicates = True
+        log(
+            "%d chunk(s) were written by several ranks (e.g. %s): their DTensors are replicated across ranks "
+            "outside their device mesh; the lowest rank's copy is committed",
+            len(items) - len(kept),
+            next(item.fqn for item in items if kept[(item.fqn, item.offsets)] is not item),
+        )
+    return list(kept.values())
+
+
+def _check_extra_files(extra_files: tuple[tuple[str, bytes], ...]) -> None:
+    for name, content in extra_files:
+        if not is_plain_name(name) or name in _OURS or name.startswith(("__", INDEX_PREFIX, ".async")):
+            raise ValueError(
+                f"extra file {name!r}: name a plain file inside the checkpoint directory, not one of the "
+                "checkpoint's own (commit.json, .metadata, __<rank>_*.distcp, async_ckpt_index_*)"
+            )
+        if not isinstance(content, bytes):
+            raise TypeError(f"extra file {name!r}: its content is {type(content).__name__}, not bytes")
 
 
 def _pickled(metadata: Any) -> bytes:

@@ -138,7 +138,9 @@ class CheckpointWriter:
         if not path:
             raise ValueError("the checkpoint path is empty; name a file or directory to save to")
         if plan.format == SHARDED_FORMAT:
-            return self._write_sharded(path, plan, storage_bytes, create_folder, kwargs, start)
+            return self._write_sharded(path, plan, storage_bytes, options, kwargs, start)
+        if options.extra_files:
+            raise ValueError("extra_files go with sharded checkpoints (state dicts holding DTensors) only")
         final = checkpoint_file_path(path, self._config.layout, self._rank_info.global_rank)
         # The folder as spelled (`sub/../b.ckpt` needs `sub/`), as the final rename resolves it.
         directory = os.path.dirname(final) or "."
@@ -175,7 +177,7 @@ class CheckpointWriter:
         path: str,
         plan: CheckpointPlan,
         storage_bytes: Sequence[torch.Tensor],
-        create_folder: bool,
+        options: WriteOptions,
         kwargs: dict[str, Any],
         start: float,
     ) -> WriteResult:
@@ -187,10 +189,11 @@ class CheckpointWriter:
                 self._commit_hook.pre_commit(path, **kwargs)
 
         try:
-            if create_folder:
+            if options.create_folder:
                 os.makedirs(path, exist_ok=True)
+            series = series_of(path, self._config.retention)
             written = self._sharded.write(
-                path, plan.structure, storage_bytes, metadata, series_of(path, self._config.retention), before_commit
+                path, plan.structure, storage_bytes, metadata, series, before_commit, options.extra_files
             )
         except OSError as exc:
             if isinstance(exc, CheckpointError):

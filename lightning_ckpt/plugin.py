@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 import shutil
@@ -10,6 +11,7 @@ import sys
 import weakref
 from typing import Any
 
+import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import Callback
@@ -27,7 +29,7 @@ from core import (
     wait_for_pending_writes,
 )
 
-from .lightning_internals import trainer_of
+from .lightning_internals import METADATA_FILE, ShardedCheckpointIO, route_model_parallel_checkpoints, trainer_of
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ class _AsyncCheckpointCallback(Callback):
             self._logged = (stats, stats.saves)
 
 
-class AsyncCheckpointIO(CheckpointIO):
+class AsyncCheckpointIO(CheckpointIO, ShardedCheckpointIO):
     """A Lightning CheckpointIO that snapshots in save_checkpoint and writes in a background process.
 
     Use it as ``Trainer(plugins=[AsyncCheckpointIO()])``. Each checkpoint file appears at exactly
@@ -77,6 +79,12 @@ class AsyncCheckpointIO(CheckpointIO):
             others). Hard-linked names are one file: a tool that rewrites one of them in place
             (rather than replacing it, as Lightning and this plugin do) changes both. False writes
             every save on its own.
+
+    With ModelParallelStrategy (FSDP2, tensor parallelism), whose sharded checkpoints Lightning
+    never hands to a CheckpointIO, the plugin takes them over (see lightning_internals.py): every
+    rank snapshots and writes only its own shards, asynchronously, into a directory in DCP's
+    format with Lightning's meta.pt committed with it; `fit(ckpt_path=...)` resumes from it with
+    any number of devices, and Lightning's own loader (DCP) reads it too.
 
     Guarantees: a save while `fit` trains returns once the snapshot is taken; any other save
     (after `fit`, in `validate`/`test`, or from a Trainer that is not fitting) is durable before
@@ -105,10 +113,12 @@ class AsyncCheckpointIO(CheckpointIO):
         self._commit_hook = commit_hook
         self._share_repeated_saves = share_repeated_saves
         self._checkpointer: AsyncCheckpointer | None = None
+        self._sharded: AsyncCheckpointer | None = None  # every rank's, for ModelParallelStrategy
         self._reader = CheckpointReader(RankInfo(0, 1))
         self._drain_callback = _AsyncCheckpointCallback(self)
         self._attached_to: list[weakref.ref[Any]] = []
         self._last_fit_stats: CheckpointStats | None = None
+        route_model_parallel_checkpoints(_sharded_handler)
 
     @property
     def checkpointer(self) -> AsyncCheckpointer:
@@ -146,6 +156,33 @@ class AsyncCheckpointIO(CheckpointIO):
         staged, _written = self.checkpointer.save(path, checkpoint, step=step, dedupe_key=dedupe_key)
         staged.result()
 
+    def save_sharded(self, strategy: Any, checkpoint: dict[str, Any], path: str) -> None:
+        """ModelParallelStrategy's checkpoint, on every rank: the model's and optimizers' sharded
+        state dicts as this rank's part of a sharded checkpoint, the rest as Lightning's meta.pt
+        (rank 0's), committed with it. Asynchronous while fitting, durable on return otherwise."""
+        if os.path.isfile(path):
+            raise FileExistsError(
+                f"{path} is a file (a full checkpoint), and a sharded checkpoint is a directory; async-ckpt does not "
+                "delete files it did not write (Lightning would): remove it or save under another name"
+            )
+        state = {"state_dict": checkpoint.pop("state_dict")}
+        state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        extra = {METADATA_FILE: _torch_saved(checkpoint)} if strategy.global_rank == 0 else None
+        if self._sharded is None:  # every rank writes: a directory, whatever layout single files use
+            writer_config = dataclasses.replace(self._config.writer_config, layout="directory")
+            config = dataclasses.replace(self._config, writer_config=writer_config)
+            self._sharded = make_async_checkpointer(config, commit_hook=self._commit_hook)
+        staged, written = self._sharded.save(path, state, extra_files=extra, step=checkpoint.get("global_step"))
+        staged.result()
+        caller = _fitting_trainer(strategy)
+        if caller is None:
+            written.result()
+        else:
+            self._attach_drain_callback(caller)
+
+    def before_sharded_load(self, strategy: Any, path: str) -> None:
+        wait_for_pending_writes(path)
+
     def _save_now(self, path: str, checkpoint: dict[str, Any], step: Any) -> None:
         """Nothing trains meanwhile: write in this thread, durable before returning (no writer process)."""
         wait_for_pending_writes(path)  # an earlier asynchronous save to the same path lands first
@@ -182,7 +219,8 @@ class AsyncCheckpointIO(CheckpointIO):
     @property
     def writer_pid(self) -> int | None:
         """The writer process's pid while one runs for this plugin (None: none was started)."""
-        return None if self._checkpointer is None else self._checkpointer.writer_pid
+        checkpointer = self._checkpointer or self._sharded
+        return None if checkpointer is None else checkpointer.writer_pid
 
     @property
     def stats(self) -> CheckpointStats | None:
@@ -191,25 +229,33 @@ class AsyncCheckpointIO(CheckpointIO):
         The plugin also logs the last one's `WriteResult.metrics()` (checkpoint/blocking_s,
         checkpoint/persist_s, ...) with the LightningModule's log_dict at the next batch end.
         """
-        return self._last_fit_stats if self._checkpointer is None else self._checkpointer.stats
+        checkpointer = self._checkpointer or self._sharded
+        return self._last_fit_stats if checkpointer is None else checkpointer.stats
 
     def wait(self) -> None:
         """Block until every checkpoint issued so far is durable; raise the first write error."""
-        if self._checkpointer is not None:
-            self._checkpointer.wait()
+        for checkpointer in (self._checkpointer, self._sharded):
+            if checkpointer is not None:
+                checkpointer.wait()
 
     def teardown(self) -> None:
         """Drain every write, stop the writer process and free staging memory; raise a write error.
         The drain callback leaves the Trainer's callbacks, as they were before the fit."""
-        checkpointer, self._checkpointer = self._checkpointer, None
+        checkpointers = [c for c in (self._checkpointer, self._sharded) if c is not None]
+        self._checkpointer = self._sharded = None
         trainers, self._attached_to = self._attached_to, []
         for reference in trainers:
             trainer = reference()
             if trainer is not None:
                 trainer.callbacks = [c for c in trainer.callbacks if c is not self._drain_callback]
-        if checkpointer is not None:
+        for checkpointer in checkpointers:
             self._last_fit_stats = checkpointer.stats
-            checkpointer.close()
+        try:
+            for checkpointer in checkpointers[:-1]:
+                checkpointer.close()
+        finally:
+            if checkpointers:
+                checkpointers[-1].close()
 
     def _attach_drain_callback(self, trainer: Any) -> None:
         if self._drain_callback not in trainer.callbacks:
@@ -221,7 +267,7 @@ class AsyncCheckpointIO(CheckpointIO):
     def __getstate__(self) -> dict[str, Any]:
         # Strategies may deep-copy or pickle plugins (e.g. for spawn); a running writer stays behind.
         state = self.__dict__.copy()
-        state["_checkpointer"] = None
+        state["_checkpointer"] = state["_sharded"] = None
         state["_attached_to"] = []
         return state
 
@@ -237,27 +283,41 @@ class _FabricLoop:
     """A save through Fabric: from the user's own training loop, which Fabric cannot see."""
 
 
+def _sharded_handler(strategy: Any) -> ShardedCheckpointIO | None:
+    plugin = strategy.checkpoint_io
+    return plugin if isinstance(plugin, AsyncCheckpointIO) else None
+
+
+def _torch_saved(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _fitting_trainer(strategy: Any) -> Any:
+    """The Trainer whose running fit this strategy serves, or None (not fitting, or no Trainer)."""
+    from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+
+    module = strategy.lightning_module
+    trainer = trainer_of(module) if module is not None else None
+    if trainer is not None and trainer.state.fn == TrainerFn.FITTING and trainer.state.status == TrainerStatus.RUNNING:
+        return trainer
+    return None
+
+
 def _caller() -> _Fitting | _FabricLoop | None:
     """Who is saving, found on the call stack (a CheckpointIO is never handed its Trainer):
     a fitting Trainer, Fabric, or (None) anything else: a Trainer that is not training, a
     direct call, another plugin's background thread. Only the first two save asynchronously."""
     from lightning.fabric.strategies.strategy import Strategy as FabricStrategy
     from lightning.pytorch.strategies import Strategy
-    from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 
     frame = sys._getframe(1)
     while frame is not None:
         candidate = frame.f_locals.get("self")
         if isinstance(candidate, Strategy):
-            module = candidate.lightning_module
-            trainer = trainer_of(module) if module is not None else None
-            if (
-                trainer is not None
-                and trainer.state.fn == TrainerFn.FITTING
-                and trainer.state.status == TrainerStatus.RUNNING
-            ):
-                return _Fitting(trainer)
-            return None
+            trainer = _fitting_trainer(candidate)
+            return None if trainer is None else _Fitting(trainer)
         if isinstance(candidate, FabricStrategy):
             return _FabricLoop()
         frame = frame.f_back  # type: ignore[assignment]

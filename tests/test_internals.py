@@ -11,6 +11,7 @@ from accelerate import Accelerator
 import core.torch_internals as ti
 from accelerate_ckpt import accelerate_internals
 from core import internals, safetensors_internals
+from lightning_ckpt import AsyncCheckpointIO
 from lightning_ckpt.lightning_internals import trainer_of
 from tests.lightning_helpers import TinyClassifier
 
@@ -101,6 +102,21 @@ def test_lightning_module_knows_its_trainer():
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     module.trainer = trainer
     assert trainer_of(module) is trainer
+
+
+def test_model_parallel_strategy_has_what_the_sharded_seam_wraps():
+    from lightning.fabric.strategies import model_parallel as fabric_model_parallel
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_ckpt.lightning_internals import saves_distributed_checkpoints
+
+    assert saves_distributed_checkpoints(ModelParallelStrategy())
+    assert not saves_distributed_checkpoints(ModelParallelStrategy(save_distributed_checkpoint=False))
+    assert callable(fabric_model_parallel._distributed_checkpoint_load)
+    AsyncCheckpointIO()  # installs the seam
+    for name in ("save_checkpoint", "load_checkpoint", "teardown"):
+        assert getattr(ModelParallelStrategy, name).__module__ == "lightning_ckpt.lightning_internals", name
+    assert fabric_model_parallel._distributed_checkpoint_load.__module__ == "lightning_ckpt.lightning_internals"
 
 
 def test_accelerator_lists_what_prepare_and_register_for_checkpointing_registered():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from core import CheckpointWriteError
+from core import CheckpointWriteError, list_checkpoints
 from core.fsutil import filesystem_clones
 from lightning_ckpt import AsyncCheckpointIO
 from tests.helpers import GatedCommit, SlowCommit, assert_same, run_script, unwritable, wait_until
@@ -343,3 +343,20 @@ def test_fabric_ddp_every_rank_loads_what_was_just_saved(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for rank in (0, 1):
         assert torch.load(tmp_path / f"loaded_rank{rank}.pt") == [0, 1, 2], rank
+
+
+@pytest.mark.slow
+def test_model_parallel_saves_sharded_asynchronously_and_resumes_on_any_number_of_devices(tmp_path):
+    saved = run_script("lightning_model_parallel_script.py", tmp_path, "save", 2)
+    assert saved.returncode == 0, saved.stdout[-3000:] + saved.stderr[-3000:]
+    assert (tmp_path / "while_held.txt").read_text() == "False", "training waited for the checkpoint's commit"
+    checkpoints = list_checkpoints(tmp_path / "ckpts")
+    assert [c.name for c in checkpoints if c.complete] == ["epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"]
+    last = tmp_path / "ckpts" / "last.ckpt"
+    assert {"commit.json", ".metadata", "meta.pt"} <= set(os.listdir(last))
+    assert len([name for name in os.listdir(last) if name.endswith(".distcp")]) == 2  # one file per rank
+    reference = torch.load(tmp_path / "reference.pt", weights_only=True)
+    for phase, devices in (("resume", 1), ("resume", 3), ("stock_resume", 2)):
+        resumed = run_script("lightning_model_parallel_script.py", tmp_path, phase, devices)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert_same(torch.load(tmp_path / "resumed.pt", weights_only=True), reference)
