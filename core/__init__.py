@@ -31,6 +31,7 @@ from .config import (
     CheckpointWriterConfig,
     RetentionConfig,
 )
+from .convert import to_torch_save
 from .errors import (
     BarrierTimeoutError,
     CheckpointCommitError,
@@ -68,6 +69,7 @@ from .writer_pool import release_idle_writers
 __async_ckpt__ = True  # marks this distribution's `core`, as opposed to a user's package of that name
 
 __all__ = [
+    "to_torch_save",
     "AsyncCheckpointer",
     "AsyncOptions",
     "BARRIER_REGISTRY",

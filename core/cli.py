@@ -1,4 +1,4 @@
-"""`python -m core` (installed as `async-ckpt`): ls, inspect, verify and diff checkpoints.
+"""`python -m core` (installed as `async-ckpt`): ls, inspect, verify, diff and convert checkpoints.
 
 Tables for people, `--json` for scripts. Exit codes: `verify` 0 when every checkpoint is
 complete and its bytes match their checksums, 1 otherwise; `diff` 0 when the checkpoints hold
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .catalog import CheckpointInfo, describe_checkpoint, list_checkpoints, read_latest
+from .convert import to_torch_save
 from .errors import CheckpointError, CheckpointNotFoundError, NotACheckpointError
 from .leftovers import Leftover
 from .leftovers import find as find_leftovers
@@ -60,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--rank", type=int, default=0, help="which rank's file of a directory checkpoint")
     verify = command("verify", _verify, "check that checkpoints are complete and every byte matches its checksum")
     verify.add_argument("paths", nargs="+")
+    convert = command("convert", _convert, "write a checkpoint (sharded ones too) as one plain torch.load file")
+    convert.add_argument("path")
+    convert.add_argument("output")
+    convert.add_argument("--key", help="keep only this top-level entry (e.g. model)")
     diff = command("diff", _diff, "which tensors and values differ between two checkpoints, and by how much")
     diff.add_argument("a")
     diff.add_argument("b")
@@ -238,6 +243,22 @@ def _verify(args: argparse.Namespace) -> int:
                 + (f": {result['reason']}" if result["reason"] else "")
             )
     return EXIT_OK if all(r["ok"] for r in results) else EXIT_DIFFERENT
+
+
+# ---------------------------------------------------------------- convert
+
+
+def _convert(args: argparse.Namespace) -> int:
+    try:
+        output = to_torch_save(args.path, args.output, key=args.key)
+    except KeyError as exc:
+        print(f"python -m core convert: {exc.args[0]}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps({"path": args.path, "output": output}))
+    else:
+        print(f"wrote {output}")
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------- diff

@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,13 +35,14 @@ from .dcp_format import (
     read_dcp_metadata,
 )
 from .errors import CheckpointError, CorruptCheckpointError, UncommittedCheckpointError
-from .fsutil import buffer_of
+from .fsutil import PAGE_SIZE, buffer_of, round_up
 from .manifest import digest
 from .sharding import is_dtensor, local_chunk
 
 logger = logging.getLogger(__name__)
 
 _MAX_INDEX_BYTES = 1 << 30
+_DIRECT_READ = 1 << 20  # reads at least this large (of page-aligned data) bypass the page cache
 
 
 @dataclass
@@ -50,10 +53,12 @@ class ShardedCheckpoint:
     index: ShardedIndex
     record: CommitRecord | None  # None: written by stock DCP (no commit record, no checksums)
     _fds: dict[str, int] = field(default_factory=dict)
+    _opening: threading.Lock = field(default_factory=threading.Lock)
 
     def close(self) -> None:
         for fd in self._fds.values():
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         self._fds.clear()
 
     def __enter__(self) -> ShardedCheckpoint:
@@ -63,6 +68,10 @@ class ShardedCheckpoint:
         self.close()
 
     def _fd(self, name: str) -> int:
+        with self._opening:
+            return self._open(name)
+
+    def _open(self, name: str) -> int:
         if name not in self._fds:
             try:
                 self._fds[name] = os.open(os.path.join(self.directory, name), os.O_RDONLY)
@@ -74,8 +83,15 @@ class ShardedCheckpoint:
         return self._fds[name]
 
     def _read(self, name: str, offset: int, nbytes: int) -> torch.Tensor:
+        if nbytes >= _DIRECT_READ and offset % PAGE_SIZE == 0:
+            direct = self._direct_fd(name)
+            if direct is not None:
+                return self._read_direct(direct, name, offset, nbytes)
         buffer = torch.empty(nbytes, dtype=torch.uint8)
-        view = buffer_of(buffer)
+        self._read_into(name, offset, buffer_of(buffer), nbytes)
+        return buffer
+
+    def _read_into(self, name: str, offset: int, view: memoryview, nbytes: int) -> None:
         done = 0
         while done < nbytes:
             got = os.preadv(self._fd(name), [view[done:]], offset + done)
@@ -85,7 +101,43 @@ class ShardedCheckpoint:
                     f"{nbytes} bytes its index places at {offset}. Use an earlier checkpoint"
                 )
             done += got
-        return buffer
+
+    def _direct_fd(self, name: str) -> int | None:
+        """A descriptor reading past the page cache (None where the filesystem refuses O_DIRECT):
+        a cold checkpoint's bytes then reach memory once, not via the cache and a second copy."""
+        key = f"{name}\0direct"
+        with self._opening:
+            if key not in self._fds:
+                self._open(name)  # a missing file is reported as the buffered path reports it
+                try:
+                    self._fds[key] = os.open(os.path.join(self.directory, name), os.O_RDONLY | os.O_DIRECT)
+                except OSError:
+                    self._fds[key] = -1
+        fd = self._fds[key]
+        return None if fd < 0 else fd
+
+    def _read_direct(self, fd: int, name: str, offset: int, nbytes: int) -> torch.Tensor:
+        """`nbytes` from `offset` (page-aligned) through O_DIRECT, into page-aligned memory."""
+        padded = round_up(nbytes)
+        memory = torch.empty(padded + PAGE_SIZE, dtype=torch.uint8)
+        start = (-memory.data_ptr()) % PAGE_SIZE
+        buffer = memory[start : start + padded]
+        view = buffer_of(buffer)
+        done = 0
+        try:
+            while done < nbytes:
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if got == 0:
+                    break
+                done += got
+        except OSError as exc:  # a filesystem that takes O_DIRECT opens but not these reads
+            logger.debug("O_DIRECT read of %s refused (%s); reading through the page cache", name, exc)
+            done = -1
+        if done < nbytes:
+            buffered = torch.empty(nbytes, dtype=torch.uint8)
+            self._read_into(name, offset, buffer_of(buffered), nbytes)
+            return buffered
+        return buffer[:nbytes]
 
     def item_bytes(self, item: PlacedItem, start: int, nbytes: int, verify: bool) -> torch.Tensor:
         """`nbytes` of a tensor item's data from byte `start`, checked against its checksums."""
@@ -143,6 +195,13 @@ class ShardedCheckpoint:
         self, fqn: str, target: torch.Tensor, offsets: tuple[int, ...], size: tuple[int, ...], verify: bool
     ) -> None:
         """Copy into `target` (the box at `offsets` of a tensor of global `size`) the checkpoint's values."""
+        copy_all(self.read_box(fqn, target, offsets, size, verify))
+
+    def read_box(
+        self, fqn: str, target: torch.Tensor, offsets: tuple[int, ...], size: tuple[int, ...], verify: bool
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(region of `target`, the checkpoint's values for it) pairs covering `target`, the box at
+        `offsets` of a tensor of global `size`; everything read is verified, nothing copied yet."""
         items = self.index.items[fqn]
         if not items[0].is_tensor:
             raise ValueError(f"key {fqn!r}: the checkpoint holds an object, not a tensor")
@@ -152,20 +211,19 @@ class ShardedCheckpoint:
                 f"key {fqn!r}: the checkpoint holds shape {saved_size} dtype {dtype}, the state dict expects "
                 f"shape {tuple(size)} dtype {target.dtype}"
             )
-        covered = 0
+        pairs, covered = [], 0
         for item in items:
             box = _overlap(item, offsets, tuple(target.shape))
             if box is None:
                 continue
-            source, destination = self._rows(item, box, verify), _region(target, offsets, box)
-            with torch.no_grad():
-                destination.copy_(source)
+            pairs.append((_region(target, offsets, box), self._rows(item, box, verify)))
             covered += math.prod(hi - lo for lo, hi in box)
         if covered != target.numel():
             raise CorruptCheckpointError(
                 f"sharded checkpoint {self.directory!r}: the chunks of {fqn!r} cover {covered} of the "
                 f"{target.numel()} elements this rank needs. Use an earlier checkpoint"
             )
+        return pairs
 
     def _rows(self, item: PlacedItem, box: list[tuple[int, int]], verify: bool) -> torch.Tensor:
         """The part of a saved chunk inside `box` (global coordinates), reading only its rows."""
@@ -330,24 +388,41 @@ def load_sharded(
     *,
     verify: bool = True,
     weights_only: bool = True,
+    io_threads: int = 4,
 ) -> tuple[Any, list[str]]:
-    """(state dict, missing keys): the whole checkpoint, or `state_dict` filled in place."""
+    """(state dict, missing keys): the whole checkpoint, or `state_dict` filled in place (only once
+    every byte it needs has been read and verified)."""
     if state_dict is None:
         flat = {fqn: checkpoint.value(fqn, verify, weights_only) for fqn in checkpoint.index.items}
         return unflatten(flat, checkpoint.index.mapping), []
     flat_target, paths = torch_internals.flatten_state_dict(state_dict)
-    missing = []
+    missing: list[str] = []
+    boxes: list[tuple[str, torch.Tensor, tuple[int, ...], tuple[int, ...]]] = []
+    values: dict[str, Any] = {}
     for fqn, want in flat_target.items():
         if fqn not in checkpoint.index.items:
             missing.append(fqn)
         elif is_dtensor(want):
-            offsets, _ = local_chunk(want)
-            checkpoint.fill(fqn, want.to_local(), offsets, tuple(want.shape), verify)
+            boxes.append((fqn, want.to_local(), local_chunk(want)[0], tuple(want.shape)))
         elif isinstance(want, torch.Tensor):
-            checkpoint.fill(fqn, want, (0,) * want.dim(), tuple(want.shape), verify)
+            boxes.append((fqn, want, (0,) * want.dim(), tuple(want.shape)))
         else:
-            _set(state_dict, paths[fqn], checkpoint.value(fqn, verify, weights_only))
+            values[fqn] = checkpoint.value(fqn, verify, weights_only)
+    # Read and verify everything first: a damaged byte leaves the caller's state dict untouched.
+    largest_first = sorted(boxes, key=lambda box: -box[1].numel() * box[1].element_size())
+    with ThreadPoolExecutor(io_threads) as pool:
+        reads = pool.map(lambda b: checkpoint.read_box(b[0], b[1], b[2], b[3], verify), largest_first)
+        pairs = [pair for read in reads for pair in read]
+    copy_all(pairs)
+    for fqn, value in values.items():
+        _set(state_dict, paths[fqn], value)
     return state_dict, missing
+
+
+def copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for destination, source in pairs:
+            destination.copy_(source)
 
 
 def unflatten(flat: dict[str, Any], mapping: dict[str, tuple[Any, ...]]) -> Any:

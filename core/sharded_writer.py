@@ -73,11 +73,6 @@ class ShardedCommit:
         agreement: RankAgreement,
         executor: Executor | None,
     ) -> None:
-        if not config.shared_filesystem and rank_info.global_world_size > 1:
-            raise ValueError(
-                "a sharded checkpoint (a state dict holding DTensors) needs every rank's file on one shared "
-                "filesystem: rank 0 writes the index of all of them. Set shared_filesystem=True and save to it"
-            )
         self._config = config
         self._rank_info = rank_info
         self._agreement = agreement
@@ -98,6 +93,11 @@ class ShardedCommit:
         `before_commit()` runs once the file is durable, before any rank publishes anything.
         `extra_files` (rank 0's): written beside the checkpoint and committed with it."""
         _check_extra_files(extra_files)
+        if not self._config.shared_filesystem and self._rank_info.global_world_size > 1:
+            raise CheckpointCommitError(
+                "a sharded checkpoint (a state dict holding DTensors) needs every rank's file on one shared "
+                "filesystem: rank 0 indexes all of them. Set shared_filesystem=True and save to one"
+            )
         if self._rank_info.global_world_size > 1 and not self._agreement.exchanges:
             raise CheckpointCommitError(
                 "a sharded checkpoint needs a barrier that exchanges values between ranks (rank 0 indexes every "

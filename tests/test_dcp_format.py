@@ -80,6 +80,20 @@ def test_a_one_rank_sharded_checkpoint_is_read_by_stock_dcp_and_by_us(tmp_path):
     assert_same(target, value)
 
 
+def test_to_torch_save_writes_one_plain_file_of_the_whole_or_one_key(tmp_path):
+    from core import to_torch_save
+
+    value = state()
+    save_sharded(tmp_path / "ckpt", value)
+    to_torch_save(str(tmp_path / "ckpt"), str(tmp_path / "all.pt"))
+    assert_same(torch.load(tmp_path / "all.pt", weights_only=True), value)
+    to_torch_save(str(tmp_path / "ckpt"), str(tmp_path / "model.pt"), key="model")
+    assert_same(torch.load(tmp_path / "model.pt", weights_only=True), value["model"])
+    with pytest.raises(KeyError, match="no top-level key 'nope'"):
+        to_torch_save(str(tmp_path / "ckpt"), str(tmp_path / "x.pt"), key="nope")
+    assert not os.path.exists(tmp_path / "x.pt")
+
+
 def test_a_partial_load_reads_only_what_it_names_and_strict_names_what_is_missing(tmp_path):
     from core import MissingKeysError
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from core import CheckpointReader, CorruptCheckpointError, list_checkpoints
-from tests.helpers import SCRIPTS, launch_ranks, run_cli
+from tests.helpers import SCRIPTS, assert_same, launch_ranks, run_cli
 
 pytestmark = pytest.mark.slow  # every test starts 2-4 ranks of torch.distributed
 
@@ -64,6 +64,10 @@ def test_the_files_are_dcps_own_and_our_tools_read_them(tmp_path):
     shapes = {t["key"]: t["shape"] for t in inspected["tensors"]}
     assert shapes["model.0.weight"] == [33, 17] and shapes["optim.state.2.weight.exp_avg"] == [7, 33]
     assert inspected["values"]["step"] == "2"
+    converted = run_cli("convert", checkpoint, tmp_path / "model.pt", "--key", "model")
+    assert converted.returncode == 0, converted.stderr
+    expected = torch.load(tmp_path / "reference_fsdp.pt", weights_only=True)["state"]["model"]
+    assert_same(torch.load(tmp_path / "model.pt", weights_only=True), dict(expected))
 
 
 def test_a_damaged_byte_is_found_by_verify_and_refused_by_a_load(tmp_path):

@@ -115,3 +115,10 @@ def test_accelerate_example_runs(tmp_path):
     )
     assert "median block" in out and "resumed with load_state()" in out
     assert len(os.listdir(tmp_path / "on" / "checkpoints")) == 3
+
+
+@pytest.mark.slow
+def test_sharded_example_trains_on_two_processes_and_resumes_on_one(tmp_path):
+    out = _run_example("finetune_sharded.py", tmp_path, "--steps", "4", "--every", "2", "--width", "32")
+    assert "[2 ranks] 2 sharded saves" in out and "[1 process] resumed step_00004 (step 4)" in out
+    assert "[1 process] step 6" in out
