@@ -69,6 +69,25 @@ class Checkpointer(abc.ABC):
         self.close()
 
 
+_skips_logged: set[str] = set()
+
+
+def _note_skipped(result: WriteResult) -> None:
+    """Say once per kind of skip what happened (the writer fell behind, or a save was removed)."""
+    kind = "superseded" if result.superseded else "cancelled"
+    if kind in _skips_logged:
+        return
+    _skips_logged.add(kind)
+    if result.superseded:
+        logger.warning(
+            "the checkpoint writer fell behind: a queued save of %s was skipped because a newer save of the same "
+            "path was queued behind it (which replaces it anyway); said once",
+            result.path,
+        )
+    else:
+        logger.info("a queued save of %s was not written: it was removed before the writer reached it", result.path)
+
+
 def _record(stats: CheckpointStats, result: WriteResult) -> None:
     stats.record(result)
     logger.info(
@@ -357,7 +376,9 @@ class AsyncCheckpointer(Checkpointer):
                     settle(save.future, error=error)
                     return
                 result = done.result()
-                if isinstance(result, WriteResult):
+                if isinstance(result, WriteResult) and result.skipped:
+                    _note_skipped(result)
+                elif isinstance(result, WriteResult):
                     copied = staged.copied_nbytes if isinstance(staged, StagedStateDict) else result.nbytes
                     result = dataclasses.replace(
                         result,
@@ -372,6 +393,16 @@ class AsyncCheckpointer(Checkpointer):
             written.add_done_callback(finish)
             save.future.handed_over = True
         return written.handed_over if isinstance(written, HandoverFuture) else None
+
+    def cancel(self, path: str) -> Future[None]:
+        """Do not write the pending saves to `path` that the writer has not started (single-rank
+        checkpointers; the Lightning plugin calls it when a checkpoint is removed before its
+        write). Their write futures resolve with `WriteResult.cancelled` set; a write already
+        under way finishes as usual. The returned future completes once the writer has the
+        request (and every save issued before it)."""
+        if isinstance(self._process, CheckpointProcess):
+            return self._process.cancel(os.fspath(path))
+        return wrap_future(None)
 
     def prepare(self, state_dict: STATE_DICT, *, file_format: str = "torch") -> Future[None]:
         """Get the staging memory for saves of `state_dict`'s shape ready in the background.

@@ -184,18 +184,23 @@ class CheckpointProcessConfig:
         the writer.
     sigterm_drain_secs: on SIGTERM (preemption) the trainer first waits up to this long for
         pending writes, then runs the handler that was installed before (0: do not wait).
+    writer_niceness: the writer's CPU priority below the trainer's (Unix nice, 0-19), from its
+        start (its import of torch) on: where the training loop keeps every core busy, the
+        writer takes the time the loop leaves. 0 runs it at the trainer's priority.
     """
 
     subprocess_init_timeout_secs: float = 30
     subprocess_shutdown_timeout_secs: float = 60
     drain_timeout_secs: float = 600
     sigterm_drain_secs: float = 120
+    writer_niceness: int = 5
 
     def __post_init__(self) -> None:
         _require(self.subprocess_init_timeout_secs > 0, "subprocess_init_timeout_secs must be > 0")
         _require(self.subprocess_shutdown_timeout_secs > 0, "subprocess_shutdown_timeout_secs must be > 0")
         _require(self.drain_timeout_secs > 0, "drain_timeout_secs must be > 0")
         _require(self.sigterm_drain_secs >= 0, "sigterm_drain_secs must be >= 0")
+        _require(0 <= self.writer_niceness <= 19, "writer_niceness must be in 0..19")
 
 
 @dataclass

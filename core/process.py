@@ -17,6 +17,7 @@ sys.path holds, and is given the trainer's sys.path after it for the user's init
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import logging
@@ -82,9 +83,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# Unique in the process, not per checkpointer: a writer from the pool keeps the ids it was told to
+# cancel, and must never match them to another checkpointer's writes.
+_request_ids = itertools.count()
+
 _DISTRIBUTION_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _WORKER_BOOTSTRAP = (
-    "import json, os, sys; root, path = json.loads(os.environ.pop('ASYNC_CKPT_WORKER_PATH')); "
+    "import json, os, sys; os.nice(int(os.environ.pop('ASYNC_CKPT_WORKER_NICE', '0'))); "
+    "root, path = json.loads(os.environ.pop('ASYNC_CKPT_WORKER_PATH')); "
     "sys.path[:0] = [root] + [p for p in path if p != root]; "
     "import core.worker; core.worker.worker_main(int(sys.argv[1]))"
 )
@@ -125,6 +131,7 @@ class _Worker:
     inbox: Channel  # receives, on its own descriptor
     ready: Future[Any] = field(default_factory=Future)
     pending: dict[int, _Pending] = field(default_factory=dict)
+    cancels: collections.deque[Future[None]] = field(default_factory=collections.deque)  # unanswered, in order
     attached: dict[str, weakref.ref[Slab]] = field(default_factory=dict)
     alive: bool = True
     released: bool = False  # answered a RELEASE_WRITER request: it waits in the pool for another checkpointer
@@ -179,7 +186,6 @@ class CheckpointProcess:
         self._poolable = (
             subprocess_init_fn is default_subprocess_init_fn and checkpoint_writer_init_fn is default_writer_init_fn
         )
-        self._ids = itertools.count()
         self._lock = threading.Lock()  # the current worker, its pending requests, the init failure
         self._outbox: queue.Queue[_Outgoing | None] = queue.Queue()
         self._closed = False
@@ -232,6 +238,24 @@ class CheckpointProcess:
             self._submit(state_dict, request, future)
         return future
 
+    def cancel(self, path: str) -> Future[None]:
+        """Ask the writer not to make the writes to `path` it has not started (a single-rank
+        writer skips them; a write already started finishes). Their futures resolve with a
+        WriteResult whose `cancelled` is set, or as usual where the cancel came too late. The
+        returned future completes when the writer has the request, and with it every request
+        sent before (or at once, when there is no writer to ask)."""
+        target = _absolute(os.fspath(path))
+        received: Future[None] = Future()
+        with self._lock:
+            worker = self._worker
+            if not worker.alive or not worker.ready.done():
+                received.set_result(None)  # (a writer still starting has started nothing)
+            else:
+                ids = tuple(i for i, pending in worker.pending.items() if pending.path == target)
+                worker.cancels.append(received)
+                self._outbox.put(_Outgoing(worker, WorkerRequest(RequestType.CANCEL_WRITES, ids), []))
+        return received
+
     def _write_resolved(self, done: Future[STATE_DICT], request: _Request, future: HandoverFuture) -> None:
         try:
             self._submit(done.result(), request, future)
@@ -275,7 +299,7 @@ class CheckpointProcess:
         try:
             with sigint_deferred(), self._lock:
                 worker = self._live_worker()
-                request_id = next(self._ids)
+                request_id = next(_request_ids)
                 fds: list[int]
                 if slab is not None:
                     attach = slab.slab_id not in worker.attached
@@ -321,7 +345,11 @@ class CheckpointProcess:
         else:
             parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             with child:
-                env = {**os.environ, "ASYNC_CKPT_WORKER_PATH": json.dumps([_DISTRIBUTION_ROOT, list(sys_path)])}
+                env = {
+                    **os.environ,
+                    "ASYNC_CKPT_WORKER_PATH": json.dumps([_DISTRIBUTION_ROOT, list(sys_path)]),
+                    "ASYNC_CKPT_WORKER_NICE": str(self.config.writer_niceness),
+                }
                 popen = subprocess.Popen(
                     [sys.executable, "-c", _WORKER_BOOTSTRAP, str(child.fileno())], pass_fds=(child.fileno(),), env=env
                 )
@@ -331,7 +359,9 @@ class CheckpointProcess:
             target=self._receive_loop, args=(worker,), name="async-ckpt-receiver", daemon=True
         )
         worker.receiver.start()
-        init = WorkerInit(*self._init_args, environ=dict(os.environ), cwd=os.getcwd())
+        init = WorkerInit(
+            *self._init_args, environ=dict(os.environ), cwd=os.getcwd(), niceness=self.config.writer_niceness
+        )
         self._outbox.put(_Outgoing(worker, WorkerRequest(RequestType.PING, init), []))
         return worker
 
@@ -448,6 +478,12 @@ class CheckpointProcess:
         return error
 
     def _on_response(self, worker: _Worker, response: WorkerResponse) -> None:
+        if response.request_type is RequestType.CANCEL_WRITES:
+            with self._lock:
+                received = worker.cancels.popleft() if worker.cancels else None
+            if received is not None:
+                received.set_result(None)
+            return
         if response.request_type is not RequestType.WRITE_CHECKPOINT:
             return
         outcome = response.payload
@@ -473,6 +509,9 @@ class CheckpointProcess:
             worker.alive = False
             orphans = list(worker.pending.values())
             worker.pending.clear()
+            cancels, worker.cancels = list(worker.cancels), collections.deque()
+        for received in cancels:
+            received.set_result(None)  # nothing is left to cancel
         worker.inbox.close()
         if not orphans:
             return

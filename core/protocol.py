@@ -24,6 +24,7 @@ class RequestType(Enum):
     WRITE_CHECKPOINT = "write_checkpoint"
     TERMINATE_PROCESS = "exit"
     RELEASE_WRITER = "release"  # close the writer, then wait for the next init (see writer_pool.py)
+    CANCEL_WRITES = "cancel"  # payload: request ids whose writes are not wanted any more (no answer)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class WorkerInit:
     writer_init_args: dict[str, Any]
     environ: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
+    niceness: int = 0  # the writer's priority below the trainer's (CheckpointProcessConfig.writer_niceness)
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ class WriteOutcome:
 @dataclass
 class WorkerRequest:
     request_type: RequestType
-    payload: WorkerInit | WriteRequest | None = None
+    payload: WorkerInit | WriteRequest | tuple[int, ...] | None = None  # CANCEL_WRITES: request ids
 
 
 @dataclass

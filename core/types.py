@@ -64,7 +64,13 @@ class WriteResult:
     copied_nbytes: int = 0
     reused_nbytes: int = 0
     phases: dict[str, float] = field(default_factory=dict)  # the writer's seconds per step of the write
-    cancelled: bool = False  # the checkpoint's folder was deleted while it was written: nothing was published
+    cancelled: bool = False  # cancelled (its folder deleted, or the save removed) before it was published
+    superseded: bool = False  # skipped: a newer save of the same path was queued behind it (see worker.py)
+
+    @property
+    def skipped(self) -> bool:
+        """Whether nothing of this save was published (it was cancelled or superseded)."""
+        return self.cancelled or self.superseded
 
     @property
     def throughput_gbps(self) -> float:

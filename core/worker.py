@@ -3,12 +3,16 @@
 It is a fresh interpreter (not multiprocessing's spawn), so the trainer's `__main__` module is
 never re-run in it. A reader thread takes every request off the socket as it arrives, so
 whatever the trainer handed over is held here even if the trainer dies right after; the main
-thread writes them in order, then exits at end-of-file. The trainer handles Ctrl-C and SIGTERM;
+thread writes them in order, then exits at end-of-file. When it falls behind, a queued write
+whose path a newer queued write also saves is skipped (superseded: the newer one replaces it
+anyway), and so is a queued write the trainer cancelled (its checkpoint was removed before it
+was written); a write already started always finishes. The trainer handles Ctrl-C and SIGTERM;
 this process ignores both and finishes what it holds.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import mmap
 import os
@@ -44,6 +48,7 @@ from .writer_pool import IDLE_SECS
 logger = logging.getLogger(__name__)
 
 Inbox = queue.Queue[tuple[WorkerRequest | Undecodable, list[int]] | None]
+Item = tuple[WorkerRequest | Undecodable, list[int]]
 
 
 class WriterOfTorchShape(Protocol):
@@ -60,14 +65,18 @@ def worker_main(fd: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     channel = Channel(socket.socket(fileno=fd))
     inbox: Inbox = queue.Queue()
-    threading.Thread(target=_read_all, args=(channel, inbox), name="async-ckpt-inbox", daemon=True).start()
+    cancelled: set[int] = set()
+    reader = threading.Thread(target=_read_all, args=(channel, inbox, cancelled), name="async-ckpt-inbox", daemon=True)
+    reader.start()
     first = inbox.get()
     while first is not None:
         writer = _init_writer(channel, first[0])
         if writer is None:
             return
         try:
-            released = _serve(channel, inbox, writer)
+            init = first[0].payload if isinstance(first[0], WorkerRequest) else None
+            alone = isinstance(init, WorkerInit) and init.rank_info.global_world_size == 1
+            released = _serve(channel, inbox, cancelled if alone else None, writer)
         finally:
             writer.close()
         if not released:
@@ -80,7 +89,7 @@ def worker_main(fd: int) -> None:
             return
 
 
-def _read_all(channel: Channel, inbox: Inbox) -> None:
+def _read_all(channel: Channel, inbox: Inbox, cancelled: set[int]) -> None:
     while True:
         try:
             data, fds = channel.recv_pickle()
@@ -88,14 +97,24 @@ def _read_all(channel: Channel, inbox: Inbox) -> None:
             inbox.put(None)  # the trainer is gone or done: finish what is queued, then exit
             return
         try:
-            inbox.put((pickle.loads(data), fds))
+            request = pickle.loads(data)
         except Exception:
             inbox.put((Undecodable(traceback.format_exc()), fds))
+            continue
+        if isinstance(request, WorkerRequest) and isinstance(request.payload, tuple):  # CANCEL_WRITES
+            cancelled.update(request.payload)  # seen by the main thread before it starts those writes
+            _reply(channel, WorkerResponse(RequestType.CANCEL_WRITES, True))  # every earlier request is held
+            continue
+        inbox.put((request, fds))
+
+
+_replying = threading.Lock()  # the main thread and the reader thread both answer
 
 
 def _reply(channel: Channel, response: WorkerResponse) -> None:
     try:
-        channel.send(response)
+        with _replying:
+            channel.send(response)
     except OSError:
         logger.debug("the trainer is gone; %s not reported", response.request_type.value)
 
@@ -112,6 +131,7 @@ def _init_writer(channel: Channel, request: WorkerRequest | Undecodable) -> Writ
     if not isinstance(init, WorkerInit):
         _reply(channel, WorkerResponse(RequestType.PING, False, f"the first request must initialise, got {request}"))
         return None
+    _set_niceness(init.niceness)
     try:
         if init.cwd is not None:
             os.chdir(init.cwd)
@@ -129,12 +149,25 @@ def _init_writer(channel: Channel, request: WorkerRequest | Undecodable) -> Writ
     return writer
 
 
-def _serve(channel: Channel, inbox: Inbox, writer: WriterOfTorchShape) -> bool:
+def _set_niceness(niceness: int) -> None:
+    """This process's priority: `niceness` below the trainer's (a writer from the pool may have
+    started with another; lowering it back needs privileges, so it may stay lower)."""
+    trainer = os.getpriority(os.PRIO_PROCESS, os.getppid())
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, min(trainer + niceness, 19))
+    except PermissionError:
+        logger.debug("cannot raise the writer's priority back to niceness %d", niceness)
+
+
+def _serve(channel: Channel, inbox: Inbox, cancelled: set[int] | None, writer: WriterOfTorchShape) -> bool:
     """Write what the trainer sends until it is done; True when it released this process for
-    another checkpointer, False when it stopped it or is gone."""
+    another checkpointer, False when it stopped it or is gone. `cancelled`: None where writes
+    are never skipped (several ranks: every rank must make each save, or the others wait)."""
     slabs: dict[str, mmap.mmap] = {}
+    queued: collections.deque[Item | None] = collections.deque()
     while True:
-        item = inbox.get()
+        _take_arrived(inbox, queued)
+        item = queued.popleft()
         if item is None:
             return False
         request, fds = item
@@ -148,10 +181,43 @@ def _serve(channel: Channel, inbox: Inbox, writer: WriterOfTorchShape) -> bool:
         if request.request_type is RequestType.RELEASE_WRITER:
             return True
         if request.request_type is RequestType.WRITE_CHECKPOINT and isinstance(request.payload, WriteRequest):
-            _reply(channel, _write(writer, request.payload, fds, slabs))
+            write = request.payload
+            skipped = None if cancelled is None else _skipped(write, cancelled, queued)
+            if skipped is not None:
+                _storages(write, fds, slabs)  # (its slab may be attached with it, for the writes after it)
+                outcome = WriteOutcome(write.request_id, skipped)
+                _reply(channel, WorkerResponse(RequestType.WRITE_CHECKPOINT, True, None, outcome))
+            else:
+                if cancelled is not None:
+                    cancelled.discard(write.request_id)  # a cancel that came too late
+                _reply(channel, _write(writer, write, fds, slabs))
         else:
             _close_all(fds)
             _reply(channel, WorkerResponse(request.request_type, False, f"unknown request {request.request_type!r}"))
+
+
+def _take_arrived(inbox: Inbox, queued: collections.deque[Item | None]) -> None:
+    """Move every request that has arrived into `queued`, waiting for one when none is queued."""
+    if not queued:
+        queued.append(inbox.get())
+    while queued[-1] is not None:
+        try:
+            queued.append(inbox.get_nowait())
+        except queue.Empty:
+            return
+
+
+def _skipped(write: WriteRequest, cancelled: set[int], queued: collections.deque[Item | None]) -> WriteResult | None:
+    """The result of a write not to be made (cancelled, or superseded by a newer queued write of
+    the same path), or None: write it."""
+    if write.request_id in cancelled:
+        cancelled.discard(write.request_id)
+        return WriteResult(write.path, (), 0, 0.0, cancelled=True)
+    for item in queued:
+        later = item[0].payload if item is not None and isinstance(item[0], WorkerRequest) else None
+        if isinstance(later, WriteRequest) and later.path == write.path:
+            return WriteResult(write.path, (), 0, 0.0, superseded=True)
+    return None
 
 
 def _close_all(fds: list[int]) -> None:

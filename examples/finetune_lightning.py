@@ -3,9 +3,11 @@
 Copy this file to start. It builds a small transformer text classifier, "pretrains" it on a
 synthetic language-modelling-like task, then fine-tunes it on a synthetic classification set,
 with ``ModelCheckpoint(save_top_k=2, save_last=True)`` saving every few steps. The
-fine-tuning runs twice, with Lightning's default (synchronous) checkpointing and with
-``AsyncCheckpointIO``, and prints how long each checkpoint blocked training and the total fit
-time. Finally it resumes from ``last`` with the async plugin and trains one more epoch.
+fine-tuning runs without checkpoints, with Lightning's default (synchronous) checkpointing and
+with ``AsyncCheckpointIO``, then once more each way checkpointing every training step
+(``ModelCheckpoint(every_n_train_steps=1)``), and prints how long each checkpoint blocked
+training and each fit's total time against the fit without checkpoints. Finally it resumes
+from ``last`` with the async plugin and trains one more epoch.
 
     python examples/finetune_lightning.py [--epochs 2] [--width 256] [--out runs/lightning]
 """
@@ -111,22 +113,32 @@ class Timed:
         return plugin
 
 
-def fine_tune(mode: str, args: argparse.Namespace, epochs: int, ckpt_path: str | None = None) -> tuple[Timed, float]:
+def fine_tune(
+    mode: str, args: argparse.Namespace, epochs: int, every: int | None, ckpt_path: str | None = None
+) -> tuple[Timed, float]:
+    """One fit: mode "none" (no checkpoints), "sync" or "async"; every=1: a checkpoint every step
+    with ModelCheckpoint's defaults (keep the newest), else every `every` steps, top 2 and last."""
     L.seed_everything(0)
     model = pretrained_model(args.width, os.path.join(args.out, "pretrained"))
     timer = Timed()
-    plugin = timer.wrap(AsyncCheckpointIO() if mode == "async" else TorchCheckpointIO())
-    checkpoint = ModelCheckpoint(
-        dirpath=os.path.join(args.out, mode),
-        save_top_k=2,
-        save_last=True,
-        monitor="train_loss",
-        every_n_train_steps=args.every,
-    )
+    callbacks: list[L.Callback] = [Progress(mode, timer)]
+    plugins = []
+    if mode != "none":
+        plugins.append(timer.wrap(AsyncCheckpointIO() if mode == "async" else TorchCheckpointIO()))
+        directory = os.path.join(args.out, mode if every != 1 else f"{mode}_every_step")
+        if every == 1:
+            callbacks.append(ModelCheckpoint(dirpath=directory, every_n_train_steps=1))
+        else:
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=directory, save_top_k=2, save_last=True, monitor="train_loss", every_n_train_steps=every
+                )
+            )
     trainer = L.Trainer(
         max_epochs=epochs,
-        plugins=[plugin],
-        callbacks=[checkpoint, Progress(mode, timer)],
+        plugins=plugins,
+        callbacks=callbacks,
+        enable_checkpointing=mode != "none",
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -144,26 +156,38 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1280)
     parser.add_argument("--every", type=int, default=5, help="checkpoint every N training steps")
     parser.add_argument("--out", default="runs/lightning")
+    parser.add_argument(
+        "--no-every-step", dest="every_step", action="store_false", help="leave out the every-step rows"
+    )
     args = parser.parse_args()
-    for mode in ("sync", "async"):
+    for mode in ("sync", "async", "sync_every_step", "async_every_step"):
         shutil.rmtree(os.path.join(args.out, mode), ignore_errors=True)
+    runs = [("none", None), ("sync", args.every), ("async", args.every)]
+    if args.every_step:
+        runs += [("sync", 1), ("async", 1)]
     print(
-        f"Fine-tuning twice ({args.epochs} epochs with synchronous, then asynchronous checkpoints), then resuming: "
-        "about a minute on 2 idle CPU cores, longer on a busy machine. A line per epoch follows.",
+        f"Fine-tuning {len(runs)} times ({args.epochs} epochs each: no checkpoints, then synchronous and asynchronous "
+        "checkpoints), then resuming: a few minutes on 2 idle CPU cores, longer on a busy machine. "
+        "A line per epoch follows.",
         flush=True,
     )
-
-    results = {mode: fine_tune(mode, args, args.epochs) for mode in ("sync", "async")}
-    print(f"\ncheckpoint blocking time and fit time ({len(results['sync'][0].blocked)} checkpoints each)")
-    print(f"{'mode':<6} {'median block (ms)':>18} {'max block (ms)':>15} {'fit total (s)':>14}")
-    for mode, (timer, total) in results.items():
-        median, worst = 1e3 * statistics.median(timer.blocked), 1e3 * max(timer.blocked)
-        print(f"{mode:<6} {median:>18.1f} {worst:>15.1f} {total:>14.2f}")
+    results = [(mode, every, *fine_tune(mode, args, args.epochs, every)) for mode, every in runs]
+    baseline = results[0][3]
+    print("\ncheckpoint blocking time and fit time")
+    print(
+        f"{'checkpointing':<22} {'checkpoints':>11} {'median block (ms)':>18} {'max block (ms)':>15} "
+        f"{'fit total (s)':>14} {'vs none':>8}"
+    )
+    for mode, every, timer, total in results:
+        label = "none" if every is None else f"{mode}, every {'step' if every == 1 else f'{every} steps'}"
+        median = f"{1e3 * statistics.median(timer.blocked):.1f}" if timer.blocked else "-"
+        worst = f"{1e3 * max(timer.blocked):.1f}" if timer.blocked else "-"
+        print(f"{label:<22} {len(timer.blocked):>11} {median:>18} {worst:>15} {total:>14.2f} {total / baseline:>7.2f}x")
     print("files:", sorted(os.listdir(os.path.join(args.out, "async"))))
 
     last = os.path.join(args.out, "async", "last.ckpt")
     step = torch.load(last, weights_only=True)["global_step"]
-    _, total = fine_tune("async", args, args.epochs + 1, ckpt_path="last")
+    _, total = fine_tune("async", args, args.epochs + 1, args.every, ckpt_path="last")
     print(f"resumed from last.ckpt (global step {step}) and trained one more epoch in {total:.2f} s")
 
 

@@ -6,7 +6,6 @@ import dataclasses
 import io
 import logging
 import os
-import shutil
 import sys
 import weakref
 from typing import Any
@@ -26,10 +25,12 @@ from core import (
     RankInfo,
     WriterHook,
     make_async_checkpointer,
+    pending_writes,
     wait_for_pending_writes,
 )
 
 from .lightning_internals import METADATA_FILE, ShardedCheckpointIO, route_model_parallel_checkpoints, trainer_of
+from .removals import removals, remove_now
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +90,10 @@ class AsyncCheckpointIO(CheckpointIO, ShardedCheckpointIO):
     Guarantees: a save while `fit` trains returns once the snapshot is taken; any other save
     (after `fit`, in `validate`/`test`, or from a Trainer that is not fitting) is durable before
     save_checkpoint returns, so the barrier Lightning runs after it, and every reader, finds the
-    file. load_checkpoint and remove_checkpoint first wait for pending writes to that path, from
-    any plugin of the process. Every checkpoint of an epoch, the one ModelCheckpoint saves in
+    file. load_checkpoint first waits for pending writes to that path, from any plugin of the
+    process; remove_checkpoint does not wait: a pending write to that path is skipped if it has
+    not started, and the file is removed once the write is over (wait() waits for that too).
+    Every checkpoint of an epoch, the one ModelCheckpoint saves in
     its epoch-end hook included, is durable before the next epoch's first step (a callback
     attached on the first save of a fit does this, and leaves at teardown).
     teardown drains and the next fit starts afresh; interpreter exit drains too. A failed write
@@ -145,6 +148,7 @@ class AsyncCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         # Now, not in the writer: ModelCheckpoint links last.ckpt into this directory right away. The
         # folder as spelled, as Lightning's saver makes it: `sub/../b.ckpt` needs `sub/`.
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        removals.saving(path)
         caller = _caller()
         step = checkpoint.get("global_step")
         if isinstance(caller, _Fitting):
@@ -165,6 +169,7 @@ class AsyncCheckpointIO(CheckpointIO, ShardedCheckpointIO):
                 f"{path} is a file (a full checkpoint), and a sharded checkpoint is a directory; async-ckpt does not "
                 "delete files it did not write (Lightning would): remove it or save under another name"
             )
+        removals.saving(path)
         state = {"state_dict": checkpoint.pop("state_dict")}
         state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
         extra = {METADATA_FILE: _torch_saved(checkpoint)} if strategy.global_rank == 0 else None
@@ -207,14 +212,18 @@ class AsyncCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         return loaded
 
     def remove_checkpoint(self, path: _PATH) -> None:
+        """Remove a checkpoint; one whose write is still pending is removed once that write is
+        over (skipped by the writer if it has not started), without waiting (see removals.py)."""
         path = os.fspath(path)
-        wait_for_pending_writes(path)
-        if os.path.islink(path) or os.path.isfile(path):
-            os.remove(path)
-        elif os.path.isdir(path):
-            shutil.rmtree(path)
-        else:
-            logger.debug("remove_checkpoint: %s is already gone", path)
+        writes = pending_writes(path)
+        if writes:
+            for checkpointer in (self._checkpointer, self._sharded):
+                if checkpointer is not None:
+                    checkpointer.cancel(path)
+            removals.remove_after(path, writes)
+            return
+        wait_for_pending_writes(path)  # (another process's)
+        remove_now(path)
 
     @property
     def writer_pid(self) -> int | None:
@@ -237,6 +246,7 @@ class AsyncCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         for checkpointer in (self._checkpointer, self._sharded):
             if checkpointer is not None:
                 checkpointer.wait()
+        removals.wait()
 
     def teardown(self) -> None:
         """Drain every write, stop the writer process and free staging memory; raise a write error.
@@ -256,6 +266,7 @@ class AsyncCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         finally:
             if checkpointers:
                 checkpointers[-1].close()
+            removals.wait()
 
     def _attach_drain_callback(self, trainer: Any) -> None:
         if self._drain_callback not in trainer.callbacks:

@@ -13,6 +13,7 @@ from core import (
     CheckpointerConfig,
     CheckpointStagerConfig,
     CheckpointWriteError,
+    CheckpointWriterConfig,
     UnsupportedStateError,
     WriterProcessDiedError,
     make_async_checkpointer,
@@ -315,3 +316,48 @@ def test_a_second_save_of_an_unchanged_state_under_the_same_key_writes_nothing(t
         again = ckpt.save(tmp_path / "again.ckpt", state(4), dedupe_key=3)[1].result()
         assert again.reused_nbytes == 0 and again.nbytes > 0
         assert torch.load(tmp_path / "again.ckpt", weights_only=True)["step"] == 4
+
+
+def _held_writer(tmp_path, max_in_flight: int):
+    """A checkpointer whose first save is held at its commit until `gate` exists (so later saves queue)."""
+    config = CheckpointerConfig(
+        writer_config=CheckpointWriterConfig(layout="file"),
+        staging_config=CheckpointStagerConfig(max_in_flight=max_in_flight),
+    )
+    gate = tmp_path / "gate"
+    ckpt = make_async_checkpointer(config, commit_hook=GatedCommit(tmp_path / "reached", gate))
+    held = ckpt.save(tmp_path / "held.ckpt", {"w": torch.zeros(4)})[1]
+    wait_until(lambda: (tmp_path / "reached").exists(), what="the held commit")
+    return ckpt, gate, held
+
+
+def test_queued_saves_of_one_path_that_a_newer_save_replaces_are_skipped(tmp_path):
+    ckpt, gate, held = _held_writer(tmp_path, max_in_flight=5)
+    with ckpt:
+        writes = [ckpt.save(tmp_path / "last.ckpt", {"w": torch.full((4,), float(v))})[1] for v in (1, 2, 3)]
+        other = ckpt.save(tmp_path / "other.ckpt", {"w": torch.ones(4)})[1]
+        ckpt.cancel(tmp_path / "nothing.ckpt").result()  # the writer holds every save above now
+        gate.touch()
+        results = [w.result() for w in writes]
+        assert [r.superseded for r in results] == [True, True, False], results
+        assert not other.result().skipped and not held.result().skipped
+        assert torch.equal(ckpt.load(tmp_path / "last.ckpt")["w"], torch.full((4,), 3.0))
+        assert ckpt.stats.saves == 3  # the skipped ones are not counted as saves
+
+
+def test_a_cancelled_save_that_was_not_started_is_not_written(tmp_path):
+    ckpt, gate, held = _held_writer(tmp_path, max_in_flight=3)
+    with ckpt:
+        doomed = ckpt.save(tmp_path / "doomed.ckpt", {"w": torch.ones(4)})[1]
+        kept = ckpt.save(tmp_path / "kept.ckpt", {"w": torch.ones(4)})[1]
+        ckpt.cancel(tmp_path / "doomed.ckpt").result()
+        ckpt.cancel(tmp_path / "held.ckpt").result()  # too late: it is being written, and finishes
+        gate.touch()
+        assert doomed.result().cancelled and not kept.result().skipped and not held.result().skipped
+        assert sorted(os.listdir(tmp_path)) == ["gate", "held.ckpt", "kept.ckpt", "reached"]
+    # The writer goes back to the process's pool holding the late cancel: the next checkpointer's
+    # saves are its own and all written.
+    with make_async_checkpointer() as after:
+        saved = [after.save(tmp_path / f"after_{i}.ckpt", {"w": torch.ones(4)})[1] for i in range(3)]
+        assert not any(w.result().skipped for w in saved)
+    assert all((tmp_path / f"after_{i}.ckpt").exists() for i in range(3))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from core import CheckpointWriteError, list_checkpoints
+from core import CheckpointWriteError, list_checkpoints, pending_writes
 from core.fsutil import filesystem_clones
 from lightning_ckpt import AsyncCheckpointIO
 from tests.helpers import GatedCommit, SlowCommit, assert_same, run_script, unwritable, wait_until
@@ -360,3 +360,38 @@ def test_model_parallel_saves_sharded_asynchronously_and_resumes_on_any_number_o
         resumed = run_script("lightning_model_parallel_script.py", tmp_path, phase, devices)
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
         assert_same(torch.load(tmp_path / "resumed.pt", weights_only=True), reference)
+
+
+class _OpenGateAtStep3(Callback):
+    """Notes whether step 1's checkpoint is still being written when step 3 ends, then opens the gate."""
+
+    def __init__(self, directory, gate) -> None:
+        self.directory, self.gate, self.pending_at_step_3 = directory, gate, None
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 3:
+            self.pending_at_step_3 = bool(pending_writes(os.path.join(self.directory, "epoch=0-step=1.ckpt")))
+            self.gate.touch()
+
+
+def test_saving_every_step_with_top_1_neither_waits_for_removed_files_nor_lets_them_reappear(tmp_path):
+    """ModelCheckpoint(every_n_train_steps=1) removes the previous step's file right after saving the
+    next; the plugin does not wait for that file's write, and leaves what Lightning leaves."""
+
+    def fit(directory, plugins, callbacks=()):
+        L.seed_everything(0)
+        model = TinyClassifier()
+        checkpoint = ModelCheckpoint(dirpath=directory, every_n_train_steps=1, save_last=True)
+        trainer(max_epochs=2, plugins=plugins, callbacks=[checkpoint, *callbacks]).fit(model, tiny_data())
+        return model
+
+    fit(tmp_path / "sync", [])
+    gate = tmp_path / "gate"
+    opener = _OpenGateAtStep3(tmp_path / "async", gate)
+    plugin = AsyncCheckpointIO(commit_hook=GatedCommit(tmp_path / "reached", gate), max_in_flight=4)
+    model = fit(tmp_path / "async", [plugin], [opener])
+    assert opener.pending_at_step_3, "training waited for the write of a checkpoint it had removed"
+    assert _listing(tmp_path / "async") == _listing(tmp_path / "sync")
+    for name in os.listdir(tmp_path / "async"):
+        assert torch.load(tmp_path / "async" / name, weights_only=True)["global_step"] == 16
+    assert_same(TinyClassifier.load_from_checkpoint(tmp_path / "async" / "last.ckpt").state_dict(), model.state_dict())

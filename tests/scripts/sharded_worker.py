@@ -279,3 +279,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    # gloo's C++ threads sometimes abort the interpreter's exit after destroy_process_group
+    # ("terminate called without an active exception"); every check has passed by now.
+    os._exit(0)
