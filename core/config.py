@@ -40,6 +40,10 @@ class CheckpointStagerConfig:
         buffer, so host memory is about max_in_flight times the state dict's tensor bytes. Two
         (the default, as in the adapters' AsyncOptions) let a save not wait for the previous
         one's write.
+    in_flight_bytes: more saves than max_in_flight may be staged or writing while their
+        staging buffers together hold at most this many bytes (default 256 MiB): small states
+        saved often never wait for a writer that fell behind (it skips a queued save that a
+        newer queued save of the same path replaces). 0: max_in_flight alone decides.
     incremental: skip what did not change since the previous save of the same state-dict
         shape. CPU tensors are hashed (xxh3, in parallel, GIL released) and those whose bytes
         the staging buffer already holds are not copied; the writer copies unchanged chunks from
@@ -53,11 +57,16 @@ class CheckpointStagerConfig:
     use_non_blocking_copy: bool | None = None
     max_in_flight: int = 2
     incremental: bool = False
+    in_flight_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
         _require(
             isinstance(self.max_in_flight, int) and self.max_in_flight >= 1,
             f"CheckpointStagerConfig.max_in_flight must be an int >= 1, got {self.max_in_flight!r}",
+        )
+        _require(
+            isinstance(self.in_flight_bytes, int) and self.in_flight_bytes >= 0,
+            f"CheckpointStagerConfig.in_flight_bytes must be an int >= 0, got {self.in_flight_bytes!r}",
         )
 
     @property

@@ -271,7 +271,7 @@ def dcp_metadata(items: Sequence[PlacedItem], mapping: dict[str, Any], checkpoin
     state: dict[str, Any] = {}
     storage: dict[Any, Any] = {}
     for item in items:
-        where = torch_internals.DcpStorageInfo(item.file, item.offset, item.length)
+        where = torch_internals.dcp_storage_info(item.file, item.offset, item.length)
         if item.is_tensor:
             assert item.size is not None and item.offsets is not None and item.sizes is not None
             tensor = state.setdefault(

@@ -116,15 +116,18 @@ class StagingLease:
 class SlabPool:
     """Reuses slabs across saves: a save of the same shape gets the same, already faulted, slab.
 
-    At most `max_slabs` exist at once. `try_acquire` takes a free slab (one whose snapshot no
-    write holds), preferring one `prefer` accepts; when every slab is being staged or written the
-    caller waits with `wait_for_room`. A free slab too small for the request is replaced.
+    At most `max_slabs` exist at once, or more while all of them together hold at most
+    `budget_bytes` (small states: many saves may wait for the writer without the loop waiting).
+    `try_acquire` takes a free slab (one whose snapshot no write holds), preferring one `prefer`
+    accepts; when every slab is being staged or written the caller waits with `wait_for_room`.
+    A free slab too small for the request is replaced.
     """
 
-    def __init__(self, max_slabs: int, *, pin: bool = False) -> None:
+    def __init__(self, max_slabs: int, *, pin: bool = False, budget_bytes: int = 0) -> None:
         if max_slabs < 1:
             raise ValueError(f"max_slabs must be >= 1, got {max_slabs}")
         self._max_slabs = max_slabs
+        self._budget_bytes = budget_bytes
         self._pin = pin
         self._free: list[Slab] = []
         self._all: dict[str, Slab] = {}
@@ -168,9 +171,9 @@ class SlabPool:
                 slab = min(fitting, key=lambda s: (not (prefer and prefer(s)), s.nbytes))
                 self._free.remove(slab)
             else:
-                if len(self._all) >= self._max_slabs and self._free:
+                while self._free and not self._may_create(nbytes):
                     self._discard(self._free.pop(0))
-                if len(self._all) >= self._max_slabs:
+                if not self._may_create(nbytes):
                     return None
                 slab = Slab(nbytes, pin=self._pin)
                 self._all[slab.slab_id] = slab
@@ -180,6 +183,11 @@ class SlabPool:
             self._leases[slab.slab_id] = lease
             self._staging.add(slab.slab_id)
             return lease
+
+    def _may_create(self, nbytes: int) -> bool:
+        if len(self._all) < self._max_slabs:
+            return True
+        return sum(s.nbytes for s in self._all.values()) + nbytes <= self._budget_bytes
 
     def wait_for_room(self, waited: float = 0.0) -> float:
         """Wait until a write releases a slab (or 5 s pass); returns the seconds waited so far, and

@@ -179,7 +179,9 @@ class DefaultStager(CheckpointStager):
                 "CheckpointStagerConfig(use_non_blocking_copy=True) needs an accelerator, and none is available; "
                 "leave it None to use non-blocking copies only where CUDA is present"
             )
-        self.pool = SlabPool(self._config.max_in_flight, pin=self._config.pin)
+        self.pool = SlabPool(
+            self._config.max_in_flight, pin=self._config.pin, budget_bytes=self._config.in_flight_bytes
+        )
         self._stream: Any = None
         self._helper: ThreadPoolExecutor | None = None  # async copies, CUDA completion waits, slab warming
         self._hashing: ThreadPoolExecutor | None = None  # incremental saves' digests

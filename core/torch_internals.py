@@ -9,6 +9,7 @@ through a name that is not there. tests/test_internals.py checks every name's be
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,6 +44,11 @@ NAMES = (
     "torch.UntypedStorage._new_shared",
     "torch.UntypedStorage._new_shared_fd_cpu",
     "torch._foreach_copy_",
+)
+# Those of sharded checkpoints, looked up on first use: importing torch.distributed.tensor costs
+# about 0.7 s of CPU, which neither the trainer's `import core` nor the writer's start should pay
+# when no DTensor is saved.
+DISTRIBUTED_NAMES = (
     "torch.distributed.checkpoint._nested_dict.flatten_state_dict",
     "torch.distributed.checkpoint._nested_dict.unflatten_state_dict",
     "torch.distributed.checkpoint.filesystem._StorageInfo",
@@ -66,11 +72,6 @@ _element_size: Any = _torch("torch._utils._element_size")
 _dtype_to_storage_type_map: Any = _torch("torch.storage._dtype_to_storage_type_map")
 _new_dtypes: Any = _torch("torch.storage._new_dtypes")
 _foreach_copy: Any = _torch("torch._foreach_copy_")
-# DCP's own way of naming the leaves of a nested state dict ("optim.state.0.weight.exp_avg") and of
-# putting them back: a sharded checkpoint must use exactly these to be DCP's.
-flatten_state_dict: Any = _torch("torch.distributed.checkpoint._nested_dict.flatten_state_dict")
-unflatten_state_dict: Any = _torch("torch.distributed.checkpoint._nested_dict.unflatten_state_dict")
-DcpStorageInfo: Any = _torch("torch.distributed.checkpoint.filesystem._StorageInfo")
 for _name in NAMES:
     _torch(_name)  # the methods too: fail at import, not in the middle of a save
 
@@ -145,12 +146,32 @@ def copy_many(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tens
     _foreach_copy(list(destinations), list(sources))
 
 
-_StridedShard: Any = _torch("torch.distributed.tensor.placement_types._StridedShard")
+@functools.cache
+def _distributed() -> dict[str, Any]:
+    """DISTRIBUTED_NAMES, each looked up (and torch.distributed.tensor imported) on the first call."""
+    return {name.rsplit(".", 1)[1]: _torch(name) for name in DISTRIBUTED_NAMES}
+
+
+def flatten_state_dict(state_dict: Any) -> tuple[dict[str, Any], Any]:
+    """DCP's own naming of the leaves of a nested state dict ("optim.state.0.weight.exp_avg"), and
+    the mapping that puts them back: a sharded checkpoint must use exactly these to be DCP's."""
+    flat, mapping = _distributed()["flatten_state_dict"](state_dict)
+    return flat, mapping
+
+
+def unflatten_state_dict(flat: dict[str, Any], mapping: Any) -> dict[str, Any]:
+    nested: dict[str, Any] = _distributed()["unflatten_state_dict"](flat, mapping)
+    return nested
+
+
+def dcp_storage_info(relative_path: str, offset: int, length: int) -> Any:
+    """Where DCP's metadata says a chunk's bytes are (its private _StorageInfo)."""
+    return _distributed()["_StorageInfo"](relative_path, offset, length)
 
 
 def is_strided_shard(placement: Any) -> bool:
     """Whether a DTensor placement is the strided shard FSDP uses over tensor parallelism."""
-    return isinstance(placement, _StridedShard)
+    return isinstance(placement, _distributed()["_StridedShard"])
 
 
 def local_chunk(dtensor: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -76,7 +76,7 @@ def test_slab_is_reused_across_saves_of_one_shape(tmp_path):
 
 
 def test_saves_in_flight_are_bounded_and_ordered(tmp_path):
-    config = CheckpointerConfig(staging_config=CheckpointStagerConfig(max_in_flight=2))
+    config = CheckpointerConfig(staging_config=CheckpointStagerConfig(max_in_flight=2, in_flight_bytes=0))
     value = torch.zeros(1 << 16)
     with make_async_checkpointer(config) as ckpt:
         futures = []
@@ -318,11 +318,11 @@ def test_a_second_save_of_an_unchanged_state_under_the_same_key_writes_nothing(t
         assert torch.load(tmp_path / "again.ckpt", weights_only=True)["step"] == 4
 
 
-def _held_writer(tmp_path, max_in_flight: int):
+def _held_writer(tmp_path, max_in_flight: int, in_flight_bytes: int = 0):
     """A checkpointer whose first save is held at its commit until `gate` exists (so later saves queue)."""
     config = CheckpointerConfig(
         writer_config=CheckpointWriterConfig(layout="file"),
-        staging_config=CheckpointStagerConfig(max_in_flight=max_in_flight),
+        staging_config=CheckpointStagerConfig(max_in_flight=max_in_flight, in_flight_bytes=in_flight_bytes),
     )
     gate = tmp_path / "gate"
     ckpt = make_async_checkpointer(config, commit_hook=GatedCommit(tmp_path / "reached", gate))
@@ -361,3 +361,22 @@ def test_a_cancelled_save_that_was_not_started_is_not_written(tmp_path):
         saved = [after.save(tmp_path / f"after_{i}.ckpt", {"w": torch.ones(4)})[1] for i in range(3)]
         assert not any(w.result().skipped for w in saved)
     assert all((tmp_path / f"after_{i}.ckpt").exists() for i in range(3))
+
+
+def test_small_saves_beyond_max_in_flight_are_staged_within_the_byte_budget(tmp_path):
+    ckpt, gate, held = _held_writer(tmp_path, max_in_flight=1, in_flight_bytes=1 << 20)
+    with ckpt:
+        # The first write holds the only slab max_in_flight allows; these stage into slabs of their
+        # own (6 x 64 KiB within the 1 MiB budget) instead of waiting for it.
+        for i in range(5):
+            ckpt.save(tmp_path / f"small_{i}.ckpt", {"w": torch.full((1 << 14,), float(i))})[0].result()
+        assert len(ckpt.stager.pool.slabs) == 6
+        with pytest.raises(ValueError, match="in_flight_bytes"):
+            CheckpointStagerConfig(in_flight_bytes=-1)
+        gate.touch()
+        ckpt.wait()
+        assert not held.result().skipped
+    for i in range(5):
+        assert torch.equal(
+            torch.load(tmp_path / f"small_{i}.ckpt", weights_only=True)["w"], torch.full((1 << 14,), float(i))
+        )

@@ -181,7 +181,7 @@ def test_loads_while_the_file_is_overwritten_never_mix_or_fail(tmp_path, checksu
 
 
 def test_a_staged_state_whose_slab_was_reused_is_written_as_torch_save_writes_it(tmp_path):
-    stager = DefaultStager(CheckpointStagerConfig(max_in_flight=1))
+    stager = DefaultStager(CheckpointStagerConfig(max_in_flight=1, in_flight_bytes=0))
     process = CheckpointProcess(None)
     try:
         first = stager.stage({"w": torch.full((8,), 1.0), "step": 1})
@@ -195,7 +195,7 @@ def test_a_staged_state_whose_slab_was_reused_is_written_as_torch_save_writes_it
 
 
 def test_two_threads_saving_through_one_checkpointer_write_loadable_files(tmp_path):
-    one_slab = CheckpointerConfig(staging_config=CheckpointStagerConfig(max_in_flight=1))
+    one_slab = CheckpointerConfig(staging_config=CheckpointStagerConfig(max_in_flight=1, in_flight_bytes=0))
     with make_async_checkpointer(one_slab) as ckpt:  # one staging slab: the threads' saves take it from each other
 
         def save_many(name):

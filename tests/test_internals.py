@@ -16,7 +16,9 @@ from lightning_ckpt.lightning_internals import trainer_of
 from tests.lightning_helpers import TinyClassifier
 
 
-@pytest.mark.parametrize("name", ti.NAMES + safetensors_internals.NAMES + accelerate_internals.NAMES)
+@pytest.mark.parametrize(
+    "name", ti.NAMES + ti.DISTRIBUTED_NAMES + safetensors_internals.NAMES + accelerate_internals.NAMES
+)
 def test_the_name_is_where_async_ckpt_looks_for_it(name):
     internals.lookup(name, "the framework", "installed", "tested")
 

@@ -1,0 +1,182 @@
+"""Frequent checkpoints: a training loop's total time with no checkpoints, with synchronous saves
+and with async-ckpt, in one run, for small, medium and large states.
+
+Part 1, a plain PyTorch loop (an MLP with AdamW; forward, backward and step on a small batch),
+saving its whole state (model, optimizer, step) every step or every 10 steps:
+- none: no checkpoints;
+- torch.save: the framework's synchronous save (as Lightning's TorchCheckpointIO and Accelerate
+  do: `torch.save` to the file, no fsync);
+- async-ckpt: `AsyncCheckpointer.save`, one file, and a drain at the end (every save is durable
+  when the loop's time stops).
+Every save goes to one `last.pt`, the pattern of every-step checkpointing (newest wins).
+
+Part 2, Accelerate: a 1 MB model saved with `save_state()` every step (automatic naming,
+`total_limit=3`: several files per save), stock against the hook, with the time until every save
+is durable, and the steady rate of durable saves.
+
+Rounds rotate the order of the methods; each number is the median over rounds. Tests check
+behaviour; this measures.
+
+    python benchmarks/every_step.py [--rounds 3] [--out benchmarks/results/every_step.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+SIZES = {"1 MB": 1 << 20, "40 MB": 40 << 20, "1 GiB": 1 << 30}
+STEPS = {"1 MB": 200, "40 MB": 60, "1 GiB": 12}  # a few seconds of training each
+BATCH = 16
+
+
+def model_of(nbytes: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """Four square layers whose parameters and AdamW moments together hold about `nbytes`."""
+    width = max(8, int((nbytes / 48) ** 0.5))
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(4)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step(model, optimizer)  # the optimizer's moments exist from here on
+    return model, optimizer
+
+
+def step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    width = model[0][0].in_features
+    loss = model(torch.randn(BATCH, width)).square().mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def state_of(model: nn.Module, optimizer: torch.optim.Optimizer, n: int) -> dict:
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": n}
+
+
+def loop_time(size: str, every: int, method: str, folder: str) -> float:
+    """Seconds for STEPS[size] training steps with a save every `every` steps, all saves durable."""
+    from core import CheckpointerConfig, CheckpointWriterConfig, make_async_checkpointer
+
+    torch.manual_seed(0)
+    model, optimizer = model_of(SIZES[size])
+    path = os.path.join(folder, "last.pt")
+    ckpt = None
+    if method == "async-ckpt":
+        ckpt = make_async_checkpointer(CheckpointerConfig(writer_config=CheckpointWriterConfig(layout="file")))
+        ckpt.save(os.path.join(folder, "warm.pt"), {"x": torch.zeros(1)})[1].result()  # writer started
+    start = time.perf_counter()
+    for n in range(1, STEPS[size] + 1):
+        step(model, optimizer)
+        if n % every == 0 and method == "torch.save":
+            torch.save(state_of(model, optimizer, n), path)
+        elif n % every == 0 and ckpt is not None:
+            ckpt.save(path, state_of(model, optimizer, n))
+    if ckpt is not None:
+        ckpt.wait()
+    elapsed = time.perf_counter() - start
+    if ckpt is not None:
+        ckpt.close()
+    if method != "none":
+        assert torch.load(path, weights_only=True)["step"] == STEPS[size] // every * every
+    return elapsed
+
+
+def accelerate_loop(hook: bool, folder: str, saves: int = 50) -> tuple[float, float]:
+    """(loop seconds, seconds until every save is durable) for `saves` steps, save_state each."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from accelerate_ckpt import enable_async_checkpointing
+
+    config = ProjectConfiguration(project_dir=folder, automatic_checkpoint_naming=True, total_limit=3)
+    accelerator = Accelerator(cpu=True, project_config=config)
+    torch.manual_seed(0)
+    model, optimizer = accelerator.prepare(*model_of(SIZES["1 MB"]))
+    handle = enable_async_checkpointing(accelerator, enabled=hook)
+    start = time.perf_counter()
+    for _ in range(saves):
+        step(model, optimizer)
+        accelerator.save_state()
+    loop = time.perf_counter() - start
+    handle.close()  # waits for every pending save
+    durable = time.perf_counter() - start
+    return loop, durable
+
+
+def _in_new_folder(root: str, size: str, every: int, method: str) -> float:
+    folder = tempfile.mkdtemp(dir=root)
+    try:
+        return loop_time(size, every, method, folder)
+    finally:
+        shutil.rmtree(folder)
+        os.sync()  # no method's saves pay for writing back or trimming another's
+
+
+def rounds_of(run: Callable[[str], float], methods: list[str], rounds: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(rounds):
+        for m in methods[r % len(methods) :] + methods[: r % len(methods)]:
+            times[m].append(run(m))
+    return {m: statistics.median(t) for m, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sizes", default=",".join(SIZES))
+    parser.add_argument("--out", default="benchmarks/results/every_step.txt")
+    args = parser.parse_args()
+    root = tempfile.mkdtemp(prefix="every_step-", dir=os.path.dirname(os.path.abspath(__file__)))
+    lines = [
+        f"Frequent checkpoints, medians of {args.rounds} rounds. Machine: {os.cpu_count()} CPUs, "
+        f"{platform.platform()}, torch {torch.__version__}.",
+        "",
+        "| state | save every | steps | none s | torch.save s | async-ckpt s | torch.save / none | async / none "
+        "| async / torch.save |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    methods = ["none", "torch.save", "async-ckpt"]
+    try:
+        for size in args.sizes.split(","):
+            for every in (1, 10):
+                t = rounds_of(functools.partial(_in_new_folder, root, size, every), methods, args.rounds)
+                lines.append(
+                    f"| {size} | {'step' if every == 1 else f'{every} steps'} | {STEPS[size]} | {t['none']:.2f} "
+                    f"| {t['torch.save']:.2f} | {t['async-ckpt']:.2f} | {t['torch.save'] / t['none']:.2f} "
+                    f"| {t['async-ckpt'] / t['none']:.2f} | {t['async-ckpt'] / t['torch.save']:.2f} |"
+                )
+                print(lines[-1], flush=True)
+        lines += [
+            "",
+            "Accelerate, 1 MB model, `save_state()` every step (automatic naming, total_limit=3), 50 steps:",
+            "",
+            "| save_state | loop s | all durable s | durable saves / s |",
+            "| --- | --- | --- | --- |",
+        ]
+        for label, hook in (("stock", False), ("async-ckpt hook", True)):
+            results = []
+            for _ in range(args.rounds):
+                folder = tempfile.mkdtemp(dir=root)
+                results.append(accelerate_loop(hook, folder))
+                shutil.rmtree(folder)
+            loop = statistics.median(r[0] for r in results)
+            durable = statistics.median(r[1] for r in results)
+            lines.append(f"| {label} | {loop:.2f} | {durable:.2f} | {50 / durable:.0f} |")
+            print(lines[-1], flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
