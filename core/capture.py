@@ -22,6 +22,7 @@ import torch
 from . import torch_internals
 from .errors import UnsupportedStateError
 from .plan import CapturedState, bytes_of, planned
+from .sharding import is_dtensor
 
 
 class _StorageRef:
@@ -41,8 +42,14 @@ def _legacy_storage_type(dtype: torch.dtype) -> Any:
     return getattr(torch, torch_internals.storage_type_names()[dtype])
 
 
+class _HoldsDTensor(UnsupportedStateError):
+    """Raised out of the torch pickling when it meets a DTensor: the state is saved sharded."""
+
+
 def check_tensor(tensor: torch.Tensor) -> None:
     """Refuse, before anything is written, a tensor no checkpoint file can hold."""
+    if not (tensor.is_meta or tensor.is_quantized or tensor.layout != torch.strided):
+        return
     kind = f"tensor of shape {tuple(tensor.shape)} and dtype {tensor.dtype}"
     if tensor.is_meta:
         raise UnsupportedStateError(
@@ -159,6 +166,8 @@ class _CapturePickler(pickle.Pickler):
             return None
         if kind is _StorageRef:
             return ("storage", obj.storage_type, obj.key, "cpu", obj.numel)
+        if is_dtensor(obj):
+            raise _HoldsDTensor("a sharded state dict")
         if isinstance(obj, torch.Tensor) and type(obj) not in (torch.Tensor, torch.nn.Parameter):
             raise UnsupportedStateError(
                 f"cannot checkpoint a {type(obj).__name__} of shape {tuple(obj.shape)}: only plain tensors and "
@@ -172,25 +181,19 @@ class _CapturePickler(pickle.Pickler):
 def capture(state_dict: Any, file_format: str = "torch") -> CapturedState:
     """Plan a checkpoint of `state_dict` in `file_format` ("torch" or "safetensors"); a state
     dict holding DTensors is planned as this rank's part of a sharded checkpoint instead."""
-    from .sharding import contains_dtensor
-
-    if contains_dtensor(state_dict):
-        if file_format != "torch":
-            raise UnsupportedStateError(
-                f"cannot save a state dict holding DTensors as {file_format!r}: sharded state is saved as a sharded "
-                "(DCP) checkpoint directory. Leave file_format at its default"
-            )
-        from .sharded_plan import capture_sharded
-        from .types import default_rank_info
-
-        return capture_sharded(state_dict, default_rank_info().global_rank)
     if file_format == "safetensors":
         from .safetensors_format import capture_safetensors  # it builds on check_tensor here
 
         return capture_safetensors(state_dict)
     if file_format != "torch":
         raise ValueError(f"unknown checkpoint format {file_format!r}; use 'torch' or 'safetensors'")
-    return capture_torch(state_dict)
+    try:
+        return capture_torch(state_dict)  # (its pickling meets every tensor: no walk of its own to find DTensors)
+    except _HoldsDTensor:
+        from .sharded_plan import capture_sharded
+        from .types import default_rank_info
+
+        return capture_sharded(state_dict, default_rank_info().global_rank)
 
 
 def capture_torch(state_dict: Any) -> CapturedState:

@@ -87,33 +87,39 @@ class _SkeletonWalk:
         self._seen: dict[int, int] = {}
 
     def visit(self, obj: Any) -> None:
-        skeleton = self.skeleton
+        # Hot: a large model's optimizer state holds thousands of tensors, walked on every save.
+        append = self.skeleton.append
         kind = type(obj)
         if kind in _SCALAR_TYPES:
-            skeleton.append((kind, obj))
+            append((kind, obj))
             return
         if kind is float:
-            skeleton.append(obj.hex())  # tells 0.0 from -0.0, which compare equal
+            append(obj.hex())  # tells 0.0 from -0.0, which compare equal
             return
-        if id(obj) in self._seen:
-            skeleton.append(self._seen[id(obj)])  # the same object again: pickle writes a memo reference
+        seen = self._seen
+        identity = id(obj)
+        if identity in seen:
+            append(seen[identity])  # the same object again: pickle writes a memo reference
             return
-        self._seen[id(obj)] = -len(self._seen) - 1
+        seen[identity] = -len(seen) - 1
         if kind is str or kind is bytes:
-            skeleton.append(obj)
+            append(obj)
         elif kind is dict or kind is OrderedDict:
-            skeleton.append((kind, len(obj)))
+            append((kind, len(obj)))
+            visit = self.visit
             for key, value in obj.items():
-                self.visit(key)
-                self.visit(value)
+                visit(key)
+                visit(value)
         elif kind is list or kind is tuple:
-            skeleton.append((kind, len(obj)))
+            append((kind, len(obj)))
+            visit = self.visit
             for value in obj:
-                self.visit(value)
+                visit(value)
         elif (kind is torch.Tensor or kind is torch.nn.Parameter) and not obj.__dict__:
             storage = obj.untyped_storage()
-            index = self.storages.setdefault(torch_internals.storage_key(storage), (len(self.storages), storage))[0]
-            skeleton.append(
+            storages = self.storages
+            index = storages.setdefault(torch_internals.storage_key(storage), (len(storages), storage))[0]
+            append(
                 (
                     kind,
                     obj.dtype,

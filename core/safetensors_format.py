@@ -18,6 +18,7 @@ from .errors import UnsupportedStateError
 from .fsutil import round_up
 from .plan import CapturedState, bytes_of, planned
 from .safetensors_internals import dtype_codes
+from .sharding import is_dtensor
 
 SAFETENSORS_METADATA = {"format": "pt"}  # what safetensors.torch and Accelerate write, and their loaders expect
 
@@ -35,6 +36,11 @@ def capture_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, st
     for name, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor):
             raise UnsupportedStateError(f"safetensors holds only tensors; {name!r} is a {type(tensor).__name__}")
+        if is_dtensor(tensor):
+            raise UnsupportedStateError(
+                f"cannot save {name!r}, a DTensor, as safetensors: a state dict holding DTensors is saved as a "
+                "sharded (DCP) checkpoint directory. Leave file_format at its default"
+            )
         check_tensor(tensor)
         if tensor.dtype not in codes:
             raise UnsupportedStateError(f"safetensors cannot store {name!r} of dtype {tensor.dtype}")

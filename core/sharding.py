@@ -26,26 +26,6 @@ def is_dtensor(value: Any) -> bool:
     return dtensor_module is not None and isinstance(value, dtensor_module.DTensor)
 
 
-def contains_dtensor(state_dict: Any) -> bool:
-    """Whether any leaf of nested dicts, lists and tuples is a DTensor."""
-    stack = [state_dict]
-    seen: set[int] = set()
-    while stack:
-        item = stack.pop()
-        if isinstance(item, torch.Tensor):
-            if is_dtensor(item):
-                return True
-            continue
-        if id(item) in seen:
-            continue
-        seen.add(id(item))
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-    return False
-
-
 def writes_chunk(dtensor: Any, fqn: str) -> bool:
     """Whether this rank writes its chunk of `dtensor` (see the module docstring)."""
     coordinate = dtensor.device_mesh.get_coordinate()

@@ -57,6 +57,7 @@ class Slab:
         self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
         self.pinned = False
         self.contents: SlabContents | None = None
+        self._views: tuple[tuple[tuple[int, int], ...], list[torch.Tensor]] | None = None
         if pin:
             self._pin()
 
@@ -74,6 +75,13 @@ class Slab:
     def view(self, offset: int, nbytes: int) -> torch.Tensor:
         return self.tensor[offset : offset + nbytes]
 
+    def views(self, places: tuple[tuple[int, int], ...]) -> list[torch.Tensor]:
+        """A view at each (offset, nbytes); kept for the next save of the same places (thousands of
+        tensors: making the views anew is a sizeable part of a save's blocking time)."""
+        if self._views is None or self._views[0] != places:
+            self._views = (places, [self.view(offset, nbytes) for offset, nbytes in places])
+        return self._views[1]
+
     def storage(self, offset: int, nbytes: int) -> torch.UntypedStorage:
         """A storage that starts at `offset` and aliases `nbytes` of the slab."""
         if nbytes == 0:
@@ -86,6 +94,7 @@ class Slab:
         if self.pinned:
             torch_internals.cuda_host_unregister(self.tensor.data_ptr())
             self.pinned = False
+        self._views = None
         del self.tensor
         try:
             self._mmap.close()

@@ -146,13 +146,14 @@ def _copy_into(
     slab: Slab, captured: CapturedState, non_blocking: bool, skip: frozenset[int] | set[int] = frozenset()
 ) -> int:
     """Copy every storage but those in `skip` into the slab; returns the bytes copied."""
-    destinations, sources = [], []
+    places, sources = [], []
     for index, (meta, source) in enumerate(zip(captured.plan.storages, captured.sources)):
         if meta.nbytes and index not in skip:
-            destinations.append(slab.view(meta.slab_offset, meta.nbytes))
+            places.append((meta.slab_offset, meta.nbytes))
             sources.append(source)
     if not sources:
         return 0
+    destinations = slab.views(tuple(places))
     if all(s.device.type == "cpu" for s in sources):
         torch_internals.copy_many(destinations, sources)
     else:
