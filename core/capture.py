@@ -14,6 +14,7 @@ import copyreg
 import functools
 import io
 import pickle
+import types
 from collections import OrderedDict
 from typing import Any
 
@@ -83,6 +84,8 @@ _PLAIN_TYPES = frozenset(
         torch.dtype,
         torch.device,
         torch.Size,
+        types.FunctionType,  # the rebuild functions in each tensor's reduction
+        type,
     }
 )
 
@@ -93,7 +96,7 @@ class _CapturePickler(pickle.Pickler):
     def __init__(self, buffer: io.BytesIO) -> None:
         super().__init__(buffer, protocol=2)
         self.storages: list[torch.UntypedStorage] = []
-        self._refs: dict[tuple[str, int], tuple[_StorageRef, torch.dtype]] = {}
+        self._refs: dict[tuple[torch.device, int], tuple[_StorageRef, torch.dtype]] = {}
         self.dispatch_table = copyreg.dispatch_table.copy()
         self.dispatch_table[torch.Tensor] = self._reduce_tensor
         self.dispatch_table[torch.nn.Parameter] = self._reduce_parameter
@@ -109,7 +112,7 @@ class _CapturePickler(pickle.Pickler):
 
     def _storage_ref(self, tensor: torch.Tensor) -> _StorageRef:
         storage = tensor.untyped_storage()
-        identity = (str(storage.device), torch_internals.storage_key(storage))
+        identity = (storage.device, torch_internals.storage_key(storage))
         if identity not in self._refs:
             storage_type = _legacy_storage_type(tensor.dtype)
             numel = (
@@ -166,9 +169,9 @@ class _CapturePickler(pickle.Pickler):
             return None
         if kind is _StorageRef:
             return ("storage", obj.storage_type, obj.key, "cpu", obj.numel)
-        if is_dtensor(obj):
-            raise _HoldsDTensor("a sharded state dict")
-        if isinstance(obj, torch.Tensor) and type(obj) not in (torch.Tensor, torch.nn.Parameter):
+        if isinstance(obj, torch.Tensor):  # a subclass (plain tensors and parameters left above)
+            if is_dtensor(obj):
+                raise _HoldsDTensor("a sharded state dict")
             raise UnsupportedStateError(
                 f"cannot checkpoint a {type(obj).__name__} of shape {tuple(obj.shape)}: only plain tensors and "
                 "nn.Parameter are supported; convert it (e.g. .full_tensor() or .to_local()) first"

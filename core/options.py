@@ -19,6 +19,9 @@ class AsyncOptions:
         that many copies of the saved state); a further save waits for the oldest. Two let a
         save not wait for the previous one's write (ModelCheckpoint's top-k file and last.ckpt
         of one step).
+    in_flight_bytes: more checkpoints than max_in_flight may be in flight while their staging
+        memory together stays within this many bytes (default 256 MiB; see
+        CheckpointStagerConfig): small states saved often never wait for the writer.
     pin_memory: stage into pinned memory for fast GPU copies (None: when CUDA is available).
     checksums: store checksums so that loads verify the bytes.
     use_direct_io: write with O_DIRECT where the filesystem supports it.
@@ -28,6 +31,7 @@ class AsyncOptions:
     """
 
     max_in_flight: int = 2
+    in_flight_bytes: int = 256 << 20
     pin_memory: bool | None = None
     checksums: bool = True
     use_direct_io: bool = True
@@ -41,7 +45,7 @@ class AsyncOptions:
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.pin_memory is not None and not isinstance(self.pin_memory, bool):
             raise TypeError(f"pin_memory must be True, False or None, got {self.pin_memory!r}")
-        for name in ("max_in_flight", "io_threads", "barrier_timeout_secs"):
+        for name in ("max_in_flight", "in_flight_bytes", "io_threads", "barrier_timeout_secs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"{name} must be an int, got {value!r}")
@@ -61,7 +65,10 @@ class AsyncOptions:
                     write_barrier_timeout_secs=self.barrier_timeout_secs,
                 ),
                 staging_config=CheckpointStagerConfig(
-                    max_in_flight=self.max_in_flight, use_pinned_memory=self.pin_memory, incremental=self.incremental
+                    max_in_flight=self.max_in_flight,
+                    in_flight_bytes=self.in_flight_bytes,
+                    use_pinned_memory=self.pin_memory,
+                    incremental=self.incremental,
                 ),
             )
         return dataclasses.replace(base, writer_config=dataclasses.replace(base.writer_config, layout="file"))

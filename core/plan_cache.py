@@ -31,30 +31,55 @@ class PlanCache:
     def __init__(self, entries: int = 8) -> None:
         self._entries = entries
         self._cached: list[_CachedPlan] = []  # most recent last
+        self._misses: dict[Any, int] = {}  # consecutive misses, by the state dict's top-level keys
 
     def clear(self) -> None:
         self._cached = []
+        self._misses = {}
 
     def capture(self, state_dict: Any, file_format: str = "torch") -> CapturedState:
         if file_format != "torch":
             return capture(state_dict, file_format)
+        # A state whose plain values change on every save (Lightning's step counters, RNG states)
+        # never matches: after a few misses its walk is skipped, and tried again now and then.
+        kind = _kind_of(state_dict)
+        misses = self._misses.get(kind, 0)
+        if misses >= 2 * self._entries and misses % _RETRY_EVERY:  # (fewer: states saved in turn fill the cache)
+            self._misses[kind] = misses + 1
+            return capture(state_dict)
         walked = _walk_skeleton(state_dict)
         if walked is None:
+            self._missed(kind, misses)
             return capture(state_dict)
         skeleton, storages = walked
         for index, cached in enumerate(self._cached):
             if cached.skeleton == skeleton:
                 del self._cached[index]
                 self._cached.append(cached)
+                self._misses.pop(kind, None)
                 # Byte views of this save's storages: the cache itself holds no tensor memory.
                 sources = [bytes_of(storage, 0, storage.nbytes()) for storage in storages]
                 return CapturedState(plan=dataclasses.replace(cached.plan), sources=sources)
+        self._missed(kind, misses)
         captured = capture_torch(state_dict)
         self._cached = [
             *self._cached[-(self._entries - 1) :],
             _CachedPlan(skeleton, dataclasses.replace(captured.plan)),
         ]
         return captured
+
+    def _missed(self, kind: Any, misses: int) -> None:
+        if len(self._misses) >= 4 * self._entries:
+            self._misses.clear()
+        self._misses[kind] = misses + 1
+
+
+_RETRY_EVERY = 8
+
+
+def _kind_of(state_dict: Any) -> Any:
+    """What tells apart the state dicts a caller saves in turn (a model's, an optimizer's)."""
+    return tuple(state_dict) if type(state_dict) is dict else type(state_dict)
 
 
 @dataclass(frozen=True)

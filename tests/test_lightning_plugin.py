@@ -329,7 +329,7 @@ class _StagingMemoryProbe(Callback):
 
 def test_resuming_a_fit_readies_the_staging_memory_of_its_first_save(tmp_path):
     _fit(tmp_path, [AsyncCheckpointIO()], True, max_epochs=1)
-    plugin = AsyncCheckpointIO(max_in_flight=1)  # room for one slab: the first save finds it or replaces it
+    plugin = AsyncCheckpointIO(max_in_flight=1, in_flight_bytes=0)  # one slab: the first save finds it or replaces it
     probe = _StagingMemoryProbe(plugin)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=3)
     t = trainer(max_epochs=2, plugins=[plugin], callbacks=[probe, checkpoint])

@@ -100,3 +100,14 @@ def test_several_state_dicts_saved_in_turn_all_hit():
         assert all(a is b for a, b in zip(again, first)), "a state dict saved in turn was pickled again"
     for state in states:
         assert cache.capture(state).plan.structure == capture(state).plan.structure
+
+
+def test_a_state_that_changes_every_save_is_still_captured_right_when_its_walk_is_skipped():
+    cache = PlanCache(entries=2)
+    for step in range(20):  # misses every time: after two, most walks are skipped
+        state = _replace(("epoch",), step)(_base())
+        assert cache.capture(state).plan.structure == capture(state).plan.structure
+    state = _base()
+    hits = [cache.capture(state).plan.structure for _ in range(20)]
+    assert hits[-1] is hits[-2], "a state that stopped changing is never cached again"
+    assert all(h == capture(state).plan.structure for h in hits)
