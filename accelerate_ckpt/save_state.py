@@ -45,6 +45,7 @@ from core import (
     WriteResult,
     WriterHook,
     pending_writes,
+    prestart_writer,
     wait_for_pending_writes,
 )
 from core.leftovers import PENDING_DIR, PUBLISHING_SUFFIX, TRASH_PREFIX, owner_alive, owner_token
@@ -200,6 +201,8 @@ class AsyncSaveState:
     def __init__(self, accelerator: Accelerator, config: CheckpointerConfig, commit_hook: WriterHook | None) -> None:
         self._accelerator = accelerator
         self._saver = FileSetCheckpointer(config, commit_hook, accelerator.process_index, accelerator.num_processes)
+        if accelerator.is_main_process:  # the writer is ready when the first save_state comes
+            prestart_writer(config.process_config.writer_niceness)
         self._unlogged: collections.deque[WriteResult] = collections.deque()
         self._saver.on_committed.append(self._unlogged.append)
         self._originals = {name: getattr(accelerator, name) for name in _HOOKED}

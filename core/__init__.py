@@ -64,7 +64,7 @@ from .staging import CheckpointStager, DefaultStager, StagedStateDict
 from .types import STATE_DICT, CheckpointStats, RankInfo, WriteResult
 from .writer import CheckpointWriter, WriterHook
 from .writer_factory import default_subprocess_init_fn, default_writer_init_fn
-from .writer_pool import release_idle_writers
+from .writer_pool import prestart_writer, release_idle_writers
 
 __async_ckpt__ = True  # marks this distribution's `core`, as opposed to a user's package of that name
 
@@ -135,6 +135,7 @@ __all__ = [
     "read_latest",
     "register_barrier",
     "register_pending_write",
+    "prestart_writer",
     "release_idle_writers",
     "wait_for_pending_writes",
     "wrap_future",

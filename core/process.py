@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import collections
 import itertools
-import json
 import logging
 import os
 import pickle
 import queue
 import select
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -87,13 +84,6 @@ logger = logging.getLogger(__name__)
 # cancel, and must never match them to another checkpointer's writes.
 _request_ids = itertools.count()
 
-_DISTRIBUTION_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_WORKER_BOOTSTRAP = (
-    "import json, os, sys; os.nice(int(os.environ.pop('ASYNC_CKPT_WORKER_NICE', '0'))); "
-    "root, path = json.loads(os.environ.pop('ASYNC_CKPT_WORKER_PATH')); "
-    "sys.path[:0] = [root] + [p for p in path if p != root]; "
-    "import core.worker; core.worker.worker_main(int(sys.argv[1]))"
-)
 _DEATH_GRACE_SECS = 5
 _START_LIMIT_FACTOR = 20  # a writer still making progress gets this many init timeouts in all
 
@@ -343,16 +333,7 @@ class CheckpointProcess:
         if idle is not None:
             popen, parent = idle.popen, idle.sock
         else:
-            parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            with child:
-                env = {
-                    **os.environ,
-                    "ASYNC_CKPT_WORKER_PATH": json.dumps([_DISTRIBUTION_ROOT, list(sys_path)]),
-                    "ASYNC_CKPT_WORKER_NICE": str(self.config.writer_niceness),
-                }
-                popen = subprocess.Popen(
-                    [sys.executable, "-c", _WORKER_BOOTSTRAP, str(child.fileno())], pass_fds=(child.fileno(),), env=env
-                )
+            popen, parent = writer_pool.spawn(sys_path, self.config.writer_niceness)
         worker = _Worker(WriterProcessContext(WriterProcess(popen)), Channel(parent), Channel(parent.dup()))
         worker.sys_path = sys_path
         worker.receiver = threading.Thread(

@@ -12,14 +12,27 @@ At most `MAX_IDLE` wait at once.
 from __future__ import annotations
 
 import atexit
+import json
+import logging
 import os
 import socket
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 
+logger = logging.getLogger(__name__)
+
 IDLE_SECS = 300.0  # how long a released writer waits for its next checkpointer (worker side)
 MAX_IDLE = 2
+
+_DISTRIBUTION_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_WORKER_BOOTSTRAP = (
+    "import json, os, sys; os.nice(int(os.environ.pop('ASYNC_CKPT_WORKER_NICE', '0'))); "
+    "root, path = json.loads(os.environ.pop('ASYNC_CKPT_WORKER_PATH')); "
+    "sys.path[:0] = [root] + [p for p in path if p != root]; "
+    "import core.worker; core.worker.worker_main(int(sys.argv[1]))"
+)
 
 
 @dataclass
@@ -35,6 +48,45 @@ class IdleWriter:
 _lock = threading.Lock()
 _idle: list[IdleWriter] = []
 _owner_pid = os.getpid()
+
+
+def spawn(sys_path: tuple[str, ...], niceness: int) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """A new writer process (a fresh interpreter: never a fork of the trainer) and the socket to
+    it; it imports torch, then waits for its first checkpointer's init on that socket."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with child:
+        env = {
+            **os.environ,
+            "ASYNC_CKPT_WORKER_PATH": json.dumps([_DISTRIBUTION_ROOT, list(sys_path)]),
+            "ASYNC_CKPT_WORKER_NICE": str(niceness),
+        }
+        popen = subprocess.Popen(
+            [sys.executable, "-c", _WORKER_BOOTSTRAP, str(child.fileno())], pass_fds=(child.fileno(),), env=env
+        )
+    return popen, parent
+
+
+def prestart_writer(niceness: int = 5) -> None:
+    """Start a writer now, in the background, for the first checkpointer of this process to take.
+
+    Starting one means importing torch in a fresh interpreter (one to several seconds of CPU);
+    started while the job builds its model and loads its data, it is ready when the first save
+    comes, instead of competing with the first training steps. Does nothing when an idle writer
+    for this sys.path is waiting already, or the pool is full. The adapters call it when they are
+    created (on global rank 0 only, the rank that writes under DDP); a writer nobody takes exits
+    with this process."""
+    sys_path = tuple(sys.path)
+    with _lock:
+        if os.getpid() != _owner_pid or len(_idle) >= MAX_IDLE:
+            return
+        if any(writer.sys_path == sys_path and writer.popen.poll() is None for writer in _idle):
+            return
+        try:
+            popen, sock = spawn(sys_path, niceness)
+        except OSError as exc:  # the first checkpointer starts its own, and reports what fails then
+            logger.debug("could not start a writer ahead of time: %s", exc)
+            return
+        _idle.append(IdleWriter(popen, sock, sys_path))
 
 
 def take(sys_path: tuple[str, ...]) -> IdleWriter | None:

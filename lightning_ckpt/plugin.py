@@ -26,6 +26,7 @@ from core import (
     WriterHook,
     make_async_checkpointer,
     pending_writes,
+    prestart_writer,
     wait_for_pending_writes,
 )
 
@@ -60,6 +61,12 @@ class _AsyncCheckpointCallback(Callback):
         if stats is not logged_stats or stats.saves > logged_saves:
             pl_module.log_dict(stats.last.metrics(), on_step=True, on_epoch=False)
             self._logged = (stats, stats.saves)
+
+
+def _launched_as_global_rank_zero() -> bool:
+    """Whether this process is global rank 0 as far as the launcher's environment tells yet
+    (a DDP strategy sets up its process group later; its launchers set these for other ranks)."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 class AsyncCheckpointIO(CheckpointIO, ShardedCheckpointIO):
@@ -122,6 +129,8 @@ class AsyncCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         self._attached_to: list[weakref.ref[Any]] = []
         self._last_fit_stats: CheckpointStats | None = None
         route_model_parallel_checkpoints(_sharded_handler)
+        if _launched_as_global_rank_zero():  # the rank that writes under DDP
+            prestart_writer(self._config.process_config.writer_niceness)
 
     @property
     def checkpointer(self) -> AsyncCheckpointer:

@@ -17,6 +17,7 @@ from core import (
     UnsupportedStateError,
     WriterProcessDiedError,
     make_async_checkpointer,
+    prestart_writer,
     release_idle_writers,
 )
 from core.fsutil import filesystem_clones
@@ -380,3 +381,14 @@ def test_small_saves_beyond_max_in_flight_are_staged_within_the_byte_budget(tmp_
         assert torch.equal(
             torch.load(tmp_path / f"small_{i}.ckpt", weights_only=True)["w"], torch.full((1 << 14,), float(i))
         )
+
+
+def test_a_writer_started_ahead_of_time_serves_the_first_checkpointer(tmp_path):
+    release_idle_writers()
+    prestart_writer()
+    prestart_writer()  # one is enough: a second call finds it waiting
+    (started,) = idle_writer_pids()
+    with make_async_checkpointer() as ckpt:
+        ckpt.save(tmp_path / "ck", {"w": torch.ones(4)}, step=1)[1].result()
+        assert ckpt.writer_pid == started and not idle_writer_pids()
+    assert torch.equal(torch.load(tmp_path / "ck" / "checkpoint_0.pt", weights_only=True)["w"], torch.ones(4))
