@@ -392,3 +392,23 @@ def test_a_writer_started_ahead_of_time_serves_the_first_checkpointer(tmp_path):
         ckpt.save(tmp_path / "ck", {"w": torch.ones(4)}, step=1)[1].result()
         assert ckpt.writer_pid == started and not idle_writer_pids()
     assert torch.equal(torch.load(tmp_path / "ck" / "checkpoint_0.pt", weights_only=True)["w"], torch.ones(4))
+
+
+def _native_threads_without_python() -> set[int]:
+    python = {thread.native_id for thread in threading.enumerate()}
+    return {int(tid) for tid in os.listdir("/proc/self/task")} - python
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one intra-op thread: torch makes no OpenMP threads")
+def test_no_torch_parallel_work_runs_on_a_helper_thread_of_ours(tmp_path):
+    """Once a process has more OpenMP threads than CPUs, libgomp stops spin-waiting in the
+    training thread's parallel regions for good: a parallel torch op on one of our threads (each
+    gets an OpenMP team of its own) would slow every later training step."""
+    torch.ones(1 << 22).add_(1)  # the main thread's team exists before counting
+    before = _native_threads_without_python()
+    state = {"w": torch.randn(16 << 20)}
+    with make_async_checkpointer() as ckpt:
+        ckpt.prepare(state).result()  # readies a slab on a helper thread
+        for i in range(3):
+            ckpt.save(tmp_path / f"ck{i}", state)[1].result()  # and a spare
+        assert _native_threads_without_python() - before == set(), "an OpenMP team was made on a helper thread"
