@@ -4,6 +4,7 @@ saves the same path, and a failure on one rank fails the save on every rank at o
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from .barriers import Barrier, exchanges_payloads
@@ -64,6 +65,24 @@ class RankAgreement:
         """Return once every rank has arrived here."""
         if self._barrier is not None:
             self._barrier.execute_barrier()
+
+    def commit_together(self, directory: str, rank_file: str, commit: Callable[[], None]) -> None:
+        """Wait for every rank, run `commit` (rank 0's commit record; a no-op elsewhere), then
+        confirm across ranks. On any failure this rank's `rank_file` is removed (it would
+        otherwise be mistaken for part of a committed checkpoint) and the failure raised."""
+        failure: BaseException | None = None
+        try:
+            self.wait_for_all()
+            commit()
+        except BarrierTimeoutError:
+            os.unlink(rank_file)
+            raise
+        except BaseException as exc:
+            failure = exc
+        self.confirm(directory, failure)
+        if failure is not None:
+            os.unlink(rank_file)
+            raise failure
 
     def confirm(self, directory: str, failure: BaseException | None) -> None:
         """Every rank returns once the commit record is written (or every rank learns it was not):

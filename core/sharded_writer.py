@@ -42,7 +42,7 @@ from .dcp_format import (
     write_durably,
     write_rank_file,
 )
-from .errors import BarrierTimeoutError, CheckpointCommitError, CheckpointError
+from .errors import CheckpointCommitError, CheckpointError
 from .file_writer import StepClock, WrittenFile
 from .fsutil import fsync_directory, process_umask
 from .leftovers import new_temporary_folder
@@ -157,20 +157,12 @@ class ShardedCommit:
         os.chmod(temporary, 0o666 & ~process_umask())
         os.replace(temporary, final)
         fsync_directory(directory)
-        failure: BaseException | None = None
-        try:
-            self._agreement.wait_for_all()
+
+        def commit_record() -> None:
             if self._rank_info.global_rank == 0:
                 self._commit(directory, agreed, commit)
-        except BarrierTimeoutError:
-            os.unlink(final)
-            raise
-        except BaseException as exc:
-            failure = exc
-        self._agreement.confirm(directory, failure)
-        if failure is not None:
-            os.unlink(final)
-            raise failure
+
+        self._agreement.commit_together(directory, final, commit_record)
 
     def _commit(self, directory: str, agreed: list[dict[str, Any]], commit: Commit) -> None:
         """Rank 0: the extra files, the index, DCP's metadata and the commit record, then the

@@ -136,7 +136,8 @@ class SlabPool:
     """Reuses slabs across saves: a save of the same shape gets the same, already faulted, slab.
 
     At most `max_slabs` exist at once, or more while all of them together hold at most
-    `budget_bytes` (small states: many saves may wait for the writer without the loop waiting).
+    `budget_bytes` (small states: many saves may wait for the writer without the loop waiting);
+    those beyond `max_slabs` are lent for the burst and closed once idle.
     `try_acquire` takes a free slab (one whose snapshot no write holds), preferring one `prefer`
     accepts; when every slab is being staged or written the caller waits with `wait_for_room`.
     A free slab too small for the request is replaced.
@@ -288,7 +289,10 @@ class SlabPool:
             and slab_id not in self._staging
             and slab not in self._free
         ):
-            self._free.append(slab)
+            if len(self._all) > self._max_slabs:
+                self._discard(slab)  # lent by the byte budget for a burst: its memory goes back
+            else:
+                self._free.append(slab)
             self._changed.notify_all()
 
     def _supersede(self, slab: Slab) -> None:

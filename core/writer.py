@@ -22,7 +22,7 @@ from .capture import capture
 from .checkpoint_file import CheckpointFile
 from .commit import CommitRecord, RankFile, new_write_id, write_commit_record
 from .config import CheckpointWriterConfig
-from .errors import BarrierTimeoutError, CheckpointCommitError, CheckpointError, CheckpointWriteError
+from .errors import CheckpointCommitError, CheckpointError, CheckpointWriteError
 from .file_writer import StepClock, WrittenFile, write_checkpoint_file, write_safetensors_file
 from .fsutil import FICLONE, filesystem_clones, fsync_directory, process_umask
 from .incremental import PreviousFiles
@@ -362,26 +362,16 @@ class CheckpointWriter:
             return
         os.replace(temporary, final)
         fsync_directory(directory)
-        failure: BaseException | None = None
-        try:
-            self._agreement.wait_for_all()
+
+        def commit_record() -> None:
             if self._writes_commit_record:
                 with exclusive(directory):
-                    self._write_record(
-                        directory,
-                        files if files is not None else _files_on_disk(directory, self._rank_info.global_world_size),
-                        metadata,
-                        series,
+                    on_disk = (
+                        files if files is not None else _files_on_disk(directory, self._rank_info.global_world_size)
                     )
-        except BarrierTimeoutError:
-            os.unlink(final)
-            raise
-        except BaseException as exc:
-            failure = exc
-        self._agreement.confirm(directory, failure)
-        if failure is not None:
-            os.unlink(final)
-            raise failure
+                    self._write_record(directory, on_disk, metadata, series)
+
+        self._agreement.commit_together(directory, final, commit_record)
 
     def _write_record(
         self, directory: str, files: list[RankFile], metadata: dict[str, Any], series: str | None
