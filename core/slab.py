@@ -279,9 +279,9 @@ class SlabPool:
         with self._changed:
             if self._holds.get(slab_id, 0) > 0:
                 self._holds[slab_id] -= 1
-                self._free_if_idle(lease.slab)
+                self._free_if_idle(lease.slab, written=True)
 
-    def _free_if_idle(self, slab: Slab) -> None:
+    def _free_if_idle(self, slab: Slab, written: bool = False) -> None:
         slab_id = slab.slab_id
         if (
             slab_id in self._all
@@ -289,7 +289,7 @@ class SlabPool:
             and slab_id not in self._staging
             and slab not in self._free
         ):
-            if len(self._all) > self._max_slabs:
+            if written and len(self._all) > self._max_slabs:
                 self._discard(slab)  # lent by the byte budget for a burst: its memory goes back
             else:
                 self._free.append(slab)

@@ -377,6 +377,7 @@ def test_small_saves_beyond_max_in_flight_are_staged_within_the_byte_budget(tmp_
         gate.touch()
         ckpt.wait()
         assert not held.result().skipped
+        assert len(ckpt.stager.pool.slabs) == 1, "the slabs lent for the burst were kept after their writes"
     for i in range(5):
         assert torch.equal(
             torch.load(tmp_path / f"small_{i}.ckpt", weights_only=True)["w"], torch.full((1 << 14,), float(i))
