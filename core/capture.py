@@ -22,7 +22,7 @@ import torch
 
 from . import torch_internals
 from .errors import UnsupportedStateError
-from .plan import CapturedState, bytes_of, planned
+from .plan import CapturedState, exact_tensor, plan_of_sizes
 from .sharding import is_dtensor
 
 
@@ -96,19 +96,21 @@ class _CapturePickler(pickle.Pickler):
     def __init__(self, buffer: io.BytesIO) -> None:
         super().__init__(buffer, protocol=2)
         self.storages: list[torch.UntypedStorage] = []
+        self.exact: list[torch.Tensor | None] = []  # per storage (see CapturedState)
         self._refs: dict[tuple[torch.device, int], tuple[_StorageRef, torch.dtype]] = {}
         self.dispatch_table = copyreg.dispatch_table.copy()
         self.dispatch_table[torch.Tensor] = self._reduce_tensor
         self.dispatch_table[torch.nn.Parameter] = self._reduce_parameter
 
-    def release(self) -> list[torch.UntypedStorage]:
-        """The storages collected; the pickler lets go of them and of itself. Its dispatch table
-        holds its own bound methods, a reference cycle that would otherwise keep every storage of
-        the state alive until Python's cyclic garbage collector runs."""
+    def release(self) -> tuple[list[torch.UntypedStorage], list[torch.Tensor | None]]:
+        """The storages collected and their exact tensors; the pickler lets go of them and of
+        itself. Its dispatch table holds its own bound methods, a reference cycle that would
+        otherwise keep every storage of the state alive until Python's cyclic garbage collector runs."""
         storages, self.storages = self.storages, []
+        exact, self.exact = self.exact, []
         self.dispatch_table = {}
         self._refs = {}
-        return storages
+        return storages, exact
 
     def _storage_ref(self, tensor: torch.Tensor) -> _StorageRef:
         storage = tensor.untyped_storage()
@@ -120,7 +122,10 @@ class _CapturePickler(pickle.Pickler):
             )
             self._refs[identity] = (_StorageRef(str(len(self.storages)), storage_type, numel), tensor.dtype)
             self.storages.append(storage)
+            self.exact.append(exact_tensor(tensor, storage))
         ref, dtype = self._refs[identity]
+        if self.exact[int(ref.key)] is None:
+            self.exact[int(ref.key)] = exact_tensor(tensor, storage)
         if dtype != tensor.dtype:
             raise UnsupportedStateError(
                 f"cannot checkpoint tensors that view the same memory as different dtypes ({dtype} and "
@@ -220,9 +225,9 @@ def capture_torch(state_dict: Any) -> CapturedState:
             "remove open files, lambdas, locks and similar values before saving"
         ) from exc
     finally:
-        storages = pickler.release()
-    sources = [bytes_of(storage, 0, storage.nbytes()) for storage in storages]
-    return planned(buffer.getvalue(), sources, "torch")
+        storages, exact = pickler.release()
+    plan = plan_of_sizes(buffer.getvalue(), [storage.nbytes() for storage in storages], "torch")
+    return CapturedState(plan, storages=storages, exact=exact)
 
 
 class _ContiguousTensor:

@@ -11,7 +11,7 @@ import torch
 
 from . import torch_internals
 from .capture import capture, capture_torch
-from .plan import CapturedState, CheckpointPlan, bytes_of
+from .plan import CapturedState, CheckpointPlan
 
 
 class PlanCache:
@@ -51,15 +51,15 @@ class PlanCache:
         if walked is None:
             self._missed(kind, misses)
             return capture(state_dict)
-        skeleton, storages = walked
+        skeleton, storages, exact = walked
         for index, cached in enumerate(self._cached):
             if cached.skeleton == skeleton:
                 del self._cached[index]
                 self._cached.append(cached)
                 self._misses.pop(kind, None)
-                # Byte views of this save's storages: the cache itself holds no tensor memory.
-                sources = [bytes_of(storage, 0, storage.nbytes()) for storage in storages]
-                return CapturedState(plan=dataclasses.replace(cached.plan), sources=sources)
+                # This save's storages and tensors: the cache itself holds no tensor memory.
+                plan = dataclasses.replace(cached.plan)
+                return CapturedState(plan, storages=storages, exact=exact, memo=cached.memo)
         self._missed(kind, misses)
         captured = capture_torch(state_dict)
         self._cached = [
@@ -86,19 +86,24 @@ def _kind_of(state_dict: Any) -> Any:
 class _CachedPlan:
     skeleton: list[Any]
     plan: CheckpointPlan
+    memo: dict[Any, Any] = dataclasses.field(default_factory=dict)
 
 
 _SCALAR_TYPES = frozenset({int, bool, type(None)})
 
 
-def _walk_skeleton(state_dict: Any) -> tuple[list[Any], list[torch.UntypedStorage]] | None:
-    """(skeleton, storages in the order the pickle names them), or None when it cannot be cached."""
+def _walk_skeleton(
+    state_dict: Any,
+) -> tuple[list[Any], list[torch.UntypedStorage], list[torch.Tensor | None]] | None:
+    """(skeleton, storages in the order the pickle names them, each one's exact tensor (see
+    CapturedState)), or None when it cannot be cached."""
     walk = _SkeletonWalk()
     try:
         walk.visit(state_dict)
     except Exception:  # an object the skeleton does not describe, or a tensor without strides
         return None
-    return walk.skeleton, [storage for _, storage in walk.storages.values()]
+    found = walk.storages.values()
+    return walk.skeleton, [storage for _, storage, _ in found], [tensor for _, _, tensor in found]
 
 
 class _SkeletonWalk:
@@ -108,7 +113,8 @@ class _SkeletonWalk:
 
     def __init__(self) -> None:
         self.skeleton: list[Any] = []
-        self.storages: dict[int, tuple[int, torch.UntypedStorage]] = {}  # id -> (index in the pickle, storage)
+        # storage id -> (index in the pickle, storage, its exact tensor or None)
+        self.storages: dict[int, tuple[int, torch.UntypedStorage, torch.Tensor | None]] = {}
         self._seen: dict[int, int] = {}
 
     def visit(self, obj: Any) -> None:
@@ -142,22 +148,35 @@ class _SkeletonWalk:
                 visit(value)
         elif (kind is torch.Tensor or kind is torch.nn.Parameter) and not obj.__dict__:
             storage = obj.untyped_storage()
+            nbytes = storage.nbytes()
+            offset, conj, neg = obj.storage_offset(), obj.is_conj(), obj.is_neg()
+            key = torch_internals.storage_key(storage)
             storages = self.storages
-            index = storages.setdefault(torch_internals.storage_key(storage), (len(storages), storage))[0]
+            found = storages.get(key)
+            if found is None or found[2] is None:
+                exact = (
+                    obj
+                    if not (offset or conj or neg)
+                    and obj.numel() * obj.element_size() == nbytes
+                    and obj.is_contiguous()
+                    else None
+                )  # (exact_tensor, inline: this walk runs per tensor per save)
+                found = (found[0] if found else len(storages), storage, exact)
+                storages[key] = found
             append(
                 (
                     kind,
                     obj.dtype,
                     obj.shape,
                     obj.stride(),
-                    obj.storage_offset(),
+                    offset,
                     obj.device,
                     obj.requires_grad,
-                    obj.is_conj(),
-                    obj.is_neg(),
+                    conj,
+                    neg,
                     obj.layout,
-                    index,
-                    storage.nbytes(),
+                    found[0],
+                    nbytes,
                 )
             )
         else:

@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 _slab_ids = itertools.count()
 
 
+Place = tuple[int, int, "torch.dtype | None", "torch.Size | None"]  # offset, nbytes, and the view's dtype and shape
+
+
 @dataclass(frozen=True)
 class SlabContents:
     """What a slab holds, for incremental saves: the plan's slab shape and each storage's digests."""
@@ -58,7 +61,7 @@ class Slab:
         self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
         self.pinned = False
         self.contents: SlabContents | None = None
-        self._views: tuple[tuple[tuple[int, int], ...], list[torch.Tensor]] | None = None
+        self._views: tuple[tuple[Place, ...], list[torch.Tensor]] | None = None
         if pin:
             self._pin()
 
@@ -85,12 +88,17 @@ class Slab:
         the process (the loop's ops ran ~15% slower with its CPUs partly idle)."""
         ctypes.memset(self.tensor.data_ptr(), 0, self.nbytes)
 
-    def views(self, places: tuple[tuple[int, int], ...]) -> list[torch.Tensor]:
-        """A view at each (offset, nbytes); kept for the next save of the same places (thousands of
-        tensors: making the views anew is a sizeable part of a save's blocking time)."""
+    def views(self, places: tuple[Place, ...]) -> list[torch.Tensor]:
+        """A view at each (offset, nbytes, dtype, shape): of `dtype` and `shape`, or of bytes where
+        they are None. Kept for the next save of the same places (thousands of tensors: making the
+        views anew is a sizeable part of a save's blocking time)."""
         if self._views is None or self._views[0] != places:
-            self._views = (places, [self.view(offset, nbytes) for offset, nbytes in places])
+            self._views = (places, [self._view_at(*place) for place in places])
         return self._views[1]
+
+    def _view_at(self, offset: int, nbytes: int, dtype: torch.dtype | None, shape: torch.Size | None) -> torch.Tensor:
+        view = self.view(offset, nbytes)
+        return view if dtype is None or shape is None else view.view(dtype).view(shape)
 
     def storage(self, offset: int, nbytes: int) -> torch.UntypedStorage:
         """A storage that starts at `offset` and aliases `nbytes` of the slab."""
@@ -194,8 +202,11 @@ class SlabPool:
                 slab = min(fitting, key=lambda s: (not (prefer and prefer(s)), s.nbytes))
                 self._free.remove(slab)
             else:
-                while self._free and not self._may_create(nbytes):
-                    self._discard(self._free.pop(0))
+                # A free slab too small is replaced before one is lent beyond max_slabs: lending
+                # stays for saves that find every slab busy, and a shape saved once (a small
+                # first save) does not make every later save fault in a fresh slab.
+                while self._free and (len(self._all) >= self._max_slabs or not self._may_create(nbytes)):
+                    self._discard(self._smallest_free())
                 if not self._may_create(nbytes):
                     return None
                 slab = Slab(nbytes, pin=self._pin)
@@ -238,9 +249,12 @@ class SlabPool:
             if self._closed or any(s.nbytes >= nbytes for s in self._free if s is not besides):
                 return None
             if len(self._all) >= self._max_slabs:
-                if not self._free:
+                others = [s for s in self._free if s is not besides]
+                if not others:
                     return None
-                self._discard(self._free.pop(0))
+                smallest = min(others, key=lambda s: s.nbytes)
+                self._free.remove(smallest)
+                self._discard(smallest)
             slab = Slab(nbytes, pin=self._pin)
             self._all[slab.slab_id] = slab
             self._staging.add(slab.slab_id)
@@ -289,11 +303,15 @@ class SlabPool:
             and slab_id not in self._staging
             and slab not in self._free
         ):
-            if written and len(self._all) > self._max_slabs:
-                self._discard(slab)  # lent by the byte budget for a burst: its memory goes back
-            else:
-                self._free.append(slab)
+            self._free.append(slab)
+            while written and len(self._all) > self._max_slabs and self._free:
+                self._discard(self._smallest_free())  # lent by the byte budget for a burst: its memory goes back
             self._changed.notify_all()
+
+    def _smallest_free(self) -> Slab:
+        slab = min(self._free, key=lambda s: s.nbytes)
+        self._free.remove(slab)
+        return slab
 
     def _supersede(self, slab: Slab) -> None:
         """The slab's current snapshot is about to be overwritten or unmapped: let it keep its values."""

@@ -16,6 +16,7 @@ import os
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from .manifest import chunk_digests
 from .plan import CapturedState, CheckpointPlan, Lineage
 from .plan_cache import PlanCache
 from .rebuild import materialize
-from .slab import Slab, SlabContents, SlabPool, StagingLease
+from .slab import Place, Slab, SlabContents, SlabPool, StagingLease
 from .types import STATE_DICT
 
 logger = logging.getLogger(__name__)
@@ -145,21 +146,65 @@ class CheckpointStager(abc.ABC):
 def _copy_into(
     slab: Slab, captured: CapturedState, non_blocking: bool, skip: frozenset[int] | set[int] = frozenset()
 ) -> int:
-    """Copy every storage but those in `skip` into the slab; returns the bytes copied."""
-    places, sources = [], []
-    for index, (meta, source) in enumerate(zip(captured.plan.storages, captured.sources)):
-        if meta.nbytes and index not in skip:
-            places.append((meta.slab_offset, meta.nbytes))
-            sources.append(source)
-    if not sources:
-        return 0
-    destinations = slab.views(tuple(places))
-    if all(s.device.type == "cpu" for s in sources):
-        torch_internals.copy_many(destinations, sources)
+    """Copy every storage but those in `skip` into the slab; returns the bytes copied.
+
+    A storage with an exact tensor (see CapturedState) is copied from that tensor into a view of
+    its dtype and shape, as a plain copy_ would; any other as bytes."""
+    exact = captured.exact
+    if skip:  # (incremental saves: a different set each time, not worth keeping)
+        layout = _CopyLayout.of(captured, skip)
     else:
-        for destination, source in zip(destinations, sources):
-            destination.copy_(source, non_blocking=non_blocking and source.device.type == "cuda")
-    return sum(s.numel() for s in sources)
+        key = ("copy", tuple(tensor is None for tensor in exact))  # (the layout is made for this pattern)
+        layout = captured.memo.get(key) or captured.memo.setdefault(key, _CopyLayout.of(captured, skip))
+    if not layout.places:
+        return 0
+    sources = [_source(captured, index, typed) for index, typed in zip(layout.indexes, layout.typed)]
+    destinations = slab.views(layout.places)
+    with torch.no_grad():  # (a source may be a parameter: its copy must not join its autograd graph)
+        if layout.on_cpu:
+            torch_internals.copy_many(destinations, sources)
+        else:
+            for destination, source in zip(destinations, sources):
+                destination.copy_(source, non_blocking=non_blocking and source.device.type == "cuda")
+    return layout.nbytes
+
+
+def _source(captured: CapturedState, index: int, typed: bool) -> torch.Tensor:
+    tensor = captured.exact[index]
+    if not typed:
+        return captured.source(index)
+    assert tensor is not None, "a typed place for a storage without an exact tensor"
+    return tensor
+
+
+@dataclass(frozen=True)
+class _CopyLayout:
+    """Where each storage of a plan goes in the slab, and as what: the same for every save of
+    one PlanCache entry (its skeleton fixes each tensor's dtype, shape, device and exactness)."""
+
+    places: tuple[Place, ...]
+    indexes: tuple[int, ...]
+    typed: tuple[bool, ...]
+    on_cpu: bool
+    nbytes: int
+
+    @staticmethod
+    def of(captured: CapturedState, skip: frozenset[int] | set[int]) -> _CopyLayout:
+        places: list[Place] = []
+        indexes = []
+        for index, meta in enumerate(captured.plan.storages):
+            if meta.nbytes and index not in skip:
+                tensor = captured.exact[index]
+                dtype, shape = (tensor.dtype, tensor.shape) if tensor is not None else (None, None)
+                places.append((meta.slab_offset, meta.nbytes, dtype, shape))
+                indexes.append(index)
+        return _CopyLayout(
+            tuple(places),
+            tuple(indexes),
+            tuple(place[2] is not None for place in places),
+            all(d.type == "cpu" for d in captured.devices),
+            sum(place[1] for place in places),
+        )
 
 
 class DefaultStager(CheckpointStager):

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 import core
-from core import CheckpointerConfig, CheckpointWriterConfig, make_async_checkpointer, make_sync_checkpointer
+from core import (
+    CheckpointerConfig,
+    CheckpointStagerConfig,
+    CheckpointWriterConfig,
+    make_async_checkpointer,
+    make_sync_checkpointer,
+)
 from tests.helpers import Box, Point, assert_same, clone_tree, every_dtype_tensors, small_training_state
 
 
@@ -110,6 +116,48 @@ def test_parameters_stay_parameters(tmp_path, async_ckpt):
     assert isinstance(loaded["p"], torch.nn.Parameter) and loaded["p"].requires_grad
     assert not loaded["frozen"].requires_grad
     assert torch.equal(loaded["p"], parameter)
+
+
+def test_saves_of_the_same_tensors_copy_each_one_as_it_is_now(tmp_path):
+    # Repeated saves of one structure copy each tensor straight into its typed place in the
+    # staging memory: parameters (whose copies must not join their autograd graph), a storage
+    # that a later tensor covers whole but a first one only views, conjugate and negative bits.
+    one_slab = CheckpointerConfig(staging_config=CheckpointStagerConfig(max_in_flight=1, in_flight_bytes=0))
+    with make_async_checkpointer(one_slab) as ckpt:
+        _save_the_same_tensors_again_and_again(tmp_path, ckpt)
+
+
+def _save_the_same_tensors_again_and_again(tmp_path, async_ckpt):
+    weight = torch.nn.Parameter(torch.randn(6, 4))
+    base = torch.randn(8)
+    z, other = torch.randn(3, dtype=torch.complex64), torch.randn(3, dtype=torch.complex64)
+    state = {
+        "weight": weight,
+        "rows": base[2:5],
+        "base": base,
+        "mask": torch.tensor([True, False, True]),
+        "half": torch.randn(5, dtype=torch.bfloat16),
+        "conj": z.conj(),
+        "neg": other.conj().imag,
+        "transposed": torch.randn(3, 5).t(),
+    }
+    for step in range(4):
+        with torch.no_grad():
+            weight.add_(1.0)
+            base.mul_(2.0)
+            z.add_(1j)
+            other.sub_(1j)
+        async_ckpt.save(tmp_path / f"ck{step}", state)[1].result()
+        loaded = torch.load(tmp_path / f"ck{step}" / "checkpoint_0.pt", weights_only=True)
+        assert isinstance(loaded["weight"], torch.nn.Parameter) and loaded["weight"].requires_grad
+        for key, value in state.items():
+            assert torch.equal(loaded[key], value.detach()), (step, key)
+        assert loaded["conj"].is_conj() and loaded["neg"].is_neg()
+        assert loaded["rows"].untyped_storage().data_ptr() == loaded["base"].untyped_storage().data_ptr()
+    assert weight.grad_fn is None and not base.requires_grad
+    for name in ("a", "b"):  # other places in the same staging memory, which is part of no autograd graph
+        async_ckpt.save(tmp_path / name, {"other": torch.arange(7.0)})[1].result()
+        assert torch.equal(async_ckpt.load(tmp_path / name)["other"], torch.arange(7.0))
 
 
 def test_single_file_layout_writes_exactly_the_path(tmp_path):

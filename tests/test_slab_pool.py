@@ -52,6 +52,43 @@ def test_a_free_slab_too_small_is_replaced_and_its_snapshot_kept_valid():
         pool.close()
 
 
+def test_a_free_slab_too_small_is_replaced_before_another_is_lent_beyond_max_slabs():
+    # Two small slabs from earlier saves; then saves of a larger state, each written before the
+    # next. They must reuse one slab, not fault in a new one lent by the byte budget every time.
+    pool = SlabPool(2, budget_bytes=64 << 20)
+    try:
+        small = [pool.try_acquire(4096), pool.try_acquire(4096)]
+        for lease in small:
+            pool.staged(lease)
+        used = set()
+        for _ in range(4):
+            lease = pool.try_acquire(1 << 20)
+            assert lease is not None
+            pool.staged(lease)
+            assert lease.hold()
+            lease.release()
+            used.add(lease.slab.slab_id)
+            assert len(pool.slabs) <= 2
+        assert len(used) == 1, "every save of the larger state faulted in a slab of its own"
+    finally:
+        pool.close()
+
+
+def test_slabs_lent_for_a_burst_go_back_once_written():
+    pool = SlabPool(1, budget_bytes=1 << 20)
+    try:
+        leases = [pool.try_acquire(64 << 10) for _ in range(3)]  # one slab, two lent
+        assert all(lease is not None for lease in leases)
+        for lease in leases:
+            pool.staged(lease)
+            assert lease.hold()
+        for lease in leases:
+            lease.release()
+        assert len(pool.slabs) == 1
+    finally:
+        pool.close()
+
+
 def test_a_spare_is_made_only_when_no_free_slab_fits_and_there_is_room():
     pool = SlabPool(2)
     try:
