@@ -145,7 +145,7 @@ class SlabPool:
 
     At most `max_slabs` exist at once, or more while all of them together hold at most
     `budget_bytes` (small states: many saves may wait for the writer without the loop waiting);
-    those beyond `max_slabs` are lent for the burst and closed once idle.
+    those beyond `max_slabs` are lent while the writer is behind and closed once it has caught up.
     `try_acquire` takes a free slab (one whose snapshot no write holds), preferring one `prefer`
     accepts; when every slab is being staged or written the caller waits with `wait_for_room`.
     A free slab too small for the request is replaced.
@@ -304,8 +304,10 @@ class SlabPool:
             and slab not in self._free
         ):
             self._free.append(slab)
-            while written and len(self._all) > self._max_slabs and self._free:
-                self._discard(self._smallest_free())  # lent by the byte budget for a burst: its memory goes back
+            # Slabs lent beyond max_slabs go back once the writer has caught up (no write holds a
+            # slab): while it is behind, the next save takes one that is already faulted in.
+            while written and len(self._all) > self._max_slabs and self._free and not any(self._holds.values()):
+                self._discard(self._smallest_free())
             self._changed.notify_all()
 
     def _smallest_free(self) -> Slab:
