@@ -178,6 +178,11 @@ class CheckpointProcess:
         )
         self._lock = threading.Lock()  # the current worker, its pending requests, the init failure
         self._outbox: queue.Queue[_Outgoing | None] = queue.Queue()
+        # Requests leave in the order they were queued: by the sender thread, or by the caller
+        # itself when nothing is queued or being sent (saving a thread hand-off per save).
+        self._order = threading.Lock()  # _unsent and queueing
+        self._unsent = 0  # queued or being sent
+        self._send_lock = threading.Lock()  # held while a request is on its way into the socket
         self._closed = False
         self._start_failure: BaseException | None = None
         self._sender = threading.Thread(target=self._send_loop, name="async-ckpt-sender", daemon=True)
@@ -243,7 +248,7 @@ class CheckpointProcess:
             else:
                 ids = tuple(i for i, pending in worker.pending.items() if pending.path == target)
                 worker.cancels.append(received)
-                self._outbox.put(_Outgoing(worker, WorkerRequest(RequestType.CANCEL_WRITES, ids), []))
+                self._queue(_Outgoing(worker, WorkerRequest(RequestType.CANCEL_WRITES, ids), []))
         return received
 
     def _write_resolved(self, done: Future[STATE_DICT], request: _Request, future: HandoverFuture) -> None:
@@ -287,34 +292,46 @@ class CheckpointProcess:
         on_done: Callable[[], None],
     ) -> None:
         try:
-            with sigint_deferred(), self._lock:
-                worker = self._live_worker()
-                request_id = next(_request_ids)
-                fds: list[int]
-                if slab is not None:
-                    attach = slab.slab_id not in worker.attached
-                    source: SlabSource | SharedSource = SlabSource(slab.slab_id, slab.nbytes, attach)
-                    fds = [slab.fd] if attach else []
-                    worker.attached[slab.slab_id] = weakref.ref(slab)
-                else:
-                    assert shared is not None
-                    source = SharedSource(tuple(storage.nbytes() for storage, _ in shared))
-                    fds = [fd for _, fd in shared]
-                forget = tuple(i for i, ref in list(worker.attached.items()) if _gone(ref))
-                for slab_id in forget:
-                    del worker.attached[slab_id]
-                write = WriteRequest(
-                    request_id, request.path, plan, source, request.kwargs_pickle, request.options, forget
-                )
-                message = WorkerRequest(RequestType.WRITE_CHECKPOINT, write)
-                outgoing = _Outgoing(worker, message, fds, request_id, keepalive=shared, sent=future.handed_over)
-                # Registered and queued together, under the lock: requests leave in the order of their ids.
-                worker.pending[request_id] = _Pending(future, request.path, on_done)
-                self._outbox.put(outgoing)
+            with sigint_deferred():
+                self._send_write_now(slab, plan, shared, request, future, on_done)
         except BaseException:
             on_done()
             future.handed_over.set()
             raise
+
+    def _send_write_now(
+        self,
+        slab: Slab | None,
+        plan: CheckpointPlan,
+        shared: list[tuple[torch.UntypedStorage, int]] | None,
+        request: _Request,
+        future: HandoverFuture,
+        on_done: Callable[[], None],
+    ) -> None:
+        with self._lock:
+            worker = self._live_worker()
+            request_id = next(_request_ids)
+            fds: list[int]
+            if slab is not None:
+                attach = slab.slab_id not in worker.attached
+                source: SlabSource | SharedSource = SlabSource(slab.slab_id, slab.nbytes, attach)
+                fds = [slab.fd] if attach else []
+                worker.attached[slab.slab_id] = weakref.ref(slab)
+            else:
+                assert shared is not None
+                source = SharedSource(tuple(storage.nbytes() for storage, _ in shared))
+                fds = [fd for _, fd in shared]
+            forget = tuple(i for i, ref in list(worker.attached.items()) if _gone(ref))
+            for slab_id in forget:
+                del worker.attached[slab_id]
+            write = WriteRequest(request_id, request.path, plan, source, request.kwargs_pickle, request.options, forget)
+            message = WorkerRequest(RequestType.WRITE_CHECKPOINT, write)
+            outgoing = _Outgoing(worker, message, fds, request_id, keepalive=shared, sent=future.handed_over)
+            # Registered and queued together, under the lock: requests leave in the order of their ids.
+            worker.pending[request_id] = _Pending(future, request.path, on_done)
+            now = self._queue(outgoing, may_send_now=worker.ready.done())
+        if now:
+            self._send_queued(outgoing)
 
     def _live_worker(self) -> _Worker:
         """The running writer, starting a new one when the last one died; call with the lock held."""
@@ -343,23 +360,47 @@ class CheckpointProcess:
         init = WorkerInit(
             *self._init_args, environ=dict(os.environ), cwd=os.getcwd(), niceness=self.config.writer_niceness
         )
-        self._outbox.put(_Outgoing(worker, WorkerRequest(RequestType.PING, init), []))
+        self._queue(_Outgoing(worker, WorkerRequest(RequestType.PING, init), []))
         return worker
 
     # -- sender thread
+
+    def _queue(self, outgoing: _Outgoing, may_send_now: bool = False) -> bool:
+        """Queue `outgoing` for the sender thread; or, when `may_send_now` and nothing is queued or
+        being sent, take the send lock and return True: the caller sends it (_send_queued)."""
+        with self._order:
+            self._unsent += 1
+            if may_send_now and self._unsent == 1:
+                self._send_lock.acquire()  # (free: nothing else is being sent)
+                return True
+            self._outbox.put(outgoing)
+            return False
 
     def _send_loop(self) -> None:
         while True:
             outgoing = self._outbox.get()
             if outgoing is None:
                 return
-            try:
-                outgoing.worker.channel.send(outgoing.request, outgoing.fds)
-            except Exception as exc:  # the writer is unreachable: its receiver reports the rest
-                self._on_send_failure(outgoing, exc)
-            finally:
-                outgoing.keepalive = None
-                outgoing.sent.set()
+            self._send_lock.acquire()
+            self._send_queued(outgoing)
+
+    def _send_queued(self, outgoing: _Outgoing) -> None:
+        """Send a queued request (the caller holds the send lock), then say it is sent."""
+        failure: Exception | None = None
+        try:
+            outgoing.worker.channel.send(outgoing.request, outgoing.fds)
+        except Exception as exc:  # the writer is unreachable: its receiver reports the rest
+            failure = exc
+        finally:
+            self._send_lock.release()
+            with self._order:
+                self._unsent -= 1
+            outgoing.keepalive = None
+        try:
+            if failure is not None:
+                self._on_send_failure(outgoing, failure)
+        finally:
+            outgoing.sent.set()
 
     def _on_send_failure(self, outgoing: _Outgoing, exc: Exception) -> None:
         worker = outgoing.worker
@@ -528,7 +569,7 @@ class CheckpointProcess:
         releasing = self._releasable(worker)
         if worker.alive:
             farewell = RequestType.RELEASE_WRITER if releasing else RequestType.TERMINATE_PROCESS
-            self._outbox.put(_Outgoing(worker, WorkerRequest(farewell), []))
+            self._queue(_Outgoing(worker, WorkerRequest(farewell), []))
         self._outbox.put(None)
         self._sender.join(_left(deadline))
         if self._sender.is_alive():  # blocked sending to a writer that does not read (stopped, hung)

@@ -4,6 +4,7 @@ import concurrent.futures
 import os
 import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -413,3 +414,27 @@ def test_no_torch_parallel_work_runs_on_a_helper_thread_of_ours(tmp_path):
         for i in range(3):
             ckpt.save(tmp_path / f"ck{i}", state)[1].result()  # and a spare
         assert _native_threads_without_python() - before == set(), "an OpenMP team was made on a helper thread"
+
+
+def test_saves_from_several_threads_each_land_in_the_order_they_were_made(tmp_path):
+    # A save's request is sent by the caller itself when nothing is queued, else by the sender
+    # thread (always, while the writer starts): either way requests leave in the order they were
+    # made, so a file saved over and over (newer queued saves replacing older ones) ends with its
+    # last save, never an older one. Saves start before the writer is up and go on after.
+    def save_in_turn(ckpt, thread: int) -> None:
+        for value in range(30):
+            ckpt.save(tmp_path / f"thread{thread}.ckpt", {"w": torch.full((256,), float(value)), "step": value})
+            time.sleep(0.02)
+
+    release_idle_writers()
+    config = CheckpointerConfig(writer_config=CheckpointWriterConfig(layout="file"))
+    with make_async_checkpointer(config) as ckpt:
+        threads = [threading.Thread(target=save_in_turn, args=(ckpt, t)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        ckpt.wait()
+    for t in range(4):
+        loaded = torch.load(tmp_path / f"thread{t}.ckpt", weights_only=True)
+        assert loaded["step"] == 29 and torch.equal(loaded["w"], torch.full((256,), 29.0)), t
