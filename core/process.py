@@ -293,45 +293,48 @@ class CheckpointProcess:
     ) -> None:
         try:
             with sigint_deferred():
-                self._send_write_now(slab, plan, shared, request, future, on_done)
+                with self._lock:
+                    worker = self._live_worker()
+                    write, fds = self._write_request(worker, slab, plan, shared, request)
+                    message = WorkerRequest(RequestType.WRITE_CHECKPOINT, write)
+                    sent = future.handed_over
+                    outgoing = _Outgoing(worker, message, fds, write.request_id, keepalive=shared, sent=sent)
+                    # Registered and queued together, under the lock: requests leave in the order of their ids.
+                    worker.pending[write.request_id] = _Pending(future, request.path, on_done)
+                    now = self._queue(outgoing, may_send_now=worker.ready.done())
+                if now:
+                    self._send_queued(outgoing)
         except BaseException:
             on_done()
             future.handed_over.set()
             raise
 
-    def _send_write_now(
-        self,
+    @staticmethod
+    def _write_request(
+        worker: _Worker,
         slab: Slab | None,
         plan: CheckpointPlan,
         shared: list[tuple[torch.UntypedStorage, int]] | None,
         request: _Request,
-        future: HandoverFuture,
-        on_done: Callable[[], None],
-    ) -> None:
-        with self._lock:
-            worker = self._live_worker()
-            request_id = next(_request_ids)
-            fds: list[int]
-            if slab is not None:
-                attach = slab.slab_id not in worker.attached
-                source: SlabSource | SharedSource = SlabSource(slab.slab_id, slab.nbytes, attach)
-                fds = [slab.fd] if attach else []
-                worker.attached[slab.slab_id] = weakref.ref(slab)
-            else:
-                assert shared is not None
-                source = SharedSource(tuple(storage.nbytes() for storage, _ in shared))
-                fds = [fd for _, fd in shared]
-            forget = tuple(i for i, ref in list(worker.attached.items()) if _gone(ref))
-            for slab_id in forget:
-                del worker.attached[slab_id]
-            write = WriteRequest(request_id, request.path, plan, source, request.kwargs_pickle, request.options, forget)
-            message = WorkerRequest(RequestType.WRITE_CHECKPOINT, write)
-            outgoing = _Outgoing(worker, message, fds, request_id, keepalive=shared, sent=future.handed_over)
-            # Registered and queued together, under the lock: requests leave in the order of their ids.
-            worker.pending[request_id] = _Pending(future, request.path, on_done)
-            now = self._queue(outgoing, may_send_now=worker.ready.done())
-        if now:
-            self._send_queued(outgoing)
+    ) -> tuple[WriteRequest, list[int]]:
+        """The request for a write from `slab` (or `shared` storages), and the descriptors it carries."""
+        fds: list[int]
+        if slab is not None:
+            attach = slab.slab_id not in worker.attached
+            source: SlabSource | SharedSource = SlabSource(slab.slab_id, slab.nbytes, attach)
+            fds = [slab.fd] if attach else []
+            worker.attached[slab.slab_id] = weakref.ref(slab)
+        else:
+            assert shared is not None
+            source = SharedSource(tuple(storage.nbytes() for storage, _ in shared))
+            fds = [fd for _, fd in shared]
+        forget = tuple(i for i, ref in list(worker.attached.items()) if _gone(ref))
+        for slab_id in forget:
+            del worker.attached[slab_id]
+        write = WriteRequest(
+            next(_request_ids), request.path, plan, source, request.kwargs_pickle, request.options, forget
+        )
+        return write, fds
 
     def _live_worker(self) -> _Worker:
         """The running writer, starting a new one when the last one died; call with the lock held."""
