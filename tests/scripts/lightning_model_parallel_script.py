@@ -75,8 +75,9 @@ class KeepStartingState(Callback):
             torch.save({"global_step": trainer.global_step, "model": state}, os.path.join(self.out, "resumed.pt"))
 
 
-def trainer(devices: int, max_steps: int, callbacks: list, plugins: list) -> L.Trainer:
+def trainer(out: str, devices: int, max_steps: int, callbacks: list, plugins: list) -> L.Trainer:
     return L.Trainer(
+        default_root_dir=out,  # (a resumed fit's default ModelCheckpoint writes there, not into the cwd)
         accelerator="cpu",
         devices=devices,
         strategy=ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1),
@@ -96,14 +97,14 @@ def main() -> None:
     if phase == "save":
         every_3 = ModelCheckpoint(dirpath=ckpts, every_n_train_steps=3, save_last=True, save_top_k=-1)
         held = AsyncCheckpointIO(commit_hook=GatedCommit(os.path.join(out, "reached"), os.path.join(out, "gate")))
-        t = trainer(devices, 6, [every_3, OpenGate(out)], [held])
+        t = trainer(out, devices, 6, [every_3, OpenGate(out)], [held])
         module = ShardedRegressor()
         t.fit(module, data())
         state = full_state(module)
         if t.global_rank == 0:
             torch.save({"global_step": t.global_step, "model": state}, os.path.join(out, "reference.pt"))
     else:
-        t = trainer(devices, 8, [KeepStartingState(out)], [] if phase == "stock_resume" else [AsyncCheckpointIO()])
+        t = trainer(out, devices, 8, [KeepStartingState(out)], [] if phase == "stock_resume" else [AsyncCheckpointIO()])
         t.fit(ShardedRegressor(), data(), ckpt_path=os.path.join(ckpts, "last.ckpt"))
 
 
