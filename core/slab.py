@@ -162,7 +162,6 @@ class SlabPool:
         self._leases: dict[str, StagingLease] = {}  # slab id -> its current snapshot's lease
         self._holds: dict[str, int] = {}
         self._staging: set[str] = set()
-        self._warming: set[str] = set()  # spares being readied (new_spare), a subset of _staging
         self._changed = threading.Condition()
         self._closed = False
 
@@ -196,7 +195,7 @@ class SlabPool:
             if self._closed:
                 raise CheckpointerClosedError("the staging memory was released (the stager is closed)")
             fitting = [s for s in self._free if s.nbytes >= nbytes]
-            if not fitting and any(self._all[i].nbytes >= nbytes for i in self._warming):
+            if not fitting and any(self._all[i].nbytes >= nbytes for i in self._warming()):
                 return None  # a spare that fits is nearly ready: wait for it rather than fault in another
             if fitting:
                 slab = min(fitting, key=lambda s: (not (prefer and prefer(s)), s.nbytes))
@@ -228,7 +227,7 @@ class SlabPool:
         says why once the wait is noticeable."""
         started = time.monotonic()
         with self._changed:
-            if (self._warming or (not self._free and len(self._all) >= self._max_slabs)) and not self._closed:
+            if (self._warming() or (not self._free and len(self._all) >= self._max_slabs)) and not self._closed:
                 self._changed.wait(timeout=5.0)
         waited += time.monotonic() - started
         if waited >= 5.0 and waited - (time.monotonic() - started) < 5.0:
@@ -258,14 +257,12 @@ class SlabPool:
             slab = Slab(nbytes, pin=self._pin)
             self._all[slab.slab_id] = slab
             self._staging.add(slab.slab_id)
-            self._warming.add(slab.slab_id)
             return StagingLease(self, slab)
 
     def staged(self, lease: StagingLease) -> None:
         """The snapshot is complete; its slab is free for reuse unless a write holds it."""
         with self._changed:
             self._staging.discard(lease.slab.slab_id)
-            self._warming.discard(lease.slab.slab_id)
             self._free_if_idle(lease.slab)
 
     def abandon(self, lease: StagingLease) -> None:
@@ -275,7 +272,6 @@ class SlabPool:
             if self._leases.get(lease.slab.slab_id) is lease:
                 del self._leases[lease.slab.slab_id]
             self._staging.discard(lease.slab.slab_id)
-            self._warming.discard(lease.slab.slab_id)
             self._free_if_idle(lease.slab)
 
     def _hold(self, lease: StagingLease) -> bool:
@@ -310,6 +306,10 @@ class SlabPool:
                 self._discard(self._smallest_free())
             self._changed.notify_all()
 
+    def _warming(self) -> list[str]:
+        """The spares being readied (new_spare): staging, but holding no snapshot's lease."""
+        return [slab_id for slab_id in self._staging if slab_id not in self._leases]
+
     def _smallest_free(self) -> Slab:
         slab = min(self._free, key=lambda s: s.nbytes)
         self._free.remove(slab)
@@ -335,5 +335,4 @@ class SlabPool:
                 self._discard(slab)
             self._free.clear()
             self._staging.clear()
-            self._warming.clear()
             self._changed.notify_all()
