@@ -11,7 +11,7 @@ import torch
 
 from . import torch_internals
 from .capture import capture, capture_torch
-from .plan import CapturedState, CheckpointPlan
+from .plan import CapturedState, CheckpointPlan, exact_tensor
 
 
 class PlanCache:
@@ -154,14 +154,7 @@ class _SkeletonWalk:
             storages = self.storages
             found = storages.get(key)
             if found is None or found[2] is None:
-                exact = (
-                    obj
-                    if not (offset or conj or neg)
-                    and obj.numel() * obj.element_size() == nbytes
-                    and obj.is_contiguous()
-                    else None
-                )  # (exact_tensor, inline: this walk runs per tensor per save)
-                found = (found[0] if found else len(storages), storage, exact)
+                found = (found[0] if found else len(storages), storage, exact_tensor(obj, storage))
                 storages[key] = found
             append(
                 (
