@@ -110,7 +110,7 @@ def write_chunks(out: DirectIO, chunks: list[Chunk], executor: Executor | None, 
 
     # Largest first, so that one big tensor does not start last and finish alone.
     by_size = sorted(chunks, key=lambda c: -c.data.numel())
-    parallel = executor is not None and sum(c.data.numel() for c in chunks) >= PARALLEL_MIN_BYTES
+    parallel = sum(c.data.numel() for c in chunks) >= PARALLEL_MIN_BYTES
     return list(executor.map(write_chunk, by_size) if executor and parallel else map(write_chunk, by_size))
 
 

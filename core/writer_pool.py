@@ -21,6 +21,8 @@ import sys
 import threading
 from dataclasses import dataclass
 
+from .config import CheckpointProcessConfig
+
 logger = logging.getLogger(__name__)
 
 IDLE_SECS = 300.0  # how long a released writer waits for its next checkpointer (worker side)
@@ -66,7 +68,7 @@ def spawn(sys_path: tuple[str, ...], niceness: int) -> tuple[subprocess.Popen[by
     return popen, parent
 
 
-def prestart_writer(niceness: int = 5) -> None:
+def prestart_writer(niceness: int = CheckpointProcessConfig.writer_niceness) -> None:
     """Start a writer now, in the background, for the first checkpointer of this process to take.
 
     Starting one means importing torch in a fresh interpreter (one to several seconds of CPU);
