@@ -162,6 +162,7 @@ class SlabPool:
         self._leases: dict[str, StagingLease] = {}  # slab id -> its current snapshot's lease
         self._holds: dict[str, int] = {}
         self._staging: set[str] = set()
+        self._newest: str | None = None  # the slab of the latest snapshot, which a repeated save may write again
         self._changed = threading.Condition()
         self._closed = False
 
@@ -214,6 +215,7 @@ class SlabPool:
             self._supersede(slab)
             lease = StagingLease(self, slab)
             self._leases[slab.slab_id] = lease
+            self._newest = slab.slab_id
             self._staging.add(slab.slab_id)
             return lease
 
@@ -251,7 +253,7 @@ class SlabPool:
                 others = [s for s in self._free if s is not besides]
                 if not others:
                     return None
-                smallest = min(others, key=lambda s: s.nbytes)
+                smallest = min(others, key=self._closing_order)
                 self._free.remove(smallest)
                 self._discard(smallest)
             slab = Slab(nbytes, pin=self._pin)
@@ -310,8 +312,12 @@ class SlabPool:
         """The spares being readied (new_spare): staging, but holding no snapshot's lease."""
         return [slab_id for slab_id in self._staging if slab_id not in self._leases]
 
+    def _closing_order(self, slab: Slab) -> tuple[bool, int]:
+        """Free slabs close smallest first, the latest snapshot's last (a repeated save writes it again)."""
+        return slab.slab_id == self._newest, slab.nbytes
+
     def _smallest_free(self) -> Slab:
-        slab = min(self._free, key=lambda s: s.nbytes)
+        slab = min(self._free, key=self._closing_order)
         self._free.remove(slab)
         return slab
 

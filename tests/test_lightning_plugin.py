@@ -284,15 +284,19 @@ def _fit_saving_top_k_and_last(directory, plugin: AsyncCheckpointIO):
     checkpoint = ModelCheckpoint(dirpath=directory, save_top_k=-1, save_last=True, every_n_train_steps=4)
     trainer(max_epochs=2, plugins=[plugin], callbacks=[checkpoint]).fit(TinyClassifier(), tiny_data())
     stats = plugin.stats
-    assert stats is not None and stats.last is not None and stats.saves >= 6
+    # At least a top-k file for each of the 4 steps and the final last.ckpt (earlier ones may be skipped)
+    assert stats is not None and stats.last is not None and stats.saves >= 5
     return stats
 
 
 def test_top_k_and_last_of_one_step_are_one_file_on_disk(tmp_path):
     stats = _fit_saving_top_k_and_last(tmp_path, AsyncCheckpointIO())
     # Each step is copied and written once, except the first: its last.ckpt records ModelCheckpoint's
-    # new last_model_path, another state.
-    assert stats.written_nbytes == stats.copied_nbytes == (stats.saves // 2 + 1) * stats.last.nbytes
+    # new last_model_path, another state. Stats count committed saves only, and a last.ckpt the
+    # writer had not started when the next one came is skipped: that step's copy is then not counted.
+    steps = len([name for name in os.listdir(tmp_path) if name != "last.ckpt"])
+    assert stats.written_nbytes == stats.copied_nbytes < stats.nbytes
+    assert stats.copied_nbytes in (steps * stats.last.nbytes, (steps + 1) * stats.last.nbytes)
     step = torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"]
     (top,) = [name for name in os.listdir(tmp_path) if name.endswith(f"step={step}.ckpt")]
     if not filesystem_clones(str(tmp_path)):  # a hard link; where extents are shared, two files

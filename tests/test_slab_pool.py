@@ -89,6 +89,24 @@ def test_slabs_lent_for_a_burst_go_back_once_written():
         pool.close()
 
 
+def test_the_latest_snapshot_keeps_its_slab_when_a_burst_is_trimmed():
+    # A save repeated after its writes finished (ModelCheckpoint's last.ckpt after its top-k file)
+    # writes the same snapshot again: its slab must not be the one closed, whatever order the
+    # writes finished in.
+    pool = SlabPool(1, budget_bytes=1 << 20)
+    try:
+        leases = [pool.try_acquire(64 << 10) for _ in range(3)]
+        for lease in leases:
+            pool.staged(lease)
+            assert lease.hold()
+        for lease in reversed(leases):
+            lease.release()
+        assert pool.slabs == (leases[-1].slab.slab_id,) and leases[-1].hold()
+        leases[-1].release()
+    finally:
+        pool.close()
+
+
 def test_a_spare_is_made_only_when_no_free_slab_fits_and_there_is_room():
     pool = SlabPool(2)
     try:
