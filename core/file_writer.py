@@ -1,9 +1,9 @@
 """Writing checkpoint files: torch.save's zip layout (or safetensors) without torch.save.
 
-The zip skeleton (the pickle, small records, space reserved for every storage at 4096-byte
-aligned offsets, and the manifest's placeholder) is written first; then the storage bytes go
-straight from the staging memory to their offsets in parallel; then the filled manifest; then
-one fsync. The archive's inner folder is named after the final file, as torch.save names it.
+The zip skeleton (zip_skeleton.py: the pickle, small records, space reserved for every storage
+at 4096-byte aligned offsets) is written first; then the storage bytes go straight from the
+staging memory to their offsets in parallel; then the filled manifest with the rest of the zip;
+then one fsync. The archive's inner folder is named after the final file, as torch.save names it.
 
 Zip CRCs: every record carries its real CRC-32 except the storage records `data/<n>`, which
 carry 0, as torch.save writes them with `compute_crc32=False`; `torch.load` does not check
@@ -12,14 +12,8 @@ them, and the manifest's xxh3 checksums of every chunk take their place.
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
-import struct
-import sys
 import time
-import zipfile
-import zlib
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -27,12 +21,10 @@ from typing import Any
 
 import torch
 
-from . import torch_internals
-from .fsutil import DEFAULT_CHUNK_BYTES, PAGE_SIZE, write_all
-from .manifest import MANIFEST_RECORD, Manifest, chunk_ranges
-from .parallel_io import Chunk, DirectIO, PreviousRecord, write_chunks
-
-STORAGE_ALIGNMENT = PAGE_SIZE
+from .fsutil import DEFAULT_CHUNK_BYTES, buffer_of
+from .manifest import Manifest, chunk_digests, chunk_ranges
+from .parallel_io import PARALLEL_MIN_BYTES, Chunk, DirectIO, PreviousRecord, write_chunks
+from .zip_skeleton import Skeleton, skeleton_for
 
 
 @dataclass(frozen=True)
@@ -66,24 +58,58 @@ def write_checkpoint_file(
     key; chunks whose digest matches are copied from that file instead of written.
     """
     clock = StepClock()
-    manifest = Manifest(data_pkl, [b.numel() for b in storage_bytes], chunk_bytes, checksums, extra_metadata or {})
-    offsets = _write_skeleton(path, data_pkl, [b.numel() for b in storage_bytes], manifest.placeholder)
-    chunks = _chunks(storage_bytes, offsets, chunk_bytes, known_digests, previous or {})
+    sizes = [b.numel() for b in storage_bytes]
+    manifest = Manifest(data_pkl, sizes, chunk_bytes, checksums, extra_metadata or {})
+    skeleton = skeleton_for(path, data_pkl, sizes, manifest.placeholder)
     clock.mark("skeleton")
+    if sum(sizes) < PARALLEL_MIN_BYTES and not previous:
+        _write_at_once(path, skeleton, manifest, storage_bytes, known_digests, clock)
+        return WrittenFile(sum(sizes), 0, clock.seconds)
+    chunks = _chunks(storage_bytes, skeleton.offsets, chunk_bytes, known_digests, previous or {})
     out = DirectIO(path, use_direct_io)
     try:
+        skeleton.write(out.buffered)
         reused = 0
         for written in write_chunks(out, chunks, executor, checksums):
             manifest.set_digest(written.chunk.key, written.chunk.index, written.digest)
             reused += written.chunk.data.numel() if written.copied else 0
         clock.mark("data")
-        _write_manifest(out.buffered, path, offsets[MANIFEST_RECORD], manifest)
+        skeleton.finish(out.buffered, manifest.final())
         clock.mark("manifest")
         os.fsync(out.buffered)
         clock.mark("fsync")
     finally:
         out.close()
-    return WrittenFile(sum(b.numel() for b in storage_bytes), reused, clock.seconds)
+    return WrittenFile(sum(sizes), reused, clock.seconds)
+
+
+def _write_at_once(
+    path: str,
+    skeleton: Skeleton,
+    manifest: Manifest,
+    storage_bytes: Sequence[torch.Tensor],
+    known_digests: Sequence[list[str] | None] | None,
+    clock: StepClock,
+) -> None:
+    """A small file: its digests first, then every byte of it in gathered writes, then fsync.
+    (Positioned writes piece by piece cost the writer more CPU than the bytes themselves.)"""
+    if manifest.checksums:
+        known: list[list[str] | None] = list(known_digests or [None] * len(storage_bytes))
+        missing = [i for i, values in enumerate(known) if values is None]
+        for index, computed in zip(missing, chunk_digests([storage_bytes[i] for i in missing], manifest.chunk_bytes)):
+            known[index] = computed
+        for key, values in enumerate(known):
+            for chunk, value in enumerate(values or ()):
+                manifest.set_digest(str(key), chunk, value)
+    clock.mark("digests")
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        skeleton.write_whole(fd, [buffer_of(b) for b in storage_bytes], manifest.final())
+        clock.mark("data")
+        os.fsync(fd)
+        clock.mark("fsync")
+    finally:
+        os.close(fd)
 
 
 class StepClock:
@@ -97,80 +123,6 @@ class StepClock:
         now = time.perf_counter()
         self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
         self._last = now
-
-
-def _archive_name(path: str) -> str:
-    """The folder torch.save puts a file's records in: the file's name without its extension."""
-    return os.path.splitext(os.path.basename(path))[0] or "archive"
-
-
-def _write_skeleton(path: str, data_pkl: bytes, storage_sizes: Sequence[int], manifest: bytes) -> dict[str, int]:
-    """Every record but the storages' bytes; returns each record's data offset ("0", "1", ..., manifest).
-
-    torch's own zip writer lays the skeleton out (the archive folder named after the file, as
-    torch.save names it), but into an anonymous memory file reached through a symlink of the
-    same name: the space reserved for storages stays a hole there. The written extents are then
-    pwritten into `path`. A C++ stream that fails on a full disk aborts the process; here every
-    write to disk is Python's, and a full disk is an OSError like any other.
-    """
-    memory = os.memfd_create("async-ckpt-skeleton", os.MFD_CLOEXEC)
-    try:
-        _lay_out_skeleton(memory, path, data_pkl, storage_sizes, manifest)
-        with os.fdopen(os.dup(memory), "rb") as skeleton:
-            reader = torch_internals.FileReader(skeleton)
-            offsets = {
-                str(key): torch_internals.record_offset(reader, f"data/{key}") for key in range(len(storage_sizes))
-            }
-            offsets[MANIFEST_RECORD] = torch_internals.record_offset(reader, MANIFEST_RECORD)
-            del reader
-        _copy_extents(memory, path)
-    finally:
-        os.close(memory)
-    return offsets
-
-
-def _lay_out_skeleton(memory: int, path: str, data_pkl: bytes, storage_sizes: Sequence[int], manifest: bytes) -> None:
-    alias_folder = os.path.join(os.path.dirname(path), ".skeleton")
-    alias = os.path.join(alias_folder, os.path.basename(path))
-    os.mkdir(alias_folder, 0o700)
-    try:
-        os.symlink(f"/proc/{os.getpid()}/fd/{memory}", alias)
-        writer = torch_internals.FileWriter(alias, True, STORAGE_ALIGNMENT)
-        writer.write_record("data.pkl", data_pkl, len(data_pkl))
-        for name, value in (
-            (".format_version", "1"),
-            (".storage_alignment", str(STORAGE_ALIGNMENT)),
-            ("byteorder", sys.byteorder),
-        ):
-            writer.write_record(name, value, len(value))  # str records, as torch.save writes
-        for key, nbytes in enumerate(storage_sizes):
-            torch_internals.reserve_record(writer, f"data/{key}", nbytes)
-        writer.write_record(MANIFEST_RECORD, manifest, len(manifest))
-        writer.write_end_of_file()
-        del writer
-    finally:
-        shutil.rmtree(alias_folder, ignore_errors=True)
-
-
-def _copy_extents(source: int, path: str) -> None:
-    """Copy the written extents of `source` into `path` at the same offsets, leaving its holes."""
-    size = os.fstat(source).st_size
-    target = os.open(path, os.O_WRONLY)
-    try:
-        os.ftruncate(target, size)
-        offset = 0
-        while offset < size:
-            try:
-                start = os.lseek(source, offset, os.SEEK_DATA)
-            except OSError as exc:  # ENXIO: no data after `offset`
-                if exc.errno == errno.ENXIO:
-                    break
-                raise
-            end = os.lseek(source, start, os.SEEK_HOLE)
-            write_all(target, os.pread(source, end - start, start), start)
-            offset = end
-    finally:
-        os.close(target)
 
 
 def _chunks(
@@ -197,43 +149,6 @@ def _chunks(
                 )
             )
     return chunks
-
-
-def _write_manifest(fd: int, path: str, offset: int, manifest: Manifest) -> None:
-    """Put the filled manifest over its placeholder and give its record the matching CRC-32."""
-    final = manifest.final()
-    write_all(fd, final, offset)
-    _patch_crc(fd, path, MANIFEST_RECORD, zlib.crc32(manifest.placeholder), zlib.crc32(final))
-
-
-_LOCAL_HEADER = b"PK\x03\x04"
-_DATA_DESCRIPTOR = b"PK\x07\x08"
-_CENTRAL_ENTRY = b"PK\x01\x02"
-
-
-def _patch_crc(fd: int, path: str, record: str, old: int, new: int) -> None:
-    """Replace a record's CRC-32 in its local header, data descriptor and central directory entry."""
-    name = f"{_archive_name(path)}/{record}"
-    with zipfile.ZipFile(path) as archive:
-        info = archive.getinfo(name)
-        central_start = archive.start_dir
-    old_bytes, new_bytes = struct.pack("<I", old), struct.pack("<I", new)
-    header = os.pread(fd, 30, info.header_offset)
-    name_length, extra_length = struct.unpack("<HH", header[26:30])
-    places = [info.header_offset + 14]
-    descriptor = info.header_offset + 30 + name_length + extra_length + info.compress_size
-    places += [descriptor + 4] if os.pread(fd, 4, descriptor) == _DATA_DESCRIPTOR else [descriptor]
-    entry = central_start
-    while os.pread(fd, 4, entry) == _CENTRAL_ENTRY:
-        fixed = os.pread(fd, 46, entry)
-        lengths = struct.unpack("<HHH", fixed[28:34])
-        if os.pread(fd, lengths[0], entry + 46).decode() == name:
-            places.append(entry + 16)
-            break
-        entry += 46 + sum(lengths)
-    for place in places:
-        if os.pread(fd, 4, place) == old_bytes:
-            write_all(fd, new_bytes, place)
 
 
 def write_safetensors_file(

@@ -6,6 +6,7 @@ import ctypes
 import fcntl
 import os
 import tempfile
+from collections.abc import Sequence
 
 import torch
 
@@ -30,6 +31,21 @@ def write_all(fd: int, view: memoryview | bytes, offset: int) -> None:
     while len(view):
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
+
+
+def write_gathered(fd: int, buffers: Sequence[memoryview | bytes], offset: int) -> None:
+    """Write `buffers` back to back from `offset`, in as few pwritev calls as the kernel allows."""
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    limit = os.sysconf("SC_IOV_MAX")
+    first = 0
+    while first < len(views):
+        written = os.pwritev(fd, views[first : first + limit], offset)
+        offset += written
+        while first < len(views) and written >= len(views[first]):
+            written -= len(views[first])
+            first += 1
+        if written:
+            views[first] = views[first][written:]
 
 
 def fsync_directory(directory: str) -> None:

@@ -58,6 +58,7 @@ class Manifest:
         self, data_pkl: bytes, storage_sizes: Sequence[int], chunk_bytes: int, checksums: bool, extra: dict[str, Any]
     ) -> None:
         self.checksums = checksums
+        self.chunk_bytes = chunk_bytes
         self.content: dict[str, Any] = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,

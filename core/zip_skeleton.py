@@ -1,0 +1,319 @@
+"""The zip skeleton of a checkpoint file: every byte torch.save would write except the storages'.
+
+torch's own zip writer lays a skeleton out: the pickle, the small records, space reserved for
+every storage at 4096-byte aligned offsets, the manifest's placeholder, `version`,
+`.data/serialization_id` and the central directory, the archive folder named after the file as
+torch.save names it. It writes into an anonymous memory file reached through a symlink of the
+file's name; a C++ stream that failed on a full disk would abort the process, so every write to
+disk stays Python's.
+
+Laying a skeleton out costs more of the writer's CPU than writing a small state's bytes, and a
+training job saves the same shapes again and again: the layout depends only on the archive's
+name, the pickle's length, the storages' sizes and the manifest's length. So each layout is
+read back once into a template (its pieces: every byte between the storages' reserved spans,
+and where the pickle, the manifest and the CRC-32 fields that name them sit) and each later save
+of that layout fills the template in: the pickle, its CRC-32, the filled manifest, its CRC-32, and
+the serialization id, which torch derives from the records' CRC-32s (checked against torch's own
+when the template is made; a template whose id does not match keeps torch's id and is not reused).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import sys
+import threading
+import zipfile
+import zlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from . import torch_internals
+from .fsutil import PAGE_SIZE, write_all, write_gathered
+from .manifest import MANIFEST_RECORD
+
+STORAGE_ALIGNMENT = PAGE_SIZE
+SERIALIZATION_ID = ".data/serialization_id"
+_CENTRAL_ENTRY = b"PK\x01\x02"
+_DATA_DESCRIPTOR = b"PK\x07\x08"
+_KEPT_TEMPLATES = 8
+_KEPT_TEMPLATE_BYTES = 64 << 20
+
+
+def archive_name(path: str) -> str:
+    """The folder torch.save puts a file's records in: the file's name without its extension."""
+    return os.path.splitext(os.path.basename(path))[0] or "archive"
+
+
+@dataclass(frozen=True)
+class _Record:
+    """A small record's place in the file: its data, its CRC-32 and every field that holds it."""
+
+    offset: int
+    nbytes: int
+    crc: int
+    crc_places: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Template:
+    """One layout, as torch's writer laid it out."""
+
+    size: int
+    pieces: tuple[tuple[int, bytes], ...]  # (offset, bytes) between the storages' spans, in order
+    offsets: dict[str, int]  # each storage's data ("0", "1", ...) and the manifest's
+    pickle: _Record
+    manifest: _Record
+    serialization_id: _Record | None  # None: torch's id is kept as it laid it out
+    crcs: tuple[int, ...]  # the CRC-32 of every data descriptor before the id's, in the order written
+    manifest_index: int  # the manifest's among them (the pickle's is 0: torch.save writes it first)
+    names_hash: bytes  # the id's first half, from the records' names
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(piece) for _, piece in self.pieces)
+
+
+class Skeleton:
+    """One file's skeleton: written before its storages, finished with its manifest."""
+
+    def __init__(self, template: _Template, data_pkl: bytes) -> None:
+        self._template = template
+        self._data_pkl = data_pkl
+        self._pickle_crc = zlib.crc32(data_pkl)
+
+    @property
+    def offsets(self) -> dict[str, int]:
+        """Where each storage's bytes ("0", "1", ...) and the manifest's start in the file."""
+        return self._template.offsets
+
+    def write(self, fd: int) -> None:
+        """Size the file and write every piece before the manifest's, the pickle in place."""
+        template = self._template
+        os.ftruncate(fd, template.size)
+        for offset, piece in template.pieces[:-1]:
+            write_all(fd, self._filled(offset, piece, {}), offset)
+
+    def finish(self, fd: int, manifest: bytes) -> None:
+        """Write the last piece (the manifest, `version`, the serialization id and the central
+        directory) with the filled `manifest`, which is as long as the placeholder laid out."""
+        offset, piece = self._template.pieces[-1]
+        write_all(fd, self._filled(offset, piece, self._finished(manifest)), offset)
+
+    def write_whole(self, fd: int, storages: Sequence[memoryview], manifest: bytes) -> None:
+        """Write the whole file in gathered writes: every piece, each storage's bytes between
+        them (`storages[i]` is storage "i"'s), and the filled `manifest`."""
+        template = self._template
+        changes = self._finished(manifest)
+        buffers: list[memoryview | bytes] = []
+        for (offset, piece), storage in zip(template.pieces, [*storages, None]):
+            buffers.append(self._filled(offset, piece, changes))
+            if storage is not None:
+                buffers.append(storage)
+        if len(buffers) != 2 * len(storages) + 1:
+            raise AssertionError("the storages do not match the skeleton's reserved records")
+        write_gathered(fd, buffers, 0)
+
+    def _finished(self, manifest: bytes) -> dict[_Record, tuple[bytes, int]]:
+        """The records that the filled `manifest` changes: its own and the serialization id."""
+        template = self._template
+        if len(manifest) != template.manifest.nbytes:
+            raise AssertionError("the manifest's length differs from its placeholder's")
+        manifest_crc = zlib.crc32(manifest)
+        changes = {template.manifest: (manifest, manifest_crc)}
+        if template.serialization_id is not None:
+            crcs = list(template.crcs)
+            crcs[0], crcs[template.manifest_index] = self._pickle_crc, manifest_crc
+            changes[template.serialization_id] = _serialization_id(template.names_hash, crcs)
+        return changes
+
+    def _filled(self, offset: int, piece: bytes, changes: dict[_Record, tuple[bytes, int]]) -> bytes:
+        """`piece` (at `offset`) with the pickle and `changes` (a record's new data and CRC) in it."""
+        changes = {self._template.pickle: (self._data_pkl, self._pickle_crc), **changes}
+        end = offset + len(piece)
+        touched = [
+            (record, data, crc)
+            for record, (data, crc) in changes.items()
+            if any(offset <= place < end for place in (record.offset, *record.crc_places))
+        ]
+        if not touched:
+            return piece
+        filled = bytearray(piece)
+        for record, data, crc in touched:
+            if offset <= record.offset < end:
+                filled[record.offset - offset : record.offset - offset + len(data)] = data
+            for place in record.crc_places:
+                if offset <= place < end:
+                    filled[place - offset : place - offset + 4] = struct.pack("<I", crc)
+        return bytes(filled)
+
+
+def _serialization_id(names_hash: bytes, crcs: Sequence[int]) -> tuple[bytes, int]:
+    """torch's serialization id (the names' hash, then every record's CRC-32 combined as c10's
+    hash_combine combines them, 20 digits each) and its own CRC-32."""
+    combined = 0
+    for crc in crcs:
+        combined = _hash_combine(combined, crc)
+    value = names_hash + b"%020d" % combined
+    return value, zlib.crc32(value)
+
+
+def _hash_combine(seed: int, value: int) -> int:
+    mask = (1 << 64) - 1
+    return (seed ^ ((value + 0x9E3779B9 + ((seed << 6) & mask) + (seed >> 2)) & mask)) & mask
+
+
+class _Templates:
+    """The writer process's recent layouts, the newest last."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: OrderedDict[tuple[object, ...], _Template] = OrderedDict()
+
+    def get(self, key: tuple[object, ...]) -> _Template | None:
+        with self._lock:
+            template = self._kept.get(key)
+            if template is not None:
+                self._kept.move_to_end(key)
+            return template
+
+    def keep(self, key: tuple[object, ...], template: _Template) -> None:
+        with self._lock:
+            self._kept[key] = template
+            while len(self._kept) > _KEPT_TEMPLATES or (
+                len(self._kept) > 1 and sum(t.nbytes for t in self._kept.values()) > _KEPT_TEMPLATE_BYTES
+            ):
+                self._kept.popitem(last=False)
+
+
+_templates = _Templates()
+
+
+def skeleton_for(path: str, data_pkl: bytes, storage_sizes: Sequence[int], manifest: bytes) -> Skeleton:
+    """The skeleton of the checkpoint file `path` will be: its pickle `data_pkl`, storages of
+    `storage_sizes` bytes, and the manifest's placeholder `manifest`."""
+    key = (archive_name(path), len(data_pkl), tuple(storage_sizes), len(manifest))
+    template = _templates.get(key)
+    if template is None:
+        template = _lay_out(path, data_pkl, storage_sizes, manifest)
+        if template.serialization_id is not None:
+            _templates.keep(key, template)
+    return Skeleton(template, data_pkl)
+
+
+def _lay_out(path: str, data_pkl: bytes, storage_sizes: Sequence[int], manifest: bytes) -> _Template:
+    memory = os.memfd_create("async-ckpt-skeleton", os.MFD_CLOEXEC)
+    try:
+        _write_with_torch(memory, path, data_pkl, storage_sizes, manifest)
+        with os.fdopen(os.dup(memory), "rb") as laid_out:
+            return _read_template(laid_out, memory, path, len(storage_sizes))
+    finally:
+        os.close(memory)
+
+
+def _write_with_torch(memory: int, path: str, data_pkl: bytes, storage_sizes: Sequence[int], manifest: bytes) -> None:
+    alias_folder = os.path.join(os.path.dirname(path), ".skeleton")
+    alias = os.path.join(alias_folder, os.path.basename(path))
+    os.mkdir(alias_folder, 0o700)
+    try:
+        os.symlink(f"/proc/{os.getpid()}/fd/{memory}", alias)
+        writer = torch_internals.FileWriter(alias, True, STORAGE_ALIGNMENT)
+        writer.write_record("data.pkl", data_pkl, len(data_pkl))
+        for name, value in (
+            (".format_version", "1"),
+            (".storage_alignment", str(STORAGE_ALIGNMENT)),
+            ("byteorder", sys.byteorder),
+        ):
+            writer.write_record(name, value, len(value))  # str records, as torch.save writes
+        for key, nbytes in enumerate(storage_sizes):
+            torch_internals.reserve_record(writer, f"data/{key}", nbytes)
+        writer.write_record(MANIFEST_RECORD, manifest, len(manifest))
+        writer.write_end_of_file()
+        del writer
+    finally:
+        shutil.rmtree(alias_folder, ignore_errors=True)
+
+
+def _read_template(laid_out: BinaryIO, memory: int, path: str, storages: int) -> _Template:
+    """The template of the skeleton torch laid out in `memory` (`laid_out` reads it)."""
+    prefix = archive_name(path) + "/"
+    with zipfile.ZipFile(laid_out) as archive:
+        infos = archive.infolist()
+        central = archive.start_dir
+    crc_places = _crc_places(memory, infos, central)
+    records: dict[str, _Record] = {}
+    reserved: list[tuple[int, int]] = []
+    for info in infos:
+        name = info.filename.removeprefix(prefix)
+        offset = _data_offset(memory, info)
+        if name.startswith("data/") and name[5:].isdigit() and int(name[5:]) < storages:
+            reserved.append((offset, info.file_size))
+        records[name] = _Record(offset, info.file_size, info.CRC, crc_places[info.filename])
+    pieces = _pieces_between(memory, os.fstat(memory).st_size, reserved)
+    # torch combines the CRC-32 of each data descriptor it writes (an empty record has none)
+    described = [info for info in infos if info.flag_bits & 0x08 and info.filename != prefix + SERIALIZATION_ID]
+    names = [info.filename.removeprefix(prefix) for info in described]
+    crcs = tuple(records[name].crc for name in names)
+    identity = records.get(SERIALIZATION_ID)
+    laid_id = b"" if identity is None else os.pread(memory, identity.nbytes, identity.offset)
+    if identity is None or names[0] != "data.pkl" or _serialization_id(laid_id[:20], crcs)[0] != laid_id:
+        identity = None  # this torch derives its id otherwise: keep the one it wrote
+    manifest = records[MANIFEST_RECORD]
+    if manifest.offset < pieces[-1][0]:
+        raise AssertionError("torch's writer put the manifest before a storage")
+    return _Template(
+        size=os.fstat(memory).st_size,
+        pieces=pieces,
+        offsets={**{str(k): records[f"data/{k}"].offset for k in range(storages)}, MANIFEST_RECORD: manifest.offset},
+        pickle=records["data.pkl"],
+        manifest=manifest,
+        serialization_id=identity,
+        crcs=crcs,
+        manifest_index=names.index(MANIFEST_RECORD),
+        names_hash=laid_id[:20],
+    )
+
+
+def _data_offset(memory: int, info: zipfile.ZipInfo) -> int:
+    """Where a record's data starts: after its local header, whose name and extra field (torch's
+    alignment padding) the central directory does not give the length of."""
+    name_length, extra_length = struct.unpack("<HH", os.pread(memory, 4, info.header_offset + 26))
+    return int(info.header_offset + 30 + name_length + extra_length)
+
+
+def _crc_places(memory: int, infos: Sequence[zipfile.ZipInfo], central: int) -> dict[str, tuple[int, ...]]:
+    """Per record, every field that holds its CRC-32: its local header's (unless a data descriptor
+    holds it instead), its data descriptor's and its central directory entry's."""
+    candidates: dict[str, list[int]] = {}
+    for info in infos:
+        candidates[info.filename] = [info.header_offset + 14]
+        if info.flag_bits & 0x08:
+            descriptor = _data_offset(memory, info) + info.compress_size
+            signed = os.pread(memory, 4, descriptor) == _DATA_DESCRIPTOR
+            candidates[info.filename].append(descriptor + 4 if signed else descriptor)
+    entry = central
+    while os.pread(memory, 4, entry) == _CENTRAL_ENTRY:
+        name_length, extra_length, comment_length = struct.unpack("<HHH", os.pread(memory, 6, entry + 28))
+        name = os.pread(memory, name_length, entry + 46).decode()
+        candidates.setdefault(name, []).append(entry + 16)
+        entry += 46 + name_length + extra_length + comment_length
+    by_crc = {info.filename: struct.pack("<I", info.CRC) for info in infos}
+    return {
+        name: tuple(place for place in places if os.pread(memory, 4, place) == by_crc.get(name))
+        for name, places in candidates.items()
+    }
+
+
+def _pieces_between(memory: int, size: int, reserved: list[tuple[int, int]]) -> tuple[tuple[int, bytes], ...]:
+    """The laid-out bytes between the reserved spans (offset, nbytes), as (offset, bytes) pieces."""
+    pieces = []
+    start = 0
+    for offset, nbytes in sorted(reserved):
+        if offset > start:
+            pieces.append((start, os.pread(memory, offset - start, start)))
+        start = max(start, offset + nbytes)
+    pieces.append((start, os.pread(memory, size - start, start)))
+    return tuple(pieces)
