@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +26,10 @@ class PlanCache:
     storage list is rebuilt. Anything else (custom objects, tensor subclasses) is captured anew.
     The last `entries` skeletons are kept, for callers that save several state dicts in turn
     (Accelerate's model, optimizer and scheduler files).
+
+    Numbers, booleans and None are not part of the skeleton: pickle writes them in place, never
+    as shared objects, so the cached pickle is kept as a template with a slot for each (a step
+    counter that changes every save does not make every save pickle the whole state again).
     """
 
     def __init__(self, entries: int = 8) -> None:
@@ -51,21 +55,23 @@ class PlanCache:
         if walked is None:
             self._missed(kind, misses)
             return capture(state_dict)
-        skeleton, storages, exact = walked
+        skeleton, scalars, storages, exact = walked
         for index, cached in enumerate(self._cached):
             if cached.skeleton == skeleton:
+                plan = cached.plan_for(scalars)
+                if plan is None:
+                    continue
                 del self._cached[index]
                 self._cached.append(cached)
                 self._misses.pop(kind, None)
                 # This save's storages and tensors: the cache itself holds no tensor memory.
-                plan = dataclasses.replace(cached.plan)
                 return CapturedState(plan, storages=storages, exact=exact, memo=cached.memo)
         self._missed(kind, misses)
         captured = capture_torch(state_dict)
-        self._cached = [
-            *self._cached[-(self._entries - 1) :],
-            _CachedPlan(skeleton, dataclasses.replace(captured.plan)),
-        ]
+        template = PickleTemplate.of(state_dict, scalars, captured.plan.structure)
+        entry = _CachedPlan(skeleton, dataclasses.replace(captured.plan), _scalar_keys(scalars), template)
+        self._cached = [*self._cached[-(self._entries - 1) :], entry]
+        captured.memo = entry.memo
         return captured
 
     def _missed(self, kind: Any, misses: int) -> None:
@@ -82,28 +88,144 @@ def _kind_of(state_dict: Any) -> Any:
     return tuple(state_dict) if type(state_dict) is dict else type(state_dict)
 
 
-@dataclass(frozen=True)
 class _CachedPlan:
-    skeleton: list[Any]
-    plan: CheckpointPlan
-    memo: dict[Any, Any] = dataclasses.field(default_factory=dict)
+    """A skeleton's plan, with the numbers it was pickled with and, where one could be made, the
+    template that pickles it with others."""
+
+    def __init__(
+        self, skeleton: list[Any], plan: CheckpointPlan, scalar_keys: list[Any], template: PickleTemplate | None
+    ) -> None:
+        self.skeleton = skeleton
+        self.plan = plan
+        self.memo: dict[Any, Any] = {}
+        self._scalar_keys = scalar_keys
+        self._template = template
+
+    def plan_for(self, scalars: list[Any]) -> CheckpointPlan | None:
+        """The plan of this skeleton with `scalars` in its slots (None: no template, other numbers)."""
+        keys = _scalar_keys(scalars)
+        if keys != self._scalar_keys:
+            if self._template is None:
+                return None
+            self.plan = dataclasses.replace(self.plan, structure=self._template.render(scalars))
+            self._scalar_keys = keys
+        return dataclasses.replace(self.plan)
 
 
-_SCALAR_TYPES = frozenset({int, bool, type(None)})
+def _scalar_keys(scalars: list[Any]) -> list[Any]:
+    """What tells the pickles of two lists of numbers apart: type and value (0.0 from -0.0, NaNs)."""
+    return [(type(value), value.hex() if type(value) is float else value) for value in scalars]
+
+
+class PickleTemplate:
+    """A state dict's pickle with a slot for each number, boolean and None in it, filled per save.
+
+    Made by pickling a copy of the state in which every such value is a distinct float marker
+    (pickle memoizes none of these types, so nothing else in the pickle moves), then split at
+    the markers. Kept only if filling it with the state's own values gives its real pickle.
+    """
+
+    def __init__(self, segments: list[bytes], order: list[int]) -> None:
+        self._segments = segments  # the pickle between the slots
+        self._order = order  # for each slot, in the pickle's order: the value's index in walk order
+
+    @classmethod
+    def of(cls, state_dict: Any, scalars: list[Any], real: bytes) -> PickleTemplate | None:
+        """The template of `state_dict`'s pickle `real` (its skeleton walk found `scalars`), or None."""
+        if not scalars:
+            return None
+        try:
+            marked = _MarkedCopy().of(state_dict)
+            pickled = capture_torch(marked).plan.structure
+        except Exception:
+            return None
+        places = []
+        for index in range(len(scalars)):
+            encoded = _encoded(_marker(index))
+            at = pickled.find(encoded)
+            if at < 0 or pickled.find(encoded, at + 1) >= 0:
+                return None
+            places.append((at, index, len(encoded)))
+        places.sort()
+        segments, start = [], 0
+        for at, _, length in places:
+            segments.append(pickled[start:at])
+            start = at + length
+        segments.append(pickled[start:])
+        template = cls(segments, [index for _, index, _ in places])
+        return template if template.render(scalars) == real else None
+
+    def render(self, scalars: list[Any]) -> bytes:
+        """The pickle with `scalars` (in walk order) in its slots."""
+        parts = [self._segments[0]]
+        for index, segment in zip(self._order, self._segments[1:]):
+            parts.append(_encoded(scalars[index]))
+            parts.append(segment)
+        return b"".join(parts)
+
+
+def _encoded(value: Any) -> bytes:
+    """How torch.save's pickle (protocol 2) writes a number, boolean or None: one opcode."""
+    return pickle.dumps(value, protocol=2)[2:-1]
+
+
+def _marker(index: int) -> float:
+    return -float.fromhex(f"0x1.{index:013x}p-1021")
+
+
+class _MarkedCopy:
+    """A copy of a state dict's containers, each number, boolean and None replaced by its marker
+    (numbered in the skeleton walk's order), the same object wherever the original shares one."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._copies: dict[int, Any] = {}
+
+    def of(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind in _SLOTTED:
+            self._count += 1
+            return _marker(self._count - 1)
+        if id(obj) in self._copies:
+            return self._copies[id(obj)]
+        copy: Any
+        if kind is dict or kind is OrderedDict:
+            copy = kind()
+            self._copies[id(obj)] = copy
+            for key, value in obj.items():
+                marked_key = self.of(key)  # (the key first, as the walk and pickle take them)
+                copy[marked_key] = self.of(value)
+            if kind is OrderedDict and obj.__dict__:
+                copy.__dict__.update(self.of(obj.__dict__))
+        elif kind is list:
+            copy = []
+            self._copies[id(obj)] = copy
+            copy.extend(self.of(value) for value in obj)
+        elif kind is tuple:
+            copy = tuple(self.of(value) for value in obj)
+            self._copies[id(obj)] = copy
+        else:
+            copy = obj  # strings, bytes and tensors, as they are
+        return copy
 
 
 def _walk_skeleton(
     state_dict: Any,
-) -> tuple[list[Any], list[torch.UntypedStorage], list[torch.Tensor | None]] | None:
-    """(skeleton, storages in the order the pickle names them, each one's exact tensor (see
-    CapturedState)), or None when it cannot be cached."""
+) -> tuple[list[Any], list[Any], list[torch.UntypedStorage], list[torch.Tensor | None]] | None:
+    """(skeleton, its numbers, booleans and Nones in order, storages in the order the pickle names
+    them, each one's exact tensor (see CapturedState)), or None when it cannot be cached."""
     walk = _SkeletonWalk()
     try:
         walk.visit(state_dict)
     except Exception:  # an object the skeleton does not describe, or a tensor without strides
         return None
     found = walk.storages.values()
-    return walk.skeleton, [storage for _, storage, _ in found], [tensor for _, _, tensor in found]
+    return walk.skeleton, walk.scalars, [storage for _, storage, _ in found], [tensor for _, _, tensor in found]
+
+
+_SLOTTED = frozenset({int, bool, float, type(None)})  # values pickle writes in place, never memoized
+_SLOT = ("slot",)  # such a value's entry in a skeleton
+_ATTRIBUTES = ("attributes",)  # an OrderedDict's attributes follow
 
 
 class _SkeletonWalk:
@@ -113,6 +235,7 @@ class _SkeletonWalk:
 
     def __init__(self) -> None:
         self.skeleton: list[Any] = []
+        self.scalars: list[Any] = []
         # storage id -> (index in the pickle, storage, its exact tensor or None)
         self.storages: dict[int, tuple[int, torch.UntypedStorage, torch.Tensor | None]] = {}
         self._seen: dict[int, int] = {}
@@ -121,11 +244,9 @@ class _SkeletonWalk:
         # Hot: a large model's optimizer state holds thousands of tensors, walked on every save.
         append = self.skeleton.append
         kind = type(obj)
-        if kind in _SCALAR_TYPES:
-            append((kind, obj))
-            return
-        if kind is float:
-            append(obj.hex())  # tells 0.0 from -0.0, which compare equal
+        if kind in _SLOTTED:
+            append(_SLOT)
+            self.scalars.append(obj)
             return
         seen = self._seen
         identity = id(obj)
@@ -141,6 +262,10 @@ class _SkeletonWalk:
             for key, value in obj.items():
                 visit(key)
                 visit(value)
+            if kind is OrderedDict and obj.__dict__:
+                # Its attributes (a module state dict's `_metadata`) are pickled after its items.
+                append(_ATTRIBUTES)
+                visit(obj.__dict__)
         elif kind is list or kind is tuple:
             append((kind, len(obj)))
             visit = self.visit

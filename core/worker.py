@@ -29,6 +29,7 @@ import torch
 
 from . import torch_internals
 from .channel import Channel
+from .plan import CheckpointPlan
 from .protocol import (
     InitOutcome,
     RequestType,
@@ -163,7 +164,7 @@ def _serve(channel: Channel, inbox: Inbox, cancelled: set[int] | None, writer: W
     """Write what the trainer sends until it is done; True when it released this process for
     another checkpointer, False when it stopped it or is gone. `cancelled`: None where writes
     are never skipped (several ranks: every rank must make each save, or the others wait)."""
-    slabs: dict[str, mmap.mmap] = {}
+    slabs: dict[str, MappedSlab] = {}
     queued: collections.deque[Item | None] = collections.deque()
     while True:
         _take_arrived(inbox, queued)
@@ -184,7 +185,7 @@ def _serve(channel: Channel, inbox: Inbox, cancelled: set[int] | None, writer: W
             write = request.payload
             skipped = None if cancelled is None else _skipped(write, cancelled, queued)
             if skipped is not None:
-                _storages(write, fds, slabs)  # (its slab may be attached with it, for the writes after it)
+                _storage_bytes(write, fds, slabs)  # (its slab may be attached with it, for the writes after it)
                 outcome = WriteOutcome(write.request_id, skipped)
                 _reply(channel, WorkerResponse(RequestType.WRITE_CHECKPOINT, True, None, outcome))
             else:
@@ -226,13 +227,13 @@ def _close_all(fds: list[int]) -> None:
 
 
 def _write(
-    writer: WriterOfTorchShape, write: WriteRequest, fds: list[int], slabs: dict[str, mmap.mmap]
+    writer: WriterOfTorchShape, write: WriteRequest, fds: list[int], slabs: dict[str, MappedSlab]
 ) -> WorkerResponse:
     try:
         for slab_id in write.forget:
             slabs.pop(slab_id, None)
-        storages = _storages(write, fds, slabs)
-        result = _call_writer(writer, write, storages, write.kwargs)
+        storage_bytes = _storage_bytes(write, fds, slabs)
+        result = _call_writer(writer, write, storage_bytes, write.kwargs)
         if isinstance(result, Future):  # torch's CheckpointWriter.write may return one
             result = result.result()
         # Only our own result type is sent back; anything else may not pickle.
@@ -244,34 +245,49 @@ def _write(
         return WorkerResponse(RequestType.WRITE_CHECKPOINT, False, message, failed)
 
 
-def _storages(write: WriteRequest, fds: list[int], slabs: dict[str, mmap.mmap]) -> list[torch.UntypedStorage]:
-    """One storage per storage of the plan, aliasing the trainer's staged bytes."""
+class MappedSlab:
+    """A trainer's staging slab, mapped here, and the byte views of the last plan written from it
+    (the next save of that plan finds them made: thousands of storages cost milliseconds)."""
+
+    def __init__(self, fd: int, nbytes: int) -> None:
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            self.mapped = mmap.mmap(f.fileno(), nbytes)
+        self._views: tuple[tuple[Any, ...], list[torch.Tensor]] | None = None
+
+    def views(self, plan: CheckpointPlan) -> list[torch.Tensor]:
+        """A uint8 tensor over each of the plan's storages in this slab."""
+        shape = plan.slab_shape
+        if self._views is None or self._views[0] != shape:
+            self._views = (shape, [_region(self.mapped, s.slab_offset, s.nbytes) for s in plan.storages])
+        return self._views[1]
+
+
+def _storage_bytes(write: WriteRequest, fds: list[int], slabs: dict[str, MappedSlab]) -> list[torch.Tensor]:
+    """A uint8 tensor over each storage of the plan, aliasing the trainer's staged bytes."""
     source = write.source
     if isinstance(source, SlabSource):
         if source.attach:
-            with os.fdopen(fds[0], "rb", buffering=0) as f:
-                slabs[source.slab_id] = mmap.mmap(f.fileno(), source.nbytes)
-        mapped = slabs[source.slab_id]
-        return [_region(mapped, s.slab_offset, s.nbytes) for s in write.plan.storages]
+            slabs[source.slab_id] = MappedSlab(fds[0], source.nbytes)
+        return slabs[source.slab_id].views(write.plan)
     try:
-        return [torch_internals.storage_from_shared_fd(fd, nbytes) for fd, nbytes in zip(fds, source.nbytes)]
+        shared = [torch_internals.storage_from_shared_fd(fd, nbytes) for fd, nbytes in zip(fds, source.nbytes)]
+        return [torch.empty(0, dtype=torch.uint8).set_(storage) for storage in shared]
     finally:
         _close_all(fds)
 
 
-def _region(mapped: mmap.mmap, offset: int, nbytes: int) -> torch.UntypedStorage:
+def _region(mapped: mmap.mmap, offset: int, nbytes: int) -> torch.Tensor:
     if nbytes == 0:
-        return torch.UntypedStorage(0)
-    return torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset).untyped_storage()
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset)
 
 
 def _call_writer(
-    writer: WriterOfTorchShape, write: WriteRequest, storages: list[torch.UntypedStorage], kwargs: dict[str, Any]
+    writer: WriterOfTorchShape, write: WriteRequest, storage_bytes: list[torch.Tensor], kwargs: dict[str, Any]
 ) -> Any:
     """CheckpointWriter writes straight from the plan; a writer that brings its own write() gets
     the state dict, rebuilt on the staged bytes, as torch's _experimental writer would."""
     if isinstance(writer, CheckpointWriter) and type(writer).write is CheckpointWriter.write:
-        storage_bytes = [torch.empty(0, dtype=torch.uint8).set_(s) for s in storages]
         return writer.write_staged(write.path, write.plan, storage_bytes, options=write.options, **kwargs)
-    state_dict = materialize(write.plan, storages)
+    state_dict = materialize(write.plan, [data.untyped_storage() for data in storage_bytes])
     return writer.write(path=write.path, state_dict=state_dict, **kwargs)

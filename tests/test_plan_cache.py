@@ -46,6 +46,14 @@ def _equal_but_distinct_name(state):
     return state
 
 
+def _with_metadata(version):
+    def change(state):
+        state["model"]._metadata = OrderedDict({"": {"version": version}})
+        return state
+
+    return change
+
+
 def _tie(state):
     state["model"]["bias"] = state["model"]["weight"].detach()[0]
     return state
@@ -65,6 +73,7 @@ VARIANTS = {
     "two equal string objects": _equal_but_distinct_name,
     "new key": _replace(("extra",), 1),
     "dict became OrderedDict": _replace(("optimizer", "state", 0), transform=OrderedDict),
+    "OrderedDict got its _metadata": _with_metadata(1),
     "view moved": lambda s: _replace(("model", "view"), s["model"]["weight"].detach()[:3, 2:])(s),
     "tied to the weight": _tie,
     "dtype changed": _replace(("model", "bias"), transform=lambda t: t.double()),
@@ -93,7 +102,7 @@ def test_cached_capture_equals_a_fresh_capture(variant):
 
 def test_several_state_dicts_saved_in_turn_all_hit():
     cache = PlanCache(entries=3)
-    states = [_replace(("epoch",), epoch)(_base()) for epoch in range(3)]  # three different pickles
+    states = [_replace((f"part_{n}",), n)(_base()) for n in range(3)]  # three different skeletons
     first = [cache.capture(state).plan.structure for state in states]
     for _ in range(2):
         again = [cache.capture(state).plan.structure for state in states]
@@ -111,3 +120,26 @@ def test_a_state_that_changes_every_save_is_still_captured_right_when_its_walk_i
     hits = [cache.capture(state).plan.structure for _ in range(20)]
     assert hits[-1] is hits[-2], "a state that stopped changing is never cached again"
     assert all(h == capture(state).plan.structure for h in hits)
+
+
+@pytest.mark.parametrize("base", [_base, lambda: _with_metadata(1)(_base())], ids=["plain", "with _metadata"])
+def test_numbers_that_change_every_save_fill_the_cached_pickle_instead_of_pickling_again(base):
+    cache = PlanCache()
+    first = cache.capture(base())
+    changes = [
+        _replace(("epoch",), 300),  # another opcode's width
+        _replace(("epoch",), -(2**40)),
+        _replace(("epoch",), 2**70),
+        _replace(("loss",), float("nan")),
+        _replace(("flag",), None),
+        _replace(("none",), 2.5),
+        _replace(("optimizer", "param_groups", 0, "params", 0), 7),
+        _replace(("optimizer", "param_groups", 0, "betas"), (0.5, True)),
+    ]
+    if "_metadata" in vars(base()["model"]):
+        changes.append(_with_metadata(2))
+    for change in changes:
+        state = change(base())
+        cached = cache.capture(state)
+        assert cached.plan.structure == capture(state).plan.structure
+        assert cached.memo is first.memo, "the state was pickled again instead of filling the cached pickle"
