@@ -24,7 +24,7 @@ import torch
 from .fsutil import DEFAULT_CHUNK_BYTES, buffer_of
 from .manifest import Manifest, chunk_digests, chunk_ranges
 from .parallel_io import PARALLEL_MIN_BYTES, Chunk, DirectIO, PreviousRecord, write_chunks
-from .zip_skeleton import Skeleton, skeleton_for
+from .zip_skeleton import skeleton_for
 
 
 @dataclass(frozen=True)
@@ -60,11 +60,11 @@ def write_checkpoint_file(
     clock = StepClock()
     sizes = [b.numel() for b in storage_bytes]
     manifest = Manifest(data_pkl, sizes, chunk_bytes, checksums, extra_metadata or {})
+    if sum(sizes) < PARALLEL_MIN_BYTES and not previous:
+        _write_at_once(path, data_pkl, manifest, storage_bytes, known_digests, clock)
+        return WrittenFile(sum(sizes), 0, clock.seconds)
     skeleton = skeleton_for(path, data_pkl, sizes, manifest.placeholder)
     clock.mark("skeleton")
-    if sum(sizes) < PARALLEL_MIN_BYTES and not previous:
-        _write_at_once(path, skeleton, manifest, storage_bytes, known_digests, clock)
-        return WrittenFile(sum(sizes), 0, clock.seconds)
     chunks = _chunks(storage_bytes, skeleton.offsets, chunk_bytes, known_digests, previous or {})
     out = DirectIO(path, use_direct_io)
     try:
@@ -85,7 +85,7 @@ def write_checkpoint_file(
 
 def _write_at_once(
     path: str,
-    skeleton: Skeleton,
+    data_pkl: bytes,
     manifest: Manifest,
     storage_bytes: Sequence[torch.Tensor],
     known_digests: Sequence[list[str] | None] | None,
@@ -93,18 +93,21 @@ def _write_at_once(
 ) -> None:
     """A small file: its digests first, then every byte of it in gathered writes, then fsync.
     (Positioned writes piece by piece cost the writer more CPU than the bytes themselves.)"""
+    views = [buffer_of(b) for b in storage_bytes]
     if manifest.checksums:
-        known: list[list[str] | None] = list(known_digests or [None] * len(storage_bytes))
+        known: list[list[str] | None] = list(known_digests or [None] * len(views))
         missing = [i for i, values in enumerate(known) if values is None]
-        for index, computed in zip(missing, chunk_digests([storage_bytes[i] for i in missing], manifest.chunk_bytes)):
+        for index, computed in zip(missing, chunk_digests([views[i] for i in missing], manifest.chunk_bytes)):
             known[index] = computed
         for key, values in enumerate(known):
             for chunk, value in enumerate(values or ()):
                 manifest.set_digest(str(key), chunk, value)
-    clock.mark("digests")
+    filled = manifest.final()  # laid out as it is: the digests are known
+    skeleton = skeleton_for(path, data_pkl, [len(view) for view in views], filled)
+    clock.mark("skeleton")
     fd = os.open(path, os.O_WRONLY)
     try:
-        skeleton.write_whole(fd, [buffer_of(b) for b in storage_bytes], manifest.final())
+        skeleton.write_whole(fd, views, filled)
         clock.mark("data")
         os.fsync(fd)
         clock.mark("fsync")

@@ -8,6 +8,7 @@ placeholders of the final width), so it is filled in place afterwards.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -35,13 +36,13 @@ def chunk_ranges(nbytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
 
 
 def chunk_digests(
-    tensors: Sequence[torch.Tensor], chunk_bytes: int, executor: Executor | None = None
+    tensors: Sequence[torch.Tensor | memoryview], chunk_bytes: int, executor: Executor | None = None
 ) -> list[list[str]]:
-    """The manifest's digests of CPU uint8 tensors, one list per tensor with one digest per
-    chunk; every chunk of every tensor hashed in parallel on `executor` (xxh3 releases the GIL)."""
+    """The manifest's digests of CPU uint8 tensors (or their bytes), one list per tensor with one
+    digest per chunk; every chunk hashed in parallel on `executor` (xxh3 releases the GIL)."""
     parts, owners = [], []
     for index, data in enumerate(tensors):
-        view = buffer_of(data)
+        view = data if isinstance(data, memoryview) else buffer_of(data)
         for start, size in chunk_ranges(len(view), chunk_bytes):
             parts.append(view[start : start + size])
             owners.append(index)
@@ -74,7 +75,6 @@ class Manifest:
             },
             **extra,
         }
-        self.placeholder = self.encode()
 
     def set_digest(self, key: str, chunk: int, value: str | None) -> None:
         if self.checksums and value is not None:
@@ -83,9 +83,14 @@ class Manifest:
     def encode(self) -> bytes:
         return json.dumps(self.content).encode()
 
+    @functools.cached_property
+    def placeholder(self) -> bytes:
+        """The manifest before its digests are known: as long as the filled one."""
+        return self.encode()
+
     def final(self) -> bytes:
-        """The filled manifest, exactly as long as the placeholder written into the file."""
+        """The filled manifest, exactly as long as its placeholder (if one was laid out)."""
         encoded = self.encode()
-        if len(encoded) != len(self.placeholder):
+        if "placeholder" in vars(self) and len(encoded) != len(self.placeholder):
             raise AssertionError("the manifest changed length while its digests were filled in")
         return encoded

@@ -71,6 +71,7 @@ class _Template:
     crcs: tuple[int, ...]  # the CRC-32 of every data descriptor before the id's, in the order written
     manifest_index: int  # the manifest's among them (the pickle's is 0: torch.save writes it first)
     names_hash: bytes  # the id's first half, from the records' names
+    records_in: dict[int, tuple[_Record, ...]]  # by piece: the records filled in per save that it holds a part of
 
     @property
     def nbytes(self) -> int:
@@ -94,27 +95,26 @@ class Skeleton:
         """Size the file and write every piece before the manifest's, the pickle in place."""
         template = self._template
         os.ftruncate(fd, template.size)
-        for offset, piece in template.pieces[:-1]:
-            write_all(fd, self._filled(offset, piece, {}), offset)
+        for index, (offset, _) in enumerate(template.pieces[:-1]):
+            write_all(fd, self._filled(index, {}), offset)
 
     def finish(self, fd: int, manifest: bytes) -> None:
         """Write the last piece (the manifest, `version`, the serialization id and the central
         directory) with the filled `manifest`, which is as long as the placeholder laid out."""
-        offset, piece = self._template.pieces[-1]
-        write_all(fd, self._filled(offset, piece, self._finished(manifest)), offset)
+        last = len(self._template.pieces) - 1
+        write_all(fd, self._filled(last, self._finished(manifest)), self._template.pieces[last][0])
 
     def write_whole(self, fd: int, storages: Sequence[memoryview], manifest: bytes) -> None:
         """Write the whole file in gathered writes: every piece, each storage's bytes between
         them (`storages[i]` is storage "i"'s), and the filled `manifest`."""
         template = self._template
         changes = self._finished(manifest)
-        buffers: list[memoryview | bytes] = []
-        for (offset, piece), storage in zip(template.pieces, [*storages, None]):
-            buffers.append(self._filled(offset, piece, changes))
-            if storage is not None:
-                buffers.append(storage)
-        if len(buffers) != 2 * len(storages) + 1:
+        if len(template.pieces) != len(storages) + 1:
             raise AssertionError("the storages do not match the skeleton's reserved records")
+        buffers: list[memoryview | bytes] = []
+        for index, storage in enumerate(storages):
+            buffers += [self._filled(index, changes), storage]
+        buffers.append(self._filled(len(storages), changes))
         write_gathered(fd, buffers, 0)
 
     def _finished(self, manifest: bytes) -> dict[_Record, tuple[bytes, int]]:
@@ -130,23 +130,22 @@ class Skeleton:
             changes[template.serialization_id] = _serialization_id(template.names_hash, crcs)
         return changes
 
-    def _filled(self, offset: int, piece: bytes, changes: dict[_Record, tuple[bytes, int]]) -> bytes:
-        """`piece` (at `offset`) with the pickle and `changes` (a record's new data and CRC) in it."""
-        changes = {self._template.pickle: (self._data_pkl, self._pickle_crc), **changes}
-        end = offset + len(piece)
-        touched = [
-            (record, data, crc)
-            for record, (data, crc) in changes.items()
-            if any(offset <= place < end for place in (record.offset, *record.crc_places))
-        ]
-        if not touched:
+    def _filled(self, index: int, changes: dict[_Record, tuple[bytes, int]]) -> bytes:
+        """Piece `index` with the pickle and `changes` (a record's new data and CRC) in it."""
+        offset, piece = self._template.pieces[index]
+        records = self._template.records_in.get(index)
+        if not records:
             return piece
+        changes = {self._template.pickle: (self._data_pkl, self._pickle_crc), **changes}
         filled = bytearray(piece)
-        for record, data, crc in touched:
-            if offset <= record.offset < end:
+        for record in records:
+            if record not in changes:
+                continue
+            data, crc = changes[record]
+            if offset <= record.offset < offset + len(piece):
                 filled[record.offset - offset : record.offset - offset + len(data)] = data
             for place in record.crc_places:
-                if offset <= place < end:
+                if offset <= place < offset + len(piece):
                     filled[place - offset : place - offset + 4] = struct.pack("<I", crc)
         return bytes(filled)
 
@@ -264,6 +263,11 @@ def _read_template(laid_out: BinaryIO, memory: int, path: str, storages: int) ->
     manifest = records[MANIFEST_RECORD]
     if manifest.offset < pieces[-1][0]:
         raise AssertionError("torch's writer put the manifest before a storage")
+    filled = [records["data.pkl"], manifest] + ([identity] if identity is not None else [])
+    records_in = {
+        index: tuple(r for r in filled if any(start <= at < start + len(piece) for at in (r.offset, *r.crc_places)))
+        for index, (start, piece) in enumerate(pieces)
+    }
     return _Template(
         size=os.fstat(memory).st_size,
         pieces=pieces,
@@ -274,6 +278,7 @@ def _read_template(laid_out: BinaryIO, memory: int, path: str, storages: int) ->
         crcs=crcs,
         manifest_index=names.index(MANIFEST_RECORD),
         names_hash=laid_id[:20],
+        records_in={index: records for index, records in records_in.items() if records},
     )
 
 
