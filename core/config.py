@@ -195,7 +195,9 @@ class CheckpointProcessConfig:
         pending writes, then runs the handler that was installed before (0: do not wait).
     writer_niceness: the writer's CPU priority below the trainer's (Unix nice, 0-19), from its
         start (its import of torch) on: where the training loop keeps every core busy, the
-        writer takes the time the loop leaves. 0 runs it at the trainer's priority.
+        writer takes the time the loop leaves. 0 runs it at the trainer's priority. On Linux
+        the writer also runs as a batch task (SCHED_BATCH): a request that wakes it does not
+        preempt a training thread in the middle of its time slice.
     """
 
     subprocess_init_timeout_secs: float = 30

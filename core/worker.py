@@ -151,13 +151,18 @@ def _init_writer(channel: Channel, request: WorkerRequest | Undecodable) -> Writ
 
 
 def _set_niceness(niceness: int) -> None:
-    """This process's priority: `niceness` below the trainer's (a writer from the pool may have
-    started with another; lowering it back needs privileges, so it may stay lower)."""
+    """Every thread's priority: `niceness` below the trainer's (a writer from the pool may have
+    started with another; lowering it back needs privileges, so it may stay lower). Linux keeps
+    a priority per thread: the threads already running are set one by one."""
     trainer = os.getpriority(os.PRIO_PROCESS, os.getppid())
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, min(trainer + niceness, 19))
-    except PermissionError:
-        logger.debug("cannot raise the writer's priority back to niceness %d", niceness)
+    threads = [int(tid) for tid in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else [0]
+    for thread in threads:
+        try:
+            os.setpriority(os.PRIO_PROCESS, thread, min(trainer + niceness, 19))
+        except PermissionError:
+            logger.debug("cannot raise the writer's priority back to niceness %d", niceness)
+        except ProcessLookupError:
+            pass  # a thread that has ended since
 
 
 def _serve(channel: Channel, inbox: Inbox, cancelled: set[int] | None, writer: WriterOfTorchShape) -> bool:

@@ -31,6 +31,7 @@ MAX_IDLE = 2
 _DISTRIBUTION_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _WORKER_BOOTSTRAP = (
     "import json, os, sys; os.nice(int(os.environ.pop('ASYNC_CKPT_WORKER_NICE', '0'))); "
+    "hasattr(os, 'SCHED_BATCH') and os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0)); "
     "root, path = json.loads(os.environ.pop('ASYNC_CKPT_WORKER_PATH')); "
     "sys.path[:0] = [root] + [p for p in path if p != root]; "
     "import core.worker; core.worker.worker_main(int(sys.argv[1]))"

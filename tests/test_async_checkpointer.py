@@ -12,6 +12,7 @@ import torch
 from core import (
     CheckpointerClosedError,
     CheckpointerConfig,
+    CheckpointProcessConfig,
     CheckpointStagerConfig,
     CheckpointWriteError,
     CheckpointWriterConfig,
@@ -200,6 +201,17 @@ def _open_fd_targets() -> list[str]:
         except OSError:
             pass
     return targets
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+def test_every_writer_thread_runs_below_the_trainer_as_a_batch_task(tmp_path):
+    config = CheckpointerConfig(process_config=CheckpointProcessConfig(writer_niceness=7))
+    with make_async_checkpointer(config) as ckpt:
+        ckpt.save(tmp_path / "a", {"w": torch.ones(4)})[1].result()
+        threads = os.listdir(f"/proc/{ckpt.writer_pid}/task")
+        trainer = os.getpriority(os.PRIO_PROCESS, 0)
+        assert {os.sched_getscheduler(int(tid)) for tid in threads} == {os.SCHED_BATCH}
+        assert {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in threads} == {min(trainer + 7, 19)}
 
 
 def test_writer_does_not_rerun_the_main_module(tmp_path):
