@@ -18,7 +18,7 @@ is durable, and the steady rate of durable saves.
 Rounds rotate the order of the methods; each number is the median over rounds. Tests check
 behaviour; this measures.
 
-    python benchmarks/every_step.py [--rounds 3] [--out benchmarks/results/every_step.txt]
+    python benchmarks/every_step.py [--rounds 5] [--out benchmarks/results/every_step.txt]
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ import torch
 from torch import nn
 
 SIZES = {"1 MB": 1 << 20, "40 MB": 40 << 20, "1 GiB": 1 << 30}
-STEPS = {"1 MB": 200, "40 MB": 60, "1 GiB": 12}  # a few seconds of training each
+# Two to ten seconds of training each: on a shared 2-CPU VM a shorter loop's time swings by tens
+# of percent from run to run, more than the differences measured.
+STEPS = {"1 MB": 1000, "40 MB": 100, "1 GiB": 12}
 BATCH = 16
 
 
@@ -92,7 +94,10 @@ def loop_time(size: str, every: int, method: str, folder: str) -> tuple[float, f
     return loop, durable
 
 
-def accelerate_loop(hook: bool, folder: str, saves: int = 50) -> tuple[float, float, float]:
+ACCELERATE_SAVES = 100
+
+
+def accelerate_loop(hook: bool, folder: str, saves: int = ACCELERATE_SAVES) -> tuple[float, float, float]:
     """(loop seconds, seconds until every save is durable, median seconds of one save_state) for
     `saves` steps, save_state each."""
     from accelerate import Accelerator
@@ -140,7 +145,7 @@ def rounds_of(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sizes", default=",".join(SIZES))
     parser.add_argument("--out", default="benchmarks/results/every_step.txt")
     args = parser.parse_args()
@@ -169,21 +174,26 @@ def main() -> None:
                 print(lines[-1], flush=True)
         lines += [
             "",
-            "Accelerate, 1 MB model, `save_state()` every step (automatic naming, total_limit=3), 50 steps:",
+            f"Accelerate, 1 MB model, `save_state()` every step (automatic naming, total_limit=3), "
+            f"{ACCELERATE_SAVES} steps:",
             "",
             "| save_state | median call ms | loop s | all durable s | durable saves / s |",
             "| --- | --- | --- | --- | --- |",
         ]
-        for label, hook in (("stock", False), ("async-ckpt hook", True)):
-            results = []
-            for _ in range(args.rounds):
+        labels = {"stock": False, "async-ckpt hook": True}
+        results: dict[str, list[tuple[float, float, float]]] = {label: [] for label in labels}
+        for r in range(args.rounds):  # interleaved, the order rotating, as above
+            for label in list(labels)[r % 2 :] + list(labels)[: r % 2]:
                 folder = tempfile.mkdtemp(dir=root)
-                results.append(accelerate_loop(hook, folder))
+                results[label].append(accelerate_loop(labels[label], folder))
                 shutil.rmtree(folder)
-            loop = statistics.median(r[0] for r in results)
-            durable = statistics.median(r[1] for r in results)
-            call = statistics.median(r[2] for r in results)
-            lines.append(f"| {label} | {1e3 * call:.1f} | {loop:.2f} | {durable:.2f} | {50 / durable:.0f} |")
+        for label, runs in results.items():
+            loop = statistics.median(run[0] for run in runs)
+            durable = statistics.median(run[1] for run in runs)
+            call = statistics.median(run[2] for run in runs)
+            lines.append(
+                f"| {label} | {1e3 * call:.1f} | {loop:.2f} | {durable:.2f} | {ACCELERATE_SAVES / durable:.0f} |"
+            )
             print(lines[-1], flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
