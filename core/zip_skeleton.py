@@ -208,7 +208,7 @@ def _lay_out(path: str, data_pkl: bytes, storage_sizes: Sequence[int], manifest:
     try:
         _write_with_torch(memory, path, data_pkl, storage_sizes, manifest)
         with os.fdopen(os.dup(memory), "rb") as laid_out:
-            return _read_template(laid_out, memory, path, len(storage_sizes))
+            return _read_template(laid_out, memory, len(storage_sizes))
     finally:
         os.close(memory)
 
@@ -236,12 +236,14 @@ def _write_with_torch(memory: int, path: str, data_pkl: bytes, storage_sizes: Se
         shutil.rmtree(alias_folder, ignore_errors=True)
 
 
-def _read_template(laid_out: BinaryIO, memory: int, path: str, storages: int) -> _Template:
+def _read_template(laid_out: BinaryIO, memory: int, storages: int) -> _Template:
     """The template of the skeleton torch laid out in `memory` (`laid_out` reads it)."""
-    prefix = archive_name(path) + "/"
     with zipfile.ZipFile(laid_out) as archive:
         infos = archive.infolist()
         central = archive.start_dir
+    if not infos or not infos[0].filename.endswith("/data.pkl"):
+        raise AssertionError("torch's zip writer did not write data.pkl first")
+    prefix = infos[0].filename.removesuffix("data.pkl")  # the archive's folder, as torch named it
     crc_places = _crc_places(memory, infos, central)
     records: dict[str, _Record] = {}
     reserved: list[tuple[int, int]] = []
@@ -258,7 +260,7 @@ def _read_template(laid_out: BinaryIO, memory: int, path: str, storages: int) ->
     crcs = tuple(records[name].crc for name in names)
     identity = records.get(SERIALIZATION_ID)
     laid_id = b"" if identity is None else os.pread(memory, identity.nbytes, identity.offset)
-    if identity is None or names[0] != "data.pkl" or _serialization_id(laid_id[:20], crcs)[0] != laid_id:
+    if identity is None or _serialization_id(laid_id[:20], crcs)[0] != laid_id:
         identity = None  # this torch derives its id otherwise: keep the one it wrote
     manifest = records[MANIFEST_RECORD]
     if manifest.offset < pieces[-1][0]:

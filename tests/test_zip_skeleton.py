@@ -82,7 +82,7 @@ def test_a_save_of_a_shape_saved_before_is_what_torchs_writer_lays_out(tmp_path,
 
 
 def test_every_shape_and_archive_name_gets_its_own_layout(tmp_path):
-    for n, name in enumerate(["a.pt", "a.pt", "bb.pt", "a.pt"]):
+    for n, name in enumerate(["a.pt", "a.pt", "b.c.pt", "a.pt", "é ü.pt", "é ü.pt"]):
         state = _state(n, n) if n != 3 else {**_state(n, n), "extra": torch.ones(3)}
         _save(tmp_path / str(n) / name, state)
         assert_same(torch.load(tmp_path / str(n) / name, weights_only=True), state)
