@@ -4,24 +4,29 @@ A message is an 8-byte length and a descriptor count, then the pickle, sent with
 `sendmsg` that also carries up to 250 descriptors (SCM_RIGHTS); further descriptors follow in
 messages of their own. A descriptor in flight keeps its file alive even if the sender dies, so a
 request that reached the socket is complete for the writer whatever happens to the trainer.
-Large pickles travel in an anonymous memory file instead of the socket buffer, so sending a
-request never waits for the writer to read.
+Large pickles travel in an anonymous memory file instead of the socket buffer, and so does a
+small one when the buffer is nearly full (a writer still importing torch, or behind): the socket
+then carries only its header and descriptor, and a sender waits for the reader only once even
+those no longer fit.
 """
 
 from __future__ import annotations
 
 import array
+import fcntl
 import mmap
 import os
 import pickle
 import socket
 import struct
+import termios
 from typing import Any
 
 _HEADER = struct.Struct("<QII")  # pickle length, descriptors, flags
 _FDS_PER_MESSAGE = 250
 _IN_MEMFD = 1
 _INLINE_LIMIT = 64 << 10
+_SKB_OVERHEAD = 4096  # what the kernel counts per message beyond its bytes, and then some
 
 
 class ChannelClosedError(OSError):
@@ -43,19 +48,32 @@ class Channel:
 
     def send(self, obj: Any, fds: list[int] | tuple[int, ...] = ()) -> None:
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        flags, memfd = 0, -1
-        if len(data) > _INLINE_LIMIT:
-            memfd = os.memfd_create("async-ckpt-message", os.MFD_CLOEXEC)
-            _write_all(memfd, data)
-            fds, flags, data = [memfd, *fds], _IN_MEMFD, struct.pack("<Q", len(data))
+        if len(data) <= _INLINE_LIMIT and self._has_room(len(data)):
+            self._send_parts(data, list(fds), 0)
+            return
+        memfd = os.memfd_create("async-ckpt-message", os.MFD_CLOEXEC)
         try:
-            first, rest = list(fds[:_FDS_PER_MESSAGE]), list(fds[_FDS_PER_MESSAGE:])
-            self._sendmsg(_HEADER.pack(len(data), len(fds), flags) + data, first)
-            for start in range(0, len(rest), _FDS_PER_MESSAGE):
-                self._sendmsg(b"\0", rest[start : start + _FDS_PER_MESSAGE])
+            _write_all(memfd, data)
+            self._send_parts(struct.pack("<Q", len(data)), [memfd, *fds], _IN_MEMFD)
         finally:
-            if memfd >= 0:
-                os.close(memfd)
+            os.close(memfd)
+
+    def _has_room(self, nbytes: int) -> bool:
+        """Whether `nbytes` more fit in the first half of the socket buffer now (the kernel counts
+        more than the bytes); True where it does not say how much it holds."""
+        try:
+            queued = struct.unpack("i", fcntl.ioctl(self._sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+            limit = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        except OSError:
+            return True
+        return bool(queued + 2 * nbytes + _SKB_OVERHEAD <= limit // 2)  # (the rest: messages in memory files)
+
+    def _send_parts(self, data: bytes, fds: list[int], flags: int) -> None:
+        """The message, its descriptors beyond the first sendmsg's in messages of their own."""
+        first, rest = fds[:_FDS_PER_MESSAGE], fds[_FDS_PER_MESSAGE:]
+        self._sendmsg(_HEADER.pack(len(data), len(fds), flags) + data, first)
+        for start in range(0, len(rest), _FDS_PER_MESSAGE):
+            self._sendmsg(b"\0", rest[start : start + _FDS_PER_MESSAGE])
 
     def _sendmsg(self, data: bytes, fds: list[int]) -> None:
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []

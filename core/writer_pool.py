@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 IDLE_SECS = 300.0  # how long a released writer waits for its next checkpointer (worker side)
 MAX_IDLE = 2
+SEND_BUFFER_BYTES = 8 << 20
 
 _DISTRIBUTION_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _WORKER_BOOTSTRAP = (
@@ -57,6 +58,8 @@ def spawn(sys_path: tuple[str, ...], niceness: int) -> tuple[subprocess.Popen[by
     """A new writer process (a fresh interpreter: never a fork of the trainer) and the socket to
     it; it imports torch, then waits for its first checkpointer's init on that socket."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Room for the requests of a writer still importing torch (the kernel caps it at wmem_max).
+    parent.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
     with child:
         env = {
             **os.environ,

@@ -2,6 +2,7 @@
 
 import os
 import socket
+import threading
 
 import pytest
 
@@ -54,3 +55,18 @@ def test_the_raw_pickle_can_be_taken_and_the_end_of_the_peer_is_eof(pair):
     sender.shutdown()
     with pytest.raises(EOFError):
         receiver.recv()
+
+
+def test_small_messages_a_reader_has_not_taken_yet_do_not_make_the_sender_wait(pair):
+    # A writer still importing torch reads nothing: once the socket buffer is full, messages go
+    # in memory files (the socket then carries only their descriptors), in order.
+    sender, receiver = pair
+    messages = [{"n": n, "pickle": bytes([n % 251]) * 4096} for n in range(120)]  # ~2.5x the default buffer
+    sending = threading.Thread(target=lambda: [sender.send(m) for m in messages], daemon=True)
+    sending.start()
+    sending.join(timeout=120)
+    sent_without_a_reader = not sending.is_alive()
+    received = [receiver.recv()[0] for _ in messages]  # (also unblocks a sender that waits)
+    sending.join()
+    assert sent_without_a_reader, "the sender waited for the reader"
+    assert received == messages
