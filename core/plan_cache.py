@@ -96,20 +96,22 @@ class _CachedPlan:
         self, skeleton: list[Any], plan: CheckpointPlan, scalar_keys: list[Any], template: PickleTemplate | None
     ) -> None:
         self.skeleton = skeleton
-        self.plan = plan
         self.memo: dict[Any, Any] = {}
-        self._scalar_keys = scalar_keys
+        # The last plan with the numbers it holds, replaced as one (a Ctrl-C between two separate
+        # assignments would pair a pickle with another save's numbers).
+        self._last: tuple[list[Any], CheckpointPlan] = (scalar_keys, plan)
         self._template = template
 
     def plan_for(self, scalars: list[Any]) -> CheckpointPlan | None:
         """The plan of this skeleton with `scalars` in its slots (None: no template, other numbers)."""
         keys = _scalar_keys(scalars)
-        if keys != self._scalar_keys:
+        last_keys, plan = self._last
+        if keys != last_keys:
             if self._template is None:
                 return None
-            self.plan = dataclasses.replace(self.plan, structure=self._template.render(scalars))
-            self._scalar_keys = keys
-        return dataclasses.replace(self.plan)
+            plan = dataclasses.replace(plan, structure=self._template.render(scalars))
+            self._last = (keys, plan)
+        return dataclasses.replace(plan)
 
 
 def _scalar_keys(scalars: list[Any]) -> list[Any]:

@@ -8,6 +8,7 @@ import gc
 import io
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -219,9 +220,21 @@ def start_scenario(scenario: str, out, own_session: bool = False) -> subprocess.
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=script_env(),
+        env=script_env(PYTHONFAULTHANDLER="1"),  # a stuck scenario shows its threads' stacks (finish_scenario)
         start_new_session=own_session,
     )
+
+
+def finish_scenario(trainer: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
+    """The scenario's (stdout, stderr) once it exits; if it has not within `timeout`, fail with
+    every thread's stack (SIGABRT, which the fault handler answers with them)."""
+    try:
+        return trainer.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        trainer.send_signal(signal.SIGABRT)
+        out, errors = trainer.communicate()
+        stacks = f"its threads:\n{errors[-8000:]}\n{out[-2000:]}"
+        raise AssertionError(f"the scenario did not finish within {timeout} s; {stacks}") from None
 
 
 def crash_at_the_held_commit(out) -> None:

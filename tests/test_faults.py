@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from core import CheckpointWriteError, make_async_checkpointer, make_sync_checkpointer
-from tests.helpers import rss_bytes, small_tmpfs, small_training_state, start_scenario, train_step, wait_until
+from tests.helpers import (
+    finish_scenario,
+    rss_bytes,
+    small_tmpfs,
+    small_training_state,
+    start_scenario,
+    train_step,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow  # real processes started, killed and signalled: the long tests
 
@@ -59,7 +67,7 @@ def test_trainer_killed_while_its_writer_still_starts_still_gets_its_checkpoint(
 
 def test_a_forked_child_gets_a_clear_error_and_the_parent_keeps_saving(tmp_path):
     trainer = start_scenario("fork", tmp_path)
-    out, errors = trainer.communicate(timeout=300)
+    out, errors = finish_scenario(trainer)
     assert trainer.returncode == 0 and "parent done" in out, errors
     outcome = (tmp_path / "child_outcome").read_text()
     assert outcome.startswith("refused:") and "fork" in outcome and "create a new checkpointer" in outcome.lower(), (
@@ -72,7 +80,7 @@ def test_a_forked_child_gets_a_clear_error_and_the_parent_keeps_saving(tmp_path)
 
 def test_ctrl_c_interrupts_the_caller_at_once_and_never_breaks_the_writer(tmp_path):
     trainer = start_scenario("ctrl_c", tmp_path)
-    out, errors = trainer.communicate(timeout=300)
+    out, errors = finish_scenario(trainer)
     assert trainer.returncode == 0, errors
     summary = dict(item.split("=") for item in out.split())
     assert int(summary["interrupts"]) == 40, out
