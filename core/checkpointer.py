@@ -17,7 +17,7 @@ from .config import CheckpointProcessConfig
 from .dedupe import LastSave, RepeatedSaves
 from .errors import CheckpointerClosedError, MissingKeysError
 from .futures import wrap_future
-from .interrupts import sigint_deferred
+from .interrupts import InterruptSafeEvent, sigint_deferred
 from .outstanding import OutstandingWrites, WriteFuture, settle
 from .pending import wait_for_pending_writes
 from .process import CheckpointProcess, HandoverFuture
@@ -283,7 +283,7 @@ class AsyncCheckpointer(Checkpointer):
         if not path:
             raise ValueError("the checkpoint path is empty; name a file or directory to save to")
         save: _Save | None = None
-        handed_over: threading.Event | None = None
+        handed_over: InterruptSafeEvent | None = None
         staging: STATE_DICT | Future[STATE_DICT]
         try:
             # A Ctrl-C during these steps is raised after each assignment, inside this try: the save
@@ -321,7 +321,7 @@ class AsyncCheckpointer(Checkpointer):
                 handed_over.wait()  # a Ctrl-C here interrupts the caller; the write still completes
         return wrap_future(staging), save.future
 
-    def _save_again(self, again: LastSave, save: _Save) -> tuple[StagedStateDict, threading.Event | None]:
+    def _save_again(self, again: LastSave, save: _Save) -> tuple[StagedStateDict, InterruptSafeEvent | None]:
         """Save the previous snapshot, still in its slab (held by the caller), under `save.path`:
         the writer links or clones the file it committed from it."""
         try:
@@ -343,7 +343,7 @@ class AsyncCheckpointer(Checkpointer):
         except BaseException as exc:  # already on the write future; nobody to raise it to here
             logger.debug("handing over %s failed: %s", save.path, exc)
 
-    def _hand_over(self, staged: STATE_DICT, save: _Save) -> threading.Event | None:
+    def _hand_over(self, staged: STATE_DICT, save: _Save) -> InterruptSafeEvent | None:
         """Give the staged state to the process; the write future follows the process's future.
 
         Returns the event set once the request is in the writer's hands (None if not known).

@@ -5,11 +5,13 @@ from __future__ import annotations
 from concurrent.futures import Future
 from typing import Any
 
+from .interrupts import InterruptSafeFuture
+
 
 def wrap_future(original_result: Any) -> Future[None]:
     """A future that completes with None when `original_result` (a future) does, or fails with
     its exception; a completed one when `original_result` is not a future."""
-    masked: Future[None] = Future()
+    masked: Future[None] = InterruptSafeFuture()
     if isinstance(original_result, Future):
 
         def on_complete(done: Future[Any]) -> None:

@@ -10,18 +10,17 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future, InvalidStateError
-from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import DrainTimeoutError
-from .interrupts import sigint_deferred
+from .interrupts import InterruptSafeFuture, sigint_deferred, wait_for_futures
 from .pending import register_pending_write, remove_marker
 
 logger = logging.getLogger(__name__)
 
 
-class WriteFuture(Future[Any]):
+class WriteFuture(InterruptSafeFuture):
     """A save's write future; it knows whether anyone has looked at its outcome, so that a
     failure the caller has already seen on the future is not raised again by save/wait/close.
     Its marker for other processes (see pending.py) is gone before anyone waiting wakes."""
@@ -106,8 +105,7 @@ class OutstandingWrites:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every tracked write has finished; False if `timeout` passed first."""
-        _, not_done = wait_futures(self.futures(), timeout=timeout)
-        return not not_done
+        return not wait_for_futures(self.futures(), timeout)
 
     def wait_for_signal(self, timeout: float) -> None:
         """wait(), from a signal handler: without the lock, which the interrupted code may hold."""
@@ -121,7 +119,7 @@ class OutstandingWrites:
             return
         if pending and timeout > 0:
             logger.warning("SIGTERM: waiting up to %.0f s for %d checkpoint write(s)", timeout, len(pending))
-            _, not_done = wait_futures(pending, timeout=timeout)
+            not_done = wait_for_futures(pending, timeout)
             if not_done:
                 logger.error("SIGTERM: %d checkpoint write(s) did not finish in time", len(not_done))
 
@@ -130,7 +128,7 @@ class OutstandingWrites:
         Returns whether everything finished in time."""
         with self._lock:
             writes = dict(self._writes)
-        _, not_done = wait_futures(list(writes), timeout=timeout)
+        not_done = wait_for_futures(writes, timeout)
         if not not_done:
             return True
         paths = sorted(writes[f].path for f in not_done)

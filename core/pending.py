@@ -21,12 +21,12 @@ import os
 import threading
 import time
 from concurrent.futures import Future
-from concurrent.futures import wait as wait_futures
 from typing import Any
 
 import xxhash
 
 from .fsutil import resolved
+from .interrupts import wait_for_futures
 from .leftovers import MARKER_PREFIX, PENDING_DIR, TEMPORARY_PREFIX, owner_alive, owner_token, process_started_at
 
 logger = logging.getLogger(__name__)
@@ -88,10 +88,8 @@ def wait_for_pending_writes(path: str | os.PathLike[str], timeout: float | None 
     checkpointer, not here. False if `timeout` passed first."""
     deadline = None if timeout is None else time.monotonic() + timeout
     futures = pending_writes(path)
-    if futures:
-        _, not_done = wait_futures(futures, timeout=timeout)
-        if not_done:
-            return False
+    if futures and wait_for_futures(futures, timeout):
+        return False
     return _wait_for_markers(resolved(path), deadline)
 
 

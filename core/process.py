@@ -48,7 +48,7 @@ from .errors import (
     WriterStartError,
     WriterStartTimeoutError,
 )
-from .interrupts import sigint_deferred
+from .interrupts import InterruptSafeEvent, InterruptSafeFuture, sigint_deferred
 from .leftovers import sweep_around
 from .plan import CheckpointPlan
 from .process_context import WriterProcess, WriterProcessContext, describe_exit
@@ -88,14 +88,14 @@ _DEATH_GRACE_SECS = 5
 _START_LIMIT_FACTOR = 20  # a writer still making progress gets this many init timeouts in all
 
 
-class HandoverFuture(Future[Any]):
+class HandoverFuture(InterruptSafeFuture):
     """What CheckpointProcess.write returns: a future of the write, with `handed_over`, an event
     set once the request is in the writer's socket (from then on the writer commits it even if
     this process dies)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.handed_over = threading.Event()
+        self.handed_over = InterruptSafeEvent()
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ class _Outgoing:
     fds: list[int]
     request_id: int | None = None
     keepalive: Any = None  # what owns `fds` until they are sent
-    sent: threading.Event = field(default_factory=threading.Event)
+    sent: InterruptSafeEvent = field(default_factory=InterruptSafeEvent)
 
 
 class CheckpointProcess:
@@ -177,7 +177,7 @@ class CheckpointProcess:
             subprocess_init_fn is default_subprocess_init_fn and checkpoint_writer_init_fn is default_writer_init_fn
         )
         self._lock = threading.Lock()  # the current worker, its pending requests, the init failure
-        self._outbox: queue.Queue[_Outgoing | None] = queue.Queue()
+        self._outbox: queue.SimpleQueue[_Outgoing | None] = queue.SimpleQueue()  # (in C: see interrupts.py)
         # Requests leave in the order they were queued: by the sender thread, or by the caller
         # itself when nothing is queued or being sent (saving a thread hand-off per save).
         self._order = threading.Lock()  # _unsent and queueing
@@ -240,7 +240,7 @@ class CheckpointProcess:
         returned future completes when the writer has the request, and with it every request
         sent before (or at once, when there is no writer to ask)."""
         target = _absolute(os.fspath(path))
-        received: Future[None] = Future()
+        received: Future[None] = InterruptSafeFuture()
         with self._lock:
             worker = self._worker
             if not worker.alive or not worker.ready.done():

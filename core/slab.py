@@ -17,7 +17,6 @@ import itertools
 import logging
 import mmap
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import torch
 from . import torch_internals
 from .errors import CheckpointerClosedError
 from .fsutil import PAGE_SIZE, round_up
+from .interrupts import InterruptSafeCondition
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class SlabPool:
         self._holds: dict[str, int] = {}
         self._staging: set[str] = set()
         self._newest: str | None = None  # the slab of the latest snapshot, which a repeated save may write again
-        self._changed = threading.Condition()
+        self._changed = InterruptSafeCondition()  # (a Ctrl-C never leaves it held: see interrupts.py)
         self._closed = False
 
     @property

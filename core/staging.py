@@ -26,7 +26,8 @@ from . import torch_internals
 from .config import CheckpointStagerConfig
 from .errors import CheckpointConfigError, CheckpointerClosedError
 from .fsutil import DEFAULT_CHUNK_BYTES
-from .interrupts import sigint_deferred
+from .futures import wrap_future
+from .interrupts import InterruptSafeFuture, sigint_deferred
 from .manifest import chunk_digests
 from .plan import CapturedState, CheckpointPlan, Lineage
 from .plan_cache import PlanCache
@@ -237,12 +238,15 @@ class DefaultStager(CheckpointStager):
         self._plans = PlanCache()
         self._closed = False
 
-    def _helper_thread(self) -> ThreadPoolExecutor:
+    def _on_helper_thread(self, work: Callable[..., None], *args: Any) -> Future[None]:
+        """Run `work(*args)` on the stager's thread. (Handed over with SIGINT deferred: a Ctrl-C
+        inside the executor's submit could leave its semaphore's lock held, see interrupts.py.)"""
         if self._closed:
             raise CheckpointerClosedError("the stager is closed; create a new checkpointer")
-        if self._helper is None:
-            self._helper = ThreadPoolExecutor(1, thread_name_prefix="async-ckpt-stage")
-        return self._helper
+        with sigint_deferred():
+            if self._helper is None:
+                self._helper = ThreadPoolExecutor(1, thread_name_prefix="async-ckpt-stage")
+            return self._helper.submit(work, *args)
 
     def prepare(self, state_dict: Any, file_format: str = "torch") -> Future[None]:
         """Allocate and fault in, off the calling thread, the slab a save of `state_dict` will use.
@@ -251,7 +255,7 @@ class DefaultStager(CheckpointStager):
         training thread. The future completes when the slab is ready.
         """
         nbytes = self._plans.capture(state_dict, file_format).plan.slab_nbytes
-        return self._helper_thread().submit(self._warm_slab, nbytes)
+        return wrap_future(self._on_helper_thread(self._warm_slab, nbytes))  # (one a Ctrl-C cannot lock)
 
     def plan_of(self, state_dict: Any, file_format: str = "torch") -> CheckpointPlan:
         """The plan a save of `state_dict` would write (its pickle and storages), copying nothing."""
@@ -290,11 +294,11 @@ class DefaultStager(CheckpointStager):
                 self.pool.staged(lease)
                 self._warm_spare(lease)
                 return staged
-            future: Future[STATE_DICT] = Future()
+            future: Future[STATE_DICT] = InterruptSafeFuture()
             if on_cuda:
                 self._stage_cuda(captured, lease, future)
             else:
-                self._helper_thread().submit(self._finish_in_background, future, captured, lease, skip, digests)
+                self._on_helper_thread(self._finish_in_background, future, captured, lease, skip, digests)
         except BaseException:
             if lease is not None:
                 self.pool.abandon(lease)
@@ -334,7 +338,7 @@ class DefaultStager(CheckpointStager):
         """Once a save has shown a shape, ready a second slab for it off the training thread
         (unless one that fits exists already)."""
         if self.pool.has_room:
-            self._helper_thread().submit(self._warm_slab, lease.slab.nbytes, lease.slab)
+            self._on_helper_thread(self._warm_slab, lease.slab.nbytes, lease.slab)
 
     def _unchanged(self, captured: CapturedState, slab: Slab) -> tuple[set[int], list[list[str] | None]]:
         """Which storages the slab already holds as they are now, and every CPU storage's digests.
@@ -346,7 +350,8 @@ class DefaultStager(CheckpointStager):
         plan = captured.plan
         on_cpu = [i for i, source in enumerate(captured.sources) if source.device.type == "cpu"]
         digests: list[list[str] | None] = [None] * len(captured.sources)
-        hashed = chunk_digests([captured.sources[i] for i in on_cpu], self._chunk_bytes, self._hashing)
+        with sigint_deferred():  # (waits on the pool's futures: see interrupts.py)
+            hashed = chunk_digests([captured.sources[i] for i in on_cpu], self._chunk_bytes, self._hashing)
         for index, storage_digests in zip(on_cpu, hashed):
             digests[index] = storage_digests
         contents = slab.contents
@@ -382,7 +387,7 @@ class DefaultStager(CheckpointStager):
             future.set_result(staged)
             self.pool.staged(lease)
 
-        self._helper_thread().submit(finish)
+        self._on_helper_thread(finish)
 
     def close(self) -> None:
         """Wait for background copies, then release every slab; idempotent."""

@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from core.fsutil import resolved
+from core.interrupts import InterruptSafeEvent
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class DeferredRemovals:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._saves: collections.Counter[str] = collections.Counter()  # saves issued, by resolved path
-        self._outstanding: set[threading.Event] = set()
+        self._outstanding: set[InterruptSafeEvent] = set()
 
     def saving(self, path: str) -> None:
         """A save to `path` is being issued (a removal asked for before it must not remove it)."""
@@ -48,7 +49,7 @@ class DeferredRemovals:
     def remove_after(self, path: str, writes: list[Future[Any]]) -> None:
         """Remove `path` once every one of `writes` is over, unless it is saved again meanwhile."""
         key = resolved(path)
-        done = threading.Event()
+        done = InterruptSafeEvent()
         with self._lock:
             generation = self._saves[key]
             remaining = [len(writes)]

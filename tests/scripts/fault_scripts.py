@@ -12,6 +12,7 @@ import types
 import torch
 
 from core import CheckpointerClosedError, WriterProcessDiedError, make_async_checkpointer
+from core.interrupts import InterruptSafeEvent
 from tests.helpers import GatedCommit
 
 
@@ -54,19 +55,24 @@ def fork(out: str) -> None:
     print("parent done", flush=True)
 
 
+INTERRUPTS = 100  # (the ctrl_c test checks this many came)
+
+
 def ctrl_c(out: str) -> None:
     """Saves in a loop while SIGINT arrives, one at a time, each soon after a save() has begun (so
     that, however busy the machine, it lands in that save or just after it). Every
     KeyboardInterrupt must come while its signal is outstanding (never deferred to a later save),
-    and every write must still commit (the channel to the writer never breaks)."""
-    outstanding = threading.Event()
-    handled = threading.Event()
-    saving = threading.Event()
+    and every write must still commit (the channel to the writer never breaks). Every 8th save is
+    waited for, so that interrupts land in waits too. (The main thread's own events are ones a
+    Ctrl-C cannot leave locked: threading.Event's can be, which once hung this scenario.)"""
+    outstanding = InterruptSafeEvent()
+    handled = InterruptSafeEvent()
+    saving = InterruptSafeEvent()
     main = threading.main_thread().ident
 
     def interrupter() -> None:
         rng = random.Random(0)
-        for _ in range(40):
+        for _ in range(INTERRUPTS):
             saving.wait()
             time.sleep(rng.uniform(0.0, 0.002))
             outstanding.set()
@@ -91,9 +97,11 @@ def ctrl_c(out: str) -> None:
                 inside = True
                 saving.set()
                 staged, written = ckpt.save(os.path.join(out, f"slot{step % 4}"), {"w": weights, "step": step})
+                futures.append(written)
+                if step % 8 == 0:
+                    written.result()
                 inside = False
                 saving.clear()
-                futures.append(written)
                 step += 1
             except KeyboardInterrupt:
                 interrupts += 1
