@@ -35,6 +35,7 @@ from core import (
 from core.checkpointer import AsyncCheckpointer
 from core.interrupts import sigint_deferred
 from core.outstanding import OutstandingWrites, WriteFuture, settle
+from core.pending import pending_writes
 from core.types import CheckpointStats
 
 from .publish import publish_directory
@@ -123,23 +124,27 @@ class FileSetCheckpointer:
     def save(
         self,
         final: str,
-        files: list[NamedState],
+        files_in: Callable[[str], list[NamedState]],
         *,
         staging: str,
         publishes: bool,
         after_publish: Callable[[str], None] | None = None,
     ) -> WriteFuture:
-        """Snapshot `files` and write them under `staging` (a new folder on `final`'s filesystem);
+        """Create `staging` (a new folder on `final`'s filesystem), let `files_in(staging)` write
+        what it writes there and name the states to save, snapshot those and write them there;
         the future resolves to a WriteResult once every rank's files are published at `final`.
-        `after_publish(final)` runs on the publishing rank right after (e.g. pruning)."""
+        `after_publish(final)` runs on the publishing rank right after (e.g. pruning). A save that
+        fails (or is interrupted) before it is under way leaves no staging folder behind."""
         self.raise_unseen()
         start = time.perf_counter()
-        checkpointer = self._ensure_checkpointer(len(files))
         writes: list[Future[Any]] = []
         future: WriteFuture | None = None
         try:
             with sigint_deferred():  # a Ctrl-C is raised after the assignment, inside this try
                 future = self._writes.start(final)
+            os.makedirs(staging)
+            files = files_in(staging)
+            checkpointer = self._ensure_checkpointer(len(files))
             for file in files:
                 staged, written = checkpointer.save(
                     os.path.join(staging, file.name),
@@ -206,7 +211,7 @@ class FileSetCheckpointer:
         all_ok = save.vote.cast(failure is None)
         if save.publishes and all_ok:
             publish_directory(save.staging, save.final)
-            _remove_if_empty(os.path.dirname(save.staging))
+            remove_if_empty(os.path.dirname(save.staging))
             if save.after_publish is not None:
                 save.after_publish(save.final)
         elif not all_ok:
@@ -230,10 +235,12 @@ class FileSetCheckpointer:
 
     @staticmethod
     def _remove_staging(staging: str, writes: list[Future[Any]]) -> None:
-        for write in writes:
-            write.exception()  # nothing may still be writing into it
+        # Nothing may still be writing into it: neither `writes` nor a write that a save handed
+        # over before a Ctrl-C interrupted it (the caller never got its future).
+        for write in [*writes, *pending_writes(staging, holding_it=False)]:
+            write.exception()
         shutil.rmtree(staging, ignore_errors=True)
-        _remove_if_empty(os.path.dirname(staging))
+        remove_if_empty(os.path.dirname(staging))
 
     def raise_unseen(self) -> None:
         """Raise the first failure of a save that nobody has seen on its future (once)."""
@@ -281,7 +288,8 @@ def _with_slabs_per_save(config: CheckpointerConfig, files_per_save: int) -> Che
     return dataclasses.replace(config, staging_config=dataclasses.replace(staging, max_in_flight=in_flight))
 
 
-def _remove_if_empty(directory: str) -> None:
+def remove_if_empty(directory: str) -> None:
+    """Remove `directory` if it is empty."""
     try:
         os.rmdir(directory)
     except OSError:

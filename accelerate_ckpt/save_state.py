@@ -16,6 +16,7 @@ checkpoint, skips it). Deleting a checkpoint's folder while it is written cancel
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import random
@@ -52,7 +53,7 @@ from core.leftovers import PENDING_DIR, PUBLISHING_SUFFIX, TRASH_PREFIX, owner_a
 from core.leftovers import sweep as sweep_leftovers
 
 from . import accelerate_internals as internals
-from .file_set import FileSetCheckpointer, NamedState
+from .file_set import FileSetCheckpointer, NamedState, remove_if_empty
 from .publish import interrupted_publish
 
 logger = logging.getLogger(__name__)
@@ -240,11 +241,27 @@ class AsyncSaveState:
         self._log_to_trackers()
         final, returned = self._final_dir(output_dir)
         accelerator.wait_for_everyone()
-        os.makedirs(final, exist_ok=True)  # as Accelerate does, before writing anything
-        sweep_leftovers(final)  # what a save into this folder that died left
-        staging = self._staging_dir(final)
-        os.makedirs(staging)
+        made_final = not os.path.lexists(final)
+        try:
+            os.makedirs(final, exist_ok=True)  # as Accelerate does, before writing anything
+            sweep_leftovers(final)  # what a save into this folder that died left
+            prune = self._prune if accelerator.is_main_process else None
+            files_in = functools.partial(self._files_in, safe_serialization=safe_serialization)
+            self._saver.save(final, files_in, staging=self._staging_dir(final), publishes=True, after_publish=prune)
+        except BaseException:
+            # (A Ctrl-C, say.) A save under way still completes: count it, as a returned one. One
+            # that is not leaves nothing behind, not even the folder, so it can be saved again.
+            if pending_writes(final):
+                accelerator.project_configuration.iteration += 1
+            elif made_final:
+                remove_if_empty(final)
+            raise
+        accelerator.project_configuration.iteration += 1
+        return returned
 
+    def _files_in(self, staging: str, safe_serialization: bool) -> list[NamedState]:
+        """What save_state saves (the pre-hooks write their own files into `staging`)."""
+        accelerator = self._accelerator
         models = internals.models(accelerator)
         weights = [accelerator.get_state_dict(model, unwrap=False) for model in models]
         for hook in internals.save_model_state_pre_hooks(accelerator):
@@ -252,10 +269,7 @@ class AsyncSaveState:
         files = [NamedState(f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl", _rng_states(accelerator))]
         if self._writes_shared_files():
             files = _shared_files(accelerator, weights, safe_serialization) + files
-        prune = self._prune if accelerator.is_main_process else None
-        self._saver.save(final, files, staging=staging, publishes=True, after_publish=prune)
-        accelerator.project_configuration.iteration += 1
-        return returned
+        return files
 
     def _load_state(self, input_dir: str | None = None, *args: Any, **kwargs: Any) -> Any:
         accelerator = self._accelerator

@@ -93,8 +93,8 @@ class InterruptSafeCondition:
     def wait(self, timeout: float | None = None) -> bool:
         """As Condition.wait: release the lock, wait for notify() (or `timeout`), take it again.
 
-        The lock is given up and taken back with SIGINT deferred, so that a Ctrl-C raised while
-        waiting always finds it held again."""
+        The lock is given up with SIGINT deferred and taken back by a C call that nothing can
+        interrupt before it runs: a Ctrl-C raised while waiting always finds it held again."""
         if not self._is_owned():
             raise RuntimeError("cannot wait on an un-acquired lock")
         waiter = _thread.allocate_lock()

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from . import torch_internals
 from .errors import MissingKeysError
 
 
@@ -46,6 +47,4 @@ def raise_if_strict(path: str, missing: list[str], strict: bool) -> None:
 
 
 def copy_pairs(pairs: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
-    with torch.no_grad():
-        for _, dest, source in pairs:
-            dest.copy_(source)
+    torch_internals.without_grad(lambda: [dest.copy_(source) for _, dest, source in pairs])

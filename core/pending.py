@@ -70,14 +70,15 @@ def remove_marker(marker: str | None) -> None:
             pass  # removed already, or its folder was deleted (a cancelled save)
 
 
-def pending_writes(path: str | os.PathLike[str]) -> list[Future[Any]]:
-    """This process's pending writes to `path`, to a path under it, or to a checkpoint directory holding it."""
+def pending_writes(path: str | os.PathLike[str], *, holding_it: bool = True) -> list[Future[Any]]:
+    """This process's pending writes to `path`, to a path under it, or (unless not `holding_it`)
+    to a checkpoint directory holding it."""
     key = resolved(path)
     with _lock:
         return [
             future
             for pending, futures in _pending.items()
-            if pending == key or pending.startswith(key + os.sep) or key.startswith(pending + os.sep)
+            if pending == key or pending.startswith(key + os.sep) or (holding_it and key.startswith(pending + os.sep))
             for future in futures
         ]
 

@@ -420,9 +420,7 @@ def load_sharded(
 
 
 def copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    with torch.no_grad():
-        for destination, source in pairs:
-            destination.copy_(source)
+    torch_internals.without_grad(lambda: [destination.copy_(source) for destination, source in pairs])
 
 
 def unflatten(flat: dict[str, Any], mapping: dict[str, tuple[Any, ...]]) -> Any:

@@ -161,12 +161,15 @@ def _copy_into(
         return 0
     sources = [_source(captured, index, typed) for index, typed in zip(layout.indexes, layout.typed)]
     destinations = slab.views(layout.places)
-    with torch.no_grad():  # (a source may be a parameter: its copy must not join its autograd graph)
-        if layout.on_cpu:
-            torch_internals.copy_many(destinations, sources)
-        else:
+    if layout.on_cpu:
+        torch_internals.without_grad(lambda: torch_internals.copy_many(destinations, sources))
+    else:
+
+        def copy_each() -> None:
             for destination, source in zip(destinations, sources):
                 destination.copy_(source, non_blocking=non_blocking and source.device.type == "cuda")
+
+        torch_internals.without_grad(copy_each)
     return layout.nbytes
 
 

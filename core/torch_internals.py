@@ -10,14 +10,15 @@ through a name that is not there. tests/test_internals.py checks every name's be
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 
 from .internals import lookup
 
 TESTED_TORCH = "2.13"
+T = TypeVar("T")
 
 
 def _torch(dotted: str) -> Any:
@@ -44,6 +45,7 @@ NAMES = (
     "torch.UntypedStorage._new_shared",
     "torch.UntypedStorage._new_shared_fd_cpu",
     "torch._foreach_copy_",
+    "torch._C._set_grad_enabled",
 )
 # Those of sharded checkpoints, looked up on first use: importing torch.distributed.tensor costs
 # about 0.7 s of CPU, which neither the trainer's `import core` nor the writer's start should pay
@@ -72,6 +74,7 @@ _element_size: Any = _torch("torch._utils._element_size")
 _dtype_to_storage_type_map: Any = _torch("torch.storage._dtype_to_storage_type_map")
 _new_dtypes: Any = _torch("torch.storage._new_dtypes")
 _foreach_copy: Any = _torch("torch._foreach_copy_")
+_set_grad_enabled: Any = _torch("torch._C._set_grad_enabled")
 for _name in NAMES:
     _torch(_name)  # the methods too: fail at import, not in the middle of a save
 
@@ -144,6 +147,20 @@ def storage_from_shared_fd(fd: int, nbytes: int) -> torch.UntypedStorage:
 def copy_many(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
     """destination.copy_(source) for each pair, in one call."""
     _foreach_copy(list(destinations), list(sources))
+
+
+def without_grad(work: Callable[[], T]) -> T:
+    """work(), with autograd off (a source may be a parameter: its copy must not join its graph).
+
+    Not `with torch.no_grad()`: its __enter__ is Python, and a Ctrl-C raised right after it has
+    turned autograd off leaves it off for the rest of the process. Here the C call that turns it
+    off runs inside the try, and the one that turns it back on first in the finally."""
+    enabled = torch.is_grad_enabled()
+    try:
+        _set_grad_enabled(False)
+        return work()
+    finally:
+        _set_grad_enabled(enabled)
 
 
 @functools.cache

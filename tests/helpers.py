@@ -408,3 +408,30 @@ def exit_at_once(code: int) -> None:
 
 def user_init(*args) -> None:
     """A writer init function of the user's (it does nothing, but the writer that ran it is the user's)."""
+
+
+def ctrl_c_at(point: int, operation) -> tuple[int, bool]:
+    """Run `operation()`, sending SIGINT at its `point`-th signal check; returns (checks seen,
+    whether a KeyboardInterrupt came out).
+
+    The checks are where CPython looks for signals in the main thread (a Python function's first
+    instruction, and the return of a C call), and the SIGINT is real, so the handler in force
+    there runs: a KeyboardInterrupt, or a deferral where SIGINT is deferred. Running an
+    operation once for every point covers all of it, deterministically. (point 0: none sent.)"""
+    seen = 0
+
+    def profile(frame, event, arg):
+        nonlocal seen
+        if event in ("call", "c_return"):
+            seen += 1
+            if seen == point:
+                signal.raise_signal(signal.SIGINT)
+
+    sys.setprofile(profile)
+    try:
+        operation()
+        return seen, False
+    except KeyboardInterrupt:
+        return seen, True
+    finally:
+        sys.setprofile(None)

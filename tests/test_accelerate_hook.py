@@ -25,6 +25,8 @@ from tests.helpers import (
     GatedCommit,
     SlowCommit,
     assert_same,
+    ctrl_c_at,
+    finish_scenario,
     free_port,
     script_env,
     start_scenario,
@@ -428,7 +430,7 @@ def test_a_save_killed_halfway_through_publishing_is_refused_until_saved_again(t
     from core import UncommittedCheckpointError
 
     trainer = start_scenario("accelerate_killed_mid_publish", tmp_path)
-    trainer.communicate(timeout=300)
+    finish_scenario(trainer)
     assert trainer.returncode == -9
     accelerator, models, optimizers, schedulers, counter = setup()
     with enable_async_checkpointing(accelerator):
@@ -437,3 +439,33 @@ def test_a_save_killed_halfway_through_publishing_is_refused_until_saved_again(t
         accelerator.save_state(tmp_path / "ck")  # a complete save replaces every file of the mix
         accelerator.load_state(tmp_path / "ck")
     assert PENDING_DIR not in os.listdir(tmp_path / "ck")
+
+
+def test_a_ctrl_c_at_any_point_of_save_state_leaves_no_folder_behind_and_the_next_one_goes_on(tmp_path):
+    """Ctrl-C at every 20th signal check of save_state (a real SIGINT, helpers.ctrl_c_at). A save
+    interrupted before it was under way leaves nothing, not even its numbered folder (so the next
+    save_state does not find it "already exists"); one under way completes and counts. total_limit
+    then prunes to the newest complete checkpoints, and no staging folder is left."""
+    accelerator, models, optimizers, schedulers, counter = setup(
+        project_dir=str(tmp_path), automatic_checkpoint_naming=True, total_limit=2
+    )
+    with enable_async_checkpointing(accelerator):
+        accelerator.save_state()
+        points, _ = ctrl_c_at(0, accelerator.save_state)
+        interrupted = 0
+        for point in range(1, points, 20):
+            train(accelerator, models, optimizers, schedulers, counter, steps=1)
+            interrupted += ctrl_c_at(point, accelerator.save_state)[1]
+        assert interrupted > points // 40
+        train(accelerator, models, optimizers, schedulers, counter, steps=1)
+        expected = snapshot(models, optimizers, schedulers, counter)
+        newest = accelerator.save_state()
+        accelerator.load_state()
+        assert_same(snapshot(models, optimizers, schedulers, counter), expected)
+        left = sorted(os.listdir(tmp_path / "checkpoints"), key=lambda name: int(name.split("_")[1]))
+        assert left[-1] == newest.name and len(left) == 2, [(f, os.listdir(tmp_path / "checkpoints" / f)) for f in left]
+        for folder in left:
+            assert sorted(os.listdir(tmp_path / "checkpoints" / folder)) == sorted(os.listdir(newest)), (
+                f"{folder} is not a complete checkpoint"
+            )
+        accelerator.end_training()

@@ -99,7 +99,8 @@ def _terminate_while_draining(trainer, tmp_path):
         if "SIGTERM: waiting" in line:
             break
     (tmp_path / "gate").touch()
-    assert trainer.wait(timeout=120) == 0, trainer.stderr.read()
+    _, errors = finish_scenario(trainer, timeout=120)
+    assert trainer.returncode == 0, errors
 
 
 def test_sigterm_drains_pending_writes_then_runs_the_previous_handler(tmp_path):

@@ -1,15 +1,7 @@
 """A Ctrl-C at any point where Python can raise it never leaves a lock held, a save half handed
-over or a write lost.
-
-`ctrl_c_at(n)` sends a real SIGINT to this process at the n-th point of the main thread where
-CPython checks for signals (a Python function's first instruction, and the return of a C call),
-so the handler in force there runs: a KeyboardInterrupt, or a deferral where SIGINT is deferred.
-Running an operation once for every n covers every point of it deterministically.
-"""
+over or a write lost. (`ctrl_c_at`, in helpers.py, sends one at a chosen point.)"""
 
 import functools
-import signal
-import sys
 import threading
 from concurrent.futures import Future
 
@@ -18,28 +10,7 @@ import torch
 
 from core import CheckpointerConfig, CheckpointProcessConfig, make_async_checkpointer
 from core.interrupts import InterruptSafeCondition, InterruptSafeEvent, InterruptSafeFuture, wait_for_futures
-
-
-def ctrl_c_at(point: int, operation) -> tuple[int, bool]:
-    """Run `operation()`, sending SIGINT at its `point`-th signal check; returns (checks seen,
-    whether a KeyboardInterrupt came out)."""
-    seen = 0
-
-    def profile(frame, event, arg):
-        nonlocal seen
-        if event in ("call", "c_return"):
-            seen += 1
-            if seen == point:
-                signal.raise_signal(signal.SIGINT)
-
-    sys.setprofile(profile)
-    try:
-        operation()
-        return seen, False
-    except KeyboardInterrupt:
-        return seen, True
-    finally:
-        sys.setprofile(None)
+from tests.helpers import ctrl_c_at
 
 
 def free_for_another_thread(lock) -> bool:
