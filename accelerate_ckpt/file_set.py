@@ -12,6 +12,7 @@ resolves to a WriteResult with `cancelled=True`.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import shutil
@@ -186,7 +187,7 @@ class FileSetCheckpointer:
         try:
             result = self._publish_when_durable(save, writes)
         except BaseException as exc:
-            if os.path.isdir(save.final):
+            if os.path.isdir(save.final) and not _removed_under_it(exc, save.final):
                 settle(future, error=exc)
                 return
             logger.info("checkpoint %s was deleted while it was being written; that save is cancelled", save.final)
@@ -286,6 +287,18 @@ def _with_slabs_per_save(config: CheckpointerConfig, files_per_save: int) -> Che
     staging = config.staging_config
     in_flight = staging.max_in_flight * max(files_per_save, 1)
     return dataclasses.replace(config, staging_config=dataclasses.replace(staging, max_in_flight=in_flight))
+
+
+def _removed_under_it(error: BaseException, final: str) -> bool:
+    """Whether `error` is something of the checkpoint folder `final` gone missing while its save
+    was published: only a deletion of that folder removes what a pending save put there, and one
+    still under way (rmtree removes the files first) leaves the folder itself for a while."""
+    if isinstance(error, CheckpointWriteError):  # a file's write: every one goes into `final`'s staging
+        return error.errno == errno.ENOENT
+    if isinstance(error, FileNotFoundError):
+        names = [os.fspath(name) for name in (error.filename, error.filename2) if name]
+        return any(name == final or name.startswith(final + os.sep) for name in names)
+    return False
 
 
 def remove_if_empty(directory: str) -> None:

@@ -391,7 +391,10 @@ class AsyncSaveState:
         for folder in doomed:
             logger.info("deleting checkpoint %s (total_limit=%d)", folder, configuration.total_limit)
             trash = os.path.join(base, f"{TRASH_PREFIX}{owner_token()}.{os.path.basename(folder)}")
-            os.replace(folder, trash)
+            try:
+                os.replace(folder, trash)
+            except FileNotFoundError:
+                continue  # deleted meanwhile, by someone else
             shutil.rmtree(trash)
 
     def _log_to_trackers(self) -> None:

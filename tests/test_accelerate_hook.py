@@ -469,3 +469,24 @@ def test_a_ctrl_c_at_any_point_of_save_state_leaves_no_folder_behind_and_the_nex
                 f"{folder} is not a complete checkpoint"
             )
         accelerator.end_training()
+
+
+def test_a_checkpoint_folder_being_deleted_under_its_pending_save_cancels_it_quietly(tmp_path):
+    """rmtree of a checkpoint whose save is pending removes the staging folder's files before the
+    folders: the publish then finds its files gone while the checkpoint folder is still there.
+    That is the deletion, not a failed write (Accelerate's own test_checkpoint_deletion deletes its
+    project folder so)."""
+    from tests.helpers import wait_until
+
+    accelerator, *_ = setup(project_dir=str(tmp_path / "project"), automatic_checkpoint_naming=True)
+    handle = enable_async_checkpointing(accelerator, commit_hook=GatedCommit(tmp_path / "reached", tmp_path / "gate"))
+    folder = accelerator.save_state()
+    wait_until(lambda: (tmp_path / "reached").exists(), what="the held commit")
+    staged = [p for p in (folder / PENDING_DIR).rglob("*") if p.is_file()]
+    assert staged, "nothing was staged: the test tests nothing"
+    for path in staged:  # as rmtree does first; the folders stay
+        path.unlink()
+    (tmp_path / "gate").touch()
+    handle.wait()  # no error: the save was cancelled
+    assert PENDING_DIR not in os.listdir(folder), "the cancelled save's staging folder was left"
+    handle.close()
