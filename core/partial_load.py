@@ -47,4 +47,4 @@ def raise_if_strict(path: str, missing: list[str], strict: bool) -> None:
 
 
 def copy_pairs(pairs: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
-    torch_internals.without_grad(lambda: [dest.copy_(source) for _, dest, source in pairs])
+    torch_internals.copy_each((dest, source) for _, dest, source in pairs)

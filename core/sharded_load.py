@@ -195,7 +195,7 @@ class ShardedCheckpoint:
         self, fqn: str, target: torch.Tensor, offsets: tuple[int, ...], size: tuple[int, ...], verify: bool
     ) -> None:
         """Copy into `target` (the box at `offsets` of a tensor of global `size`) the checkpoint's values."""
-        copy_all(self.read_box(fqn, target, offsets, size, verify))
+        torch_internals.copy_each(self.read_box(fqn, target, offsets, size, verify))
 
     def read_box(
         self, fqn: str, target: torch.Tensor, offsets: tuple[int, ...], size: tuple[int, ...], verify: bool
@@ -413,14 +413,10 @@ def load_sharded(
     with ThreadPoolExecutor(io_threads) as pool:
         reads = pool.map(lambda b: checkpoint.read_box(b[0], b[1], b[2], b[3], verify), largest_first)
         pairs = [pair for read in reads for pair in read]
-    copy_all(pairs)
+    torch_internals.copy_each(pairs)
     for fqn, value in values.items():
         _set(state_dict, paths[fqn], value)
     return state_dict, missing
-
-
-def copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    torch_internals.without_grad(lambda: [destination.copy_(source) for destination, source in pairs])
 
 
 def unflatten(flat: dict[str, Any], mapping: dict[str, tuple[Any, ...]]) -> Any:

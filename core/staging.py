@@ -161,15 +161,15 @@ def _copy_into(
         return 0
     sources = [_source(captured, index, typed) for index, typed in zip(layout.indexes, layout.typed)]
     destinations = slab.views(layout.places)
-    if layout.on_cpu:
-        torch_internals.without_grad(lambda: torch_internals.copy_many(destinations, sources))
-    else:
 
-        def copy_each() -> None:
+    def copy() -> None:
+        if layout.on_cpu:
+            torch_internals.copy_many(destinations, sources)
+        else:
             for destination, source in zip(destinations, sources):
                 destination.copy_(source, non_blocking=non_blocking and source.device.type == "cuda")
 
-        torch_internals.without_grad(copy_each)
+    torch_internals.without_grad(copy)  # (a source may be a parameter: its copy must not join its autograd graph)
     return layout.nbytes
 
 

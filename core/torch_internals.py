@@ -10,7 +10,7 @@ through a name that is not there. tests/test_internals.py checks every name's be
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -149,8 +149,18 @@ def copy_many(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tens
     _foreach_copy(list(destinations), list(sources))
 
 
+def copy_each(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """destination.copy_(source) for each (destination, source), with autograd off (without_grad)."""
+
+    def copy() -> None:
+        for destination, source in pairs:
+            destination.copy_(source)
+
+    without_grad(copy)
+
+
 def without_grad(work: Callable[[], T]) -> T:
-    """work(), with autograd off (a source may be a parameter: its copy must not join its graph).
+    """work(), with autograd off.
 
     Not `with torch.no_grad()`: its __enter__ is Python, and a Ctrl-C raised right after it has
     turned autograd off leaves it off for the rest of the process. Here the C call that turns it
