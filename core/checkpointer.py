@@ -395,11 +395,14 @@ class AsyncCheckpointer(Checkpointer):
         return written.handed_over if isinstance(written, HandoverFuture) else None
 
     def cancel(self, path: str) -> Future[None]:
-        """Do not write the pending saves to `path` that the writer has not started (single-rank
-        checkpointers; the Lightning plugin calls it when a checkpoint is removed before its
-        write). Their write futures resolve with `WriteResult.cancelled` set; a write already
-        under way finishes as usual. The returned future completes once the writer has the
-        request (and every save issued before it)."""
+        """Do not write the pending saves to `path`, or into the folder `path`, that the writer
+        has not started (single-rank checkpointers; the Lightning plugin calls it when a
+        checkpoint is removed before its write, the Accelerate hook for a checkpoint that
+        total_limit would delete before it is written). Their write futures resolve with
+        `WriteResult.cancelled` set. A write already under way finishes as usual, and so do the
+        others this call names (the files of one checkpoint are written all or none). The
+        returned future completes once the writer has the request (and every save issued
+        before it)."""
         if isinstance(self._process, CheckpointProcess):
             return self._process.cancel(os.fspath(path))
         return wrap_future(None)

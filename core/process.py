@@ -234,19 +234,24 @@ class CheckpointProcess:
         return future
 
     def cancel(self, path: str) -> Future[None]:
-        """Ask the writer not to make the writes to `path` it has not started (a single-rank
-        writer skips them; a write already started finishes). Their futures resolve with a
-        WriteResult whose `cancelled` is set, or as usual where the cancel came too late. The
-        returned future completes when the writer has the request, and with it every request
-        sent before (or at once, when there is no writer to ask)."""
+        """Ask the writer not to make the writes to `path`, or into the folder `path`, that it has
+        not started (a single-rank writer skips them; a write already started finishes, and so
+        do the others named here: all or none). Their futures resolve with a WriteResult whose
+        `cancelled` is set, or as usual where the cancel came too late. The returned future completes when the writer has the request, and with it
+        every request sent before (or at once, when there is no writer to ask)."""
         target = _absolute(os.fspath(path))
+        inside = target.rstrip(os.sep) + os.sep
         received: Future[None] = InterruptSafeFuture()
         with self._lock:
             worker = self._worker
             if not worker.alive or not worker.ready.done():
                 received.set_result(None)  # (a writer still starting has started nothing)
             else:
-                ids = tuple(i for i, pending in worker.pending.items() if pending.path == target)
+                ids = tuple(
+                    i
+                    for i, pending in worker.pending.items()
+                    if pending.path == target or pending.path.startswith(inside)
+                )
                 worker.cancels.append(received)
                 self._queue(_Outgoing(worker, WorkerRequest(RequestType.CANCEL_WRITES, ids), []))
         return received

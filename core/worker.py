@@ -6,8 +6,9 @@ whatever the trainer handed over is held here even if the trainer dies right aft
 thread writes them in order, then exits at end-of-file. When it falls behind, a queued write
 whose path a newer queued write also saves is skipped (superseded: the newer one replaces it
 anyway), and so is a queued write the trainer cancelled (its checkpoint was removed before it
-was written); a write already started always finishes. The trainer handles Ctrl-C and SIGTERM;
-this process ignores both and finishes what it holds.
+was written); a write already started always finishes, and the writes one cancel names are
+skipped all or none (once one of them was taken up, the rest of that save is written too). The
+trainer handles Ctrl-C and SIGTERM; this process ignores both and finishes what it holds.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def worker_main(fd: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     channel = Channel(socket.socket(fileno=fd))
     inbox: Inbox = queue.Queue()
-    cancelled: set[int] = set()
+    cancelled = Cancels()
     reader = threading.Thread(target=_read_all, args=(channel, inbox, cancelled), name="async-ckpt-inbox", daemon=True)
     reader.start()
     first = inbox.get()
@@ -90,7 +91,33 @@ def worker_main(fd: int) -> None:
             return
 
 
-def _read_all(channel: Channel, inbox: Inbox, cancelled: set[int]) -> None:
+class Cancels:
+    """The writes the trainer cancelled, in groups, one per cancel request (the files of one save,
+    say): a group is skipped whole, or written whole when the main thread had taken up one of its
+    writes before the request arrived."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._taken = -1  # the id of the last write the main thread took up (ids rise in order)
+        self._skipped: set[int] = set()  # writes not taken up yet that are to be skipped
+
+    def add(self, request_ids: tuple[int, ...]) -> None:
+        """(The reader thread.) Cancel these writes, unless one of them has been taken up."""
+        with self._lock:
+            if all(i > self._taken for i in request_ids):
+                self._skipped.update(request_ids)
+
+    def take(self, request_id: int) -> bool:
+        """(The main thread, for every write in order.) Whether to skip this write."""
+        with self._lock:
+            self._taken = request_id
+            if request_id in self._skipped:
+                self._skipped.discard(request_id)
+                return True
+            return False
+
+
+def _read_all(channel: Channel, inbox: Inbox, cancelled: Cancels) -> None:
     while True:
         try:
             data, fds = channel.recv_pickle()
@@ -103,7 +130,7 @@ def _read_all(channel: Channel, inbox: Inbox, cancelled: set[int]) -> None:
             inbox.put((Undecodable(traceback.format_exc()), fds))
             continue
         if isinstance(request, WorkerRequest) and isinstance(request.payload, tuple):  # CANCEL_WRITES
-            cancelled.update(request.payload)  # seen by the main thread before it starts those writes
+            cancelled.add(request.payload)  # seen by the main thread before it starts those writes
             _reply(channel, WorkerResponse(RequestType.CANCEL_WRITES, True))  # every earlier request is held
             continue
         inbox.put((request, fds))
@@ -165,7 +192,7 @@ def _set_niceness(niceness: int) -> None:
             pass  # a thread that has ended since
 
 
-def _serve(channel: Channel, inbox: Inbox, cancelled: set[int] | None, writer: WriterOfTorchShape) -> bool:
+def _serve(channel: Channel, inbox: Inbox, cancelled: Cancels | None, writer: WriterOfTorchShape) -> bool:
     """Write what the trainer sends until it is done; True when it released this process for
     another checkpointer, False when it stopped it or is gone. `cancelled`: None where writes
     are never skipped (several ranks: every rank must make each save, or the others wait)."""
@@ -194,8 +221,6 @@ def _serve(channel: Channel, inbox: Inbox, cancelled: set[int] | None, writer: W
                 outcome = WriteOutcome(write.request_id, skipped)
                 _reply(channel, WorkerResponse(RequestType.WRITE_CHECKPOINT, True, None, outcome))
             else:
-                if cancelled is not None:
-                    cancelled.discard(write.request_id)  # a cancel that came too late
                 _reply(channel, _write(writer, write, fds, slabs))
         else:
             _close_all(fds)
@@ -213,11 +238,10 @@ def _take_arrived(inbox: Inbox, queued: collections.deque[Item | None]) -> None:
             return
 
 
-def _skipped(write: WriteRequest, cancelled: set[int], queued: collections.deque[Item | None]) -> WriteResult | None:
+def _skipped(write: WriteRequest, cancelled: Cancels, queued: collections.deque[Item | None]) -> WriteResult | None:
     """The result of a write not to be made (cancelled, or superseded by a newer queued write of
     the same path), or None: write it."""
-    if write.request_id in cancelled:
-        cancelled.discard(write.request_id)
+    if cancelled.take(write.request_id):
         return WriteResult(write.path, (), 0, 0.0, cancelled=True)
     for item in queued:
         later = item[0].payload if item is not None and isinstance(item[0], WorkerRequest) else None

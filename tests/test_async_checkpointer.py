@@ -386,6 +386,30 @@ def test_a_cancelled_save_that_was_not_started_is_not_written(tmp_path):
     assert all((tmp_path / f"after_{i}.ckpt").exists() for i in range(3))
 
 
+def test_a_cancelled_folder_is_skipped_whole_or_written_whole(tmp_path):
+    """cancel(folder) names every pending write into it: none is written where the writer had
+    taken up none of them, all are where it had begun (the files of one checkpoint are never
+    left half written)."""
+    config = CheckpointerConfig(
+        writer_config=CheckpointWriterConfig(layout="file"), staging_config=CheckpointStagerConfig(max_in_flight=4)
+    )
+    begun, queued = tmp_path / "begun", tmp_path / "queued"
+    begun.mkdir()
+    queued.mkdir()
+    with make_async_checkpointer(config, commit_hook=GatedCommit(tmp_path / "reached", tmp_path / "gate")) as ckpt:
+        writes = [ckpt.save(begun / "a.ckpt", {"w": torch.ones(4)})[1]]
+        wait_until(lambda: (tmp_path / "reached").exists(), what="the held commit")
+        writes += [
+            ckpt.save(path, {"w": torch.ones(4)})[1]
+            for path in (begun / "b.ckpt", queued / "c.ckpt", queued / "d.ckpt")
+        ]
+        ckpt.cancel(begun).result()
+        ckpt.cancel(queued).result()
+        (tmp_path / "gate").touch()
+        assert [w.result().cancelled for w in writes] == [False, False, True, True]
+    assert sorted(os.listdir(begun)) == ["a.ckpt", "b.ckpt"] and os.listdir(queued) == []
+
+
 def test_small_saves_beyond_max_in_flight_are_staged_within_the_byte_budget(tmp_path):
     ckpt, gate, held = _held_writer(tmp_path, max_in_flight=1, in_flight_bytes=1 << 20)
     with ckpt:
