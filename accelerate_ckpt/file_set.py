@@ -6,7 +6,8 @@ are durable (a vote over the job's TCPStore), publishes the folder (see publish.
 future resolves when the folder is published; a failure leaves nothing behind, not even the
 staging folder. Saves are published in the order they were made. Deleting the checkpoint's
 folder while its save runs cancels the save quietly: nothing is recreated, the future
-resolves to a WriteResult with `cancelled=True`.
+resolves to a WriteResult with `cancelled=True`; so does a save cancelled with
+`cancel_all_but_newest` (a writer that fell behind then skips what retention would delete).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import errno
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,6 +34,7 @@ from core import (
     WriterHook,
     drain,
     make_async_checkpointer,
+    wrap_future,
 )
 from core.checkpointer import AsyncCheckpointer
 from core.interrupts import sigint_deferred
@@ -53,9 +56,13 @@ class NamedState:
     file_format: str = "torch"  # or "safetensors" (a flat dict of tensors)
 
 
+OK, FAILED, CANCELLED = "ok", "failed", "cancelled"  # a rank's outcome of one save, and the save's
+
+
 class CommitVote:
-    """Each rank says whether its files of one save are durable; the publishing rank publishes
-    only when every rank said yes, and every rank returns once it has.
+    """Each rank says how its files of one save ended (durable, failed, or cancelled before they
+    were written); the publishing rank publishes only when every rank's are durable, and every
+    rank returns once it has.
 
     Runs over a TCPStoreBarrier (a client of the MASTER_ADDR:MASTER_PORT store that torchrun and
     accelerate launch set up), from a background thread, without touching the training process
@@ -70,14 +77,16 @@ class CommitVote:
                 rank, world_size, barrier_prefix=f"async_ckpt/file_set/{name}", timeout_secs=timeout_secs
             )
 
-    def cast(self, ok: bool) -> bool:
-        """Vote, wait for every rank's vote, and return whether all of them were yes."""
+    def cast(self, outcome: str) -> str:
+        """Vote this rank's outcome, wait for every rank's vote, and return the save's: FAILED if
+        any rank's files failed, else CANCELLED if any rank's were cancelled, else OK."""
         if self._barrier is None:
-            return ok
+            return outcome
         try:
-            return all(vote["ok"] for vote in self._barrier.exchange({"ok": ok}))
+            votes = {vote["outcome"] for vote in self._barrier.exchange({"outcome": outcome})}
         except BarrierTimeoutError as exc:
             raise BarrierTimeoutError(f"checkpoint {self._name} was not committed: {exc}") from exc
+        return next(o for o in (FAILED, CANCELLED) if o in votes) if votes != {OK} else OK
 
     def published(self, all_ok: bool) -> None:
         """Every rank returns once the publishing rank, which arrives after publishing, has."""
@@ -116,6 +125,13 @@ class FileSetCheckpointer:
         self._checkpointer: AsyncCheckpointer | None = None
         self._committer: ThreadPoolExecutor | None = None
         self._writes = OutstandingWrites()
+        # The saves handed over and not yet committed, oldest first (staging folder -> final
+        # folder), and those of them asked to cancel.
+        self._queued: dict[str, str] = {}
+        self._cancelling: set[str] = set()
+        self._why_skipped: str | None = None  # why saves were asked to cancel: said once, at the first skipped
+        self._said_skipped = False
+        self._queued_lock = threading.Lock()
         self._generation = 0
         self.stats = CheckpointStats()
         self.on_committed: list[Callable[[WriteResult], None]] = []
@@ -166,15 +182,42 @@ class FileSetCheckpointer:
             save = _Save(final, staging, publishes, vote, start, time.perf_counter() - start, after_publish)
             assert self._committer is not None
             with sigint_deferred():
+                with self._queued_lock:
+                    self._queued[staging] = final
                 self._committer.submit(self._commit, save, writes, future)
                 future.handed_over = True
         except BaseException as exc:
             if future is not None and not future.handed_over:
+                self._dequeue(staging)
                 future.observed = True
                 settle(future, error=exc)
                 self._remove_staging(staging, writes)
             raise
         return future
+
+    def cancel_all_but_newest(self, count: int, why: str = "newer ones replace it") -> list[tuple[str, Future[None]]]:
+        """Cancel the pending saves older than the newest `count` (at least one is kept) whose
+        files the writer has not taken up: it writes none of them, and each such save resolves as
+        cancelled (`WriteResult.cancelled`), nothing published, its staging folder removed and
+        its final folder too where that leaves it empty. A save the writer has begun is written
+        whole (so a writer slower than the saves still completes one after another). Returns the
+        final folder of each save this call asked to cancel (each is asked once) with a future
+        that completes once the writer has the request; never waits. The first save skipped so
+        is logged (a warning, once), saying `why`."""
+        with self._queued_lock:
+            older = list(self._queued.items())[: max(len(self._queued) - max(count, 1), 0)]
+            asked = [(staging, final) for staging, final in older if staging not in self._cancelling]
+            self._cancelling.update(staging for staging, _ in asked)
+            self._why_skipped = why
+        checkpointer = self._checkpointer
+        return [
+            (final, checkpointer.cancel(staging) if checkpointer else wrap_future(None)) for staging, final in asked
+        ]
+
+    def _dequeue(self, staging: str) -> None:
+        with self._queued_lock:
+            self._queued.pop(staging, None)
+            self._cancelling.discard(staging)
 
     def _ensure_checkpointer(self, files_per_save: int) -> AsyncCheckpointer:
         if self._checkpointer is None:
@@ -186,14 +229,21 @@ class FileSetCheckpointer:
     def _commit(self, save: _Save, writes: list[Future[Any]], future: WriteFuture) -> None:
         try:
             result = self._publish_when_durable(save, writes)
+        except _Cancelled:
+            self._say_skipped(save.final)
+            remove_if_empty(save.final)
+            self._settle_cancelled(save, future)
+            return
         except BaseException as exc:
             if os.path.isdir(save.final) and not _removed_under_it(exc, save.final):
+                self._dequeue(save.staging)
                 settle(future, error=exc)
                 return
             logger.info("checkpoint %s was deleted while it was being written; that save is cancelled", save.final)
             self._remove_staging(save.staging, [])
-            settle(future, result=WriteResult(path=save.final, files=(), nbytes=0, write_seconds=0.0, cancelled=True))
+            self._settle_cancelled(save, future)
             return
+        self._dequeue(save.staging)
         self.stats.record(result)
         logger.info(
             "checkpoint %s committed: blocked %.3f s, %.1f MB durable after %.3f s",
@@ -206,21 +256,39 @@ class FileSetCheckpointer:
             callback(result)
         settle(future, result=result)
 
+    def _say_skipped(self, final: str) -> None:
+        if self._said_skipped:
+            logger.debug("checkpoint %s was skipped before its files were written", final)
+            return
+        self._said_skipped = True
+        logger.warning(
+            "the checkpoint writer fell behind: %s was skipped, its files not written (%s); said once",
+            final,
+            self._why_skipped,
+        )
+
+    def _settle_cancelled(self, save: _Save, future: WriteFuture) -> None:
+        self._dequeue(save.staging)
+        settle(future, result=WriteResult(path=save.final, files=(), nbytes=0, write_seconds=0.0, cancelled=True))
+
     def _publish_when_durable(self, save: _Save, writes: list[Future[Any]]) -> WriteResult:
         errors = [f.exception() for f in writes]  # every file finished, not just up to the first failure
         failure = next((e for e in errors if e is not None), None)
-        all_ok = save.vote.cast(failure is None)
-        if save.publishes and all_ok:
+        cancelled = failure is None and any(getattr(f.result(), "skipped", False) for f in writes)
+        outcome = save.vote.cast(FAILED if failure is not None else CANCELLED if cancelled else OK)
+        if save.publishes and outcome == OK:
             publish_directory(save.staging, save.final)
             remove_if_empty(os.path.dirname(save.staging))
             if save.after_publish is not None:
                 save.after_publish(save.final)
-        elif not all_ok:
+        elif outcome != OK:
             self._remove_staging(save.staging, [])
-        save.vote.published(all_ok)
+        save.vote.published(outcome == OK)
         if failure is not None:
             raise failure
-        if not all_ok:
+        if outcome == CANCELLED:
+            raise _Cancelled()
+        if outcome != OK:
             raise CheckpointWriteError(
                 f"checkpoint {save.final} was not committed: another rank failed to write its files"
             )
@@ -279,6 +347,10 @@ class FileSetCheckpointer:
             self._open = False
             drain.unregister(self)
             self.release()
+
+
+class _Cancelled(Exception):
+    """Some rank's files of the save were cancelled before they were written: nothing is published."""
 
 
 def _with_slabs_per_save(config: CheckpointerConfig, files_per_save: int) -> CheckpointerConfig:

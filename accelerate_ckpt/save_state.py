@@ -6,7 +6,8 @@ creates the checkpoint folder at once; the files, with Accelerate's names and fo
 written in the background into a hidden staging folder inside it (one per process) and
 published into it once every rank's files are durable (FileSetCheckpointer): only this
 save's files are added or replaced. `total_limit` pruning runs after a newer checkpoint is
-published and keeps every checkpoint still being written. `load_state()` and `end_training()`
+published and keeps every checkpoint still being written; a save that the writer has not
+started when total_limit newer ones were saved is skipped (pruning would delete it). `load_state()` and `end_training()`
 first wait for pending checkpoints (of any Accelerator of the process), and so do
 `save_model()` and `save()` into a folder a checkpoint is being written to. `load_state()`
 refuses a folder whose save died before publishing its files (and, searching for the newest
@@ -257,7 +258,21 @@ class AsyncSaveState:
                 remove_if_empty(final)
             raise
         accelerator.project_configuration.iteration += 1
+        self._skip_what_pruning_deletes()
         return returned
+
+    def _skip_what_pruning_deletes(self) -> None:
+        """With automatic naming and total_limit, a save older than the newest total_limit is
+        deleted once they are written: a writer that fell behind skips it instead of writing it
+        (said once). The newest complete checkpoint stays until total_limit newer ones are."""
+        configuration = self._accelerator.project_configuration
+        if not configuration.automatic_checkpoint_naming or configuration.total_limit is None:
+            return
+        limit = configuration.total_limit
+        self._saver.cancel_all_but_newest(
+            limit,
+            why=f"{limit} newer checkpoints were saved before the writer reached it: total_limit={limit} deletes it",
+        )
 
     def _files_in(self, staging: str, safe_serialization: bool) -> list[NamedState]:
         """What save_state saves (the pre-hooks write their own files into `staging`)."""

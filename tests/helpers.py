@@ -136,12 +136,17 @@ class SlowCommit:
 
 class GatedCommit:
     """A picklable WriterHook that holds each commit until a test says so: pre_commit creates
-    `reached` (the file is written and fsynced by then) and waits until `gate` exists."""
+    `reached` (the file is written and fsynced by then) and waits until `gate` exists. With a
+    `log`, it first appends the path of the file to it (a line each): what the writer wrote."""
 
-    def __init__(self, reached, gate) -> None:
+    def __init__(self, reached, gate, log=None) -> None:
         self.reached, self.gate = str(reached), str(gate)
+        self.log = None if log is None else str(log)
 
     def pre_commit(self, path, **kwargs):
+        if self.log is not None:
+            with open(self.log, "a") as log:
+                log.write(f"{path}\n")
         open(self.reached, "w").close()
         deadline = time.monotonic() + 300
         while not os.path.exists(self.gate) and time.monotonic() < deadline:

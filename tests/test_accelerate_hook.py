@@ -97,6 +97,96 @@ def test_round_trip_matches_accelerates_own_save(tmp_path, safe_serialization):
     assert "save_state" not in vars(accelerator)
 
 
+def test_with_total_limit_a_writer_that_fell_behind_skips_what_pruning_would_delete(tmp_path, caplog):
+    """Saves older than the newest total_limit that the writer has not reached are never
+    written (total_limit would delete them once the newer ones are): the writer goes on to the
+    newest, the newest are restored, nothing is left of the skipped ones, and the log says so once."""
+    from tests.helpers import wait_until
+
+    accelerator, models, optimizers, schedulers, counter = setup(
+        project_dir=str(tmp_path / "project"), automatic_checkpoint_naming=True, total_limit=2
+    )
+    gate = GatedCommit(tmp_path / "reached", tmp_path / "gate", log=tmp_path / "written")
+    handle = enable_async_checkpointing(accelerator, commit_hook=gate)
+    try:
+        for i in range(6):
+            train(accelerator, models, optimizers, schedulers, counter, steps=1)
+            accelerator.save_state()
+            if i == 0:
+                wait_until(lambda: (tmp_path / "reached").exists(), what="the writer held in the first save")
+        expected = copy.deepcopy(snapshot(models, optimizers, schedulers, counter))
+        expected_draws = next_draws()
+    finally:
+        (tmp_path / "gate").touch()
+    handle.wait()
+
+    checkpoints = tmp_path / "project" / "checkpoints"
+    assert sorted(os.listdir(checkpoints)) == ["checkpoint_4", "checkpoint_5"]
+    behind = [r.getMessage() for r in caplog.records if "fell behind" in r.getMessage()]
+    assert len(behind) == 1 and "total_limit=2" in behind[0], behind
+    written = (tmp_path / "written").read_text().split()
+    written_in = {i: sum(f"{os.sep}checkpoint_{i}{os.sep}" in p for p in written) for i in range(6)}
+    files_per_save = len(os.listdir(checkpoints / "checkpoint_5"))
+    # The save the writer was on finished. (That the skipped ones wrote nothing depends on their
+    # cancels reaching the writer before the gate opens: test_cancel_all_but_newest_... waits for that.)
+    assert written_in[0] == written_in[4] == written_in[5] == files_per_save, written_in
+    train(accelerator, models, optimizers, schedulers, counter)
+    accelerator.load_state()  # the newest: checkpoint_5
+    assert_same(snapshot(models, optimizers, schedulers, counter), expected)
+    _assert_same_draws(next_draws(), expected_draws)
+    handle.close()
+
+
+def test_cancel_all_but_newest_skips_the_saves_the_writer_has_not_reached(tmp_path):
+    """FileSetCheckpointer.cancel_all_but_newest: a cancelled save writes nothing, resolves as
+    cancelled and leaves no folder; the save the writer is on and the newest ones complete."""
+    from accelerate_ckpt.file_set import FileSetCheckpointer, NamedState
+    from core import AsyncOptions
+    from tests.helpers import wait_until
+
+    saver = FileSetCheckpointer(
+        AsyncOptions().config(), GatedCommit(tmp_path / "reached", tmp_path / "gate", tmp_path / "log")
+    )
+    futures = []
+    try:
+        for i in range(5):
+            final = tmp_path / f"ckpt_{i}"
+            final.mkdir()
+            files = [NamedState("model.bin", {"w": torch.full((4,), float(i))}), NamedState("step.bin", {"step": i})]
+            staging = str(final / ".staging")
+            futures.append(saver.save(str(final), lambda _, files=files: files, staging=staging, publishes=True))
+            if i == 0:
+                wait_until(lambda: (tmp_path / "reached").exists(), what="the writer held in the first save")
+        asked = saver.cancel_all_but_newest(2)
+        # ckpt_0 too: the writer has begun it, so it is written whole all the same
+        assert [final for final, _ in asked] == [str(tmp_path / f"ckpt_{i}") for i in range(3)]
+        for _, received in asked:
+            received.result(timeout=60)  # the writer has the request before it goes on
+        assert saver.cancel_all_but_newest(2) == []  # each save is asked once
+    finally:
+        (tmp_path / "gate").touch()
+
+    assert [f.result(timeout=120).cancelled for f in futures] == [False, True, True, False, False]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_0", "ckpt_3", "ckpt_4", "gate", "log", "reached"]
+    for i in (0, 3, 4):
+        assert sorted(os.listdir(tmp_path / f"ckpt_{i}")) == ["model.bin", "step.bin"]
+        assert torch.equal(torch.load(tmp_path / f"ckpt_{i}" / "model.bin")["w"], torch.full((4,), float(i)))
+    written = (tmp_path / "log").read_text().split()
+    assert len(written) == 6 and not [p for p in written if "ckpt_1" in p or "ckpt_2" in p], written
+    assert saver.cancel_all_but_newest(0) == []  # nothing is pending
+    saver.close()
+
+
+@pytest.mark.slow
+def test_a_save_one_rank_cancelled_is_cancelled_on_every_rank(tmp_path):
+    """Two real ranks: rank 0 cancels two saves whose files rank 1 has written; the commit vote
+    makes both ranks drop them (nothing of either rank is left) and publish the others."""
+    from tests.helpers import launch_ranks
+
+    codes = launch_ranks(2, [os.path.join(SCRIPTS, "file_set_ranks.py"), str(tmp_path)], timeout=300)
+    assert codes == [0, 0], codes
+
+
 def _assert_same_draws(a, b):
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2]), (a, b)
 
@@ -119,7 +209,8 @@ def test_automatic_naming_with_total_limit(tmp_path):
             except FileNotFoundError:
                 continue  # pruned since the listing: it leaves in one rename, never half-deleted
             complete = "random_states_0.pkl" in files and "optimizer.bin" in files
-            assert complete or files == [PENDING_DIR], (folder, files)
+            # (empty: a save the writer skipped, being removed, as Accelerate's folder before its files)
+            assert complete or files in ([PENDING_DIR], []), (folder, files)
     train(accelerator, models, optimizers, schedulers, counter)
     accelerator.load_state()  # drains, then picks the newest: checkpoint_4
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint_3", "checkpoint_4"]
