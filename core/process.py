@@ -237,8 +237,9 @@ class CheckpointProcess:
         """Ask the writer not to make the writes to `path`, or into the folder `path`, that it has
         not started (a single-rank writer skips them; a write already started finishes, and so
         do the others named here: all or none). Their futures resolve with a WriteResult whose
-        `cancelled` is set, or as usual where the cancel came too late. The returned future completes when the writer has the request, and with it
-        every request sent before (or at once, when there is no writer to ask)."""
+        `cancelled` is set, or as usual where the cancel came too late. The returned future
+        completes when the writer has the request, and with it every request sent before (or at
+        once, when there is no writer to ask)."""
         target = _absolute(os.fspath(path))
         inside = target.rstrip(os.sep) + os.sep
         received: Future[None] = InterruptSafeFuture()
