@@ -259,8 +259,6 @@ def _write(
     writer: WriterOfTorchShape, write: WriteRequest, fds: list[int], slabs: dict[str, MappedSlab]
 ) -> WorkerResponse:
     try:
-        for slab_id in write.forget:
-            slabs.pop(slab_id, None)
         storage_bytes = _storage_bytes(write, fds, slabs)
         result = _call_writer(writer, write, storage_bytes, write.kwargs)
         if isinstance(result, Future):  # torch's CheckpointWriter.write may return one
@@ -292,7 +290,11 @@ class MappedSlab:
 
 
 def _storage_bytes(write: WriteRequest, fds: list[int], slabs: dict[str, MappedSlab]) -> list[torch.Tensor]:
-    """A uint8 tensor over each storage of the plan, aliasing the trainer's staged bytes."""
+    """A uint8 tensor over each storage of the plan, aliasing the trainer's staged bytes. First
+    unmaps the slabs the trainer has closed since its last request (`forget`): a skipped write
+    must do so too, or their mappings and descriptors pile up here."""
+    for slab_id in write.forget:
+        slabs.pop(slab_id, None)
     source = write.source
     if isinstance(source, SlabSource):
         if source.attach:

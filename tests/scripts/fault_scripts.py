@@ -119,7 +119,14 @@ def ctrl_c(out: str) -> None:
                 written.result(timeout=120)
             except WriterProcessDiedError:
                 died += 1
-    print(f"interrupts={interrupts} deferred={deferred} died={died} saves={len(futures)} in_save={in_save}", flush=True)
+        # One more save tells the writer which slabs are gone; then count what it holds open.
+        ckpt.save(os.path.join(out, "last"), {"w": weights, "step": step})[1].result()
+        writer_fds = len(os.listdir(f"/proc/{ckpt.writer_pid}/fd"))
+    print(
+        f"interrupts={interrupts} deferred={deferred} died={died} saves={len(futures)} in_save={in_save} "
+        f"writer_fds={writer_fds}",
+        flush=True,
+    )
 
 
 def _held_commit(out: str) -> GatedCommit:
