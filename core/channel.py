@@ -13,6 +13,7 @@ those no longer fit.
 from __future__ import annotations
 
 import array
+import errno
 import fcntl
 import mmap
 import os
@@ -120,14 +121,22 @@ class Channel:
         while got < nbytes:
             space = socket.CMSG_SPACE(_FDS_PER_MESSAGE * 4) if want_fds and not fds else 0
             try:
-                data, ancillary, _flags, _addr = self._sock.recvmsg(nbytes - got, space)
+                data, ancillary, flags, _addr = self._sock.recvmsg(nbytes - got, space)
             except ConnectionResetError:
-                data, ancillary = b"", []
+                data, ancillary, flags = b"", [], 0
             for level, kind, payload in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     received = array.array("i")
                     received.frombytes(payload[: len(payload) - len(payload) % 4])
                     fds += list(received)
+            if flags & socket.MSG_CTRUNC:  # the kernel dropped descriptors: this message cannot be whole
+                for fd in fds:
+                    os.close(fd)
+                raise ChannelClosedError(
+                    errno.EMFILE,
+                    "descriptors sent over the checkpoint writer channel were dropped on arrival (this process "
+                    "may have reached its open-file limit, `ulimit -n`); the channel cannot go on",
+                )
             if not data:
                 for fd in fds:
                     os.close(fd)

@@ -1,6 +1,7 @@
 """Channel: whole pickled messages with descriptors over a socket pair."""
 
 import os
+import resource
 import socket
 import threading
 
@@ -70,3 +71,23 @@ def test_small_messages_a_reader_has_not_taken_yet_do_not_make_the_sender_wait(p
     sending.join()
     assert sent_without_a_reader, "the sender waited for the reader"
     assert received == messages
+
+
+def test_descriptors_the_kernel_drops_on_arrival_fail_the_channel_instead_of_hanging_it(pair, tmp_path):
+    """At its open-file limit a receiver gets the bytes of a message but not its descriptors
+    (MSG_CTRUNC): waiting for them would wait for ever, so the channel fails at once."""
+    from core.channel import ChannelClosedError
+
+    sender, receiver = pair
+    fd = os.open(tmp_path, os.O_RDONLY)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        sender.send({"n": 1}, [fd])
+        lowest_free = os.dup(0)  # (the kernel hands out the lowest free number)
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no room for one more
+        with pytest.raises(ChannelClosedError, match="open-file limit"):
+            receiver.recv()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        os.close(fd)
