@@ -7,11 +7,12 @@ written in the background into a hidden staging folder inside it (one per proces
 published into it once every rank's files are durable (FileSetCheckpointer): only this
 save's files are added or replaced. `total_limit` pruning runs after a newer checkpoint is
 published and keeps every checkpoint still being written; a save that the writer has not
-started when total_limit newer ones were saved is skipped (pruning would delete it). `load_state()` and `end_training()`
-first wait for pending checkpoints (of any Accelerator of the process), and so do
-`save_model()` and `save()` into a folder a checkpoint is being written to. `load_state()`
-refuses a folder whose save died before publishing its files (and, searching for the newest
-checkpoint, skips it). Deleting a checkpoint's folder while it is written cancels that save.
+started when total_limit newer ones were saved is skipped (pruning would delete it).
+`load_state()` and `end_training()` first wait for pending checkpoints (of any Accelerator of
+the process), and so do `save_model()` and `save()` into a folder a checkpoint is being
+written to. `load_state()` refuses a folder whose save died before publishing its files (and,
+searching for the newest checkpoint, skips it). Deleting a checkpoint's folder while it is
+written cancels that save.
 """
 
 from __future__ import annotations
