@@ -12,6 +12,7 @@ entries (a `sem.mp-*` semaphore of a job running beside the suite) are not ours 
 
 import os
 import re
+import signal
 import subprocess
 import threading
 
@@ -32,6 +33,10 @@ class _RecordingPopen(subprocess.Popen):
 
 
 subprocess.Popen = _RecordingPopen  # type: ignore[misc]
+
+# The Ctrl-C tests send real SIGINTs: they need Python's handler, which a suite started as a
+# shell script's background job does not get (such a job inherits SIGINT ignored).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _shm_entries() -> set[str]:

@@ -298,4 +298,7 @@ if __name__ == "__main__":
             disk_full_levels,
         )
     }
+    # A trainer gets Ctrl-C as an interactive one does, however the suite was started (a shell
+    # script's background job inherits SIGINT ignored, and Python then leaves it so).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     scenarios[sys.argv[1]](sys.argv[2])
