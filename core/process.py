@@ -243,7 +243,7 @@ class CheckpointProcess:
         target = _absolute(os.fspath(path))
         inside = target.rstrip(os.sep) + os.sep
         received: Future[None] = InterruptSafeFuture()
-        with self._lock:
+        with sigint_deferred(), self._lock:  # (the answer's future and its request go together)
             worker = self._worker
             if not worker.alive or not worker.ready.done():
                 received.set_result(None)  # (a writer still starting has started nothing)
