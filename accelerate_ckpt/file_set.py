@@ -236,14 +236,12 @@ class FileSetCheckpointer:
             return
         except BaseException as exc:
             if os.path.isdir(save.final) and not _removed_under_it(exc, save.final):
-                self._dequeue(save.staging)
                 settle(future, error=exc)
                 return
             logger.info("checkpoint %s was deleted while it was being written; that save is cancelled", save.final)
             self._remove_staging(save.staging, [])
             self._settle_cancelled(save, future)
             return
-        self._dequeue(save.staging)
         self.stats.record(result)
         logger.info(
             "checkpoint %s committed: blocked %.3f s, %.1f MB durable after %.3f s",
@@ -268,11 +266,11 @@ class FileSetCheckpointer:
         )
 
     def _settle_cancelled(self, save: _Save, future: WriteFuture) -> None:
-        self._dequeue(save.staging)
         settle(future, result=WriteResult(path=save.final, files=(), nbytes=0, write_seconds=0.0, cancelled=True))
 
     def _publish_when_durable(self, save: _Save, writes: list[Future[Any]]) -> WriteResult:
         errors = [f.exception() for f in writes]  # every file finished, not just up to the first failure
+        self._dequeue(save.staging)  # (nothing of it is left to cancel)
         failure = next((e for e in errors if e is not None), None)
         cancelled = failure is None and any(getattr(f.result(), "skipped", False) for f in writes)
         outcome = save.vote.cast(FAILED if failure is not None else CANCELLED if cancelled else OK)
