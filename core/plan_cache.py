@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import struct
 from collections import OrderedDict
 from typing import Any
 
@@ -27,9 +28,12 @@ class PlanCache:
     The last `entries` skeletons are kept, for callers that save several state dicts in turn
     (Accelerate's model, optimizer and scheduler files).
 
-    Numbers, booleans and None are not part of the skeleton: pickle writes them in place, never
-    as shared objects, so the cached pickle is kept as a template with a slot for each (a step
-    counter that changes every save does not make every save pickle the whole state again).
+    Numbers, booleans, None and the text of strings are not part of the skeleton: the cached
+    pickle is kept as a template with a slot for each, filled per save (a step counter, or a
+    checkpoint path naming the step, that changes on every save does not make every save pickle
+    the whole state again). Pickle shares strings by identity (its memo), so which strings are
+    the same object stays in the skeleton, and a string slot is never filled with a number or
+    the other way round.
     """
 
     def __init__(self, entries: int = 8) -> None:
@@ -120,11 +124,13 @@ def _scalar_keys(scalars: list[Any]) -> list[Any]:
 
 
 class PickleTemplate:
-    """A state dict's pickle with a slot for each number, boolean and None in it, filled per save.
+    """A state dict's pickle with a slot for each number, boolean, None and string in it, filled
+    per save.
 
-    Made by pickling a copy of the state in which every such value is a distinct float marker
-    (pickle memoizes none of these types, so nothing else in the pickle moves), then split at
-    the markers. Kept only if filling it with the state's own values gives its real pickle.
+    Made by pickling a copy of the state in which every such value is a distinct marker (a float
+    for the others, a string for a string; one marker per string object, so the memo shares the
+    same ones and nothing else in the pickle moves), then split at the markers. Kept only if
+    filling it with the state's own values gives its real pickle.
     """
 
     def __init__(self, segments: list[bytes], order: list[int]) -> None:
@@ -142,8 +148,8 @@ class PickleTemplate:
         except Exception:
             return None
         places = []
-        for index in range(len(scalars)):
-            encoded = _encoded(_marker(index))
+        for index, value in enumerate(scalars):
+            encoded = _encoded(_string_marker(index) if type(value) is str else _marker(index))
             at = pickled.find(encoded)
             if at < 0 or pickled.find(encoded, at + 1) >= 0:
                 return None
@@ -167,7 +173,11 @@ class PickleTemplate:
 
 
 def _encoded(value: Any) -> bytes:
-    """How torch.save's pickle (protocol 2) writes a number, boolean or None: one opcode."""
+    """How torch.save's pickle (protocol 2) writes a number, boolean or None (one opcode), or a
+    string (its opcode, length and UTF-8 text; the memo opcode after it is the template's)."""
+    if type(value) is str:
+        text = value.encode("utf-8", "surrogatepass")
+        return pickle.BINUNICODE + struct.pack("<I", len(text)) + text
     return pickle.dumps(value, protocol=2)[2:-1]
 
 
@@ -175,8 +185,12 @@ def _marker(index: int) -> float:
     return -float.fromhex(f"0x1.{index:013x}p-1021")
 
 
+def _string_marker(index: int) -> str:
+    return f"\x00async-ckpt slot {index}\x00"
+
+
 class _MarkedCopy:
-    """A copy of a state dict's containers, each number, boolean and None replaced by its marker
+    """A copy of a state dict's containers, each number, boolean, None and string replaced by its marker
     (numbered in the skeleton walk's order), the same object wherever the original shares one."""
 
     def __init__(self) -> None:
@@ -191,7 +205,11 @@ class _MarkedCopy:
         if id(obj) in self._copies:
             return self._copies[id(obj)]
         copy: Any
-        if kind is dict or kind is OrderedDict:
+        if kind is str:
+            self._count += 1
+            copy = _string_marker(self._count - 1)
+            self._copies[id(obj)] = copy
+        elif kind is dict or kind is OrderedDict:
             copy = kind()
             self._copies[id(obj)] = copy
             for key, value in obj.items():
@@ -214,8 +232,8 @@ class _MarkedCopy:
 def _walk_skeleton(
     state_dict: Any,
 ) -> tuple[list[Any], list[Any], list[torch.UntypedStorage], list[torch.Tensor | None]] | None:
-    """(skeleton, its numbers, booleans and Nones in order, storages in the order the pickle names
-    them, each one's exact tensor (see CapturedState)), or None when it cannot be cached."""
+    """(skeleton, its numbers, booleans, Nones and strings in order, storages in the order the
+    pickle names them, each one's exact tensor (see CapturedState)), or None when it cannot be cached."""
     walk = _SkeletonWalk()
     try:
         walk.visit(state_dict)
@@ -227,6 +245,7 @@ def _walk_skeleton(
 
 _SLOTTED = frozenset({int, bool, float, type(None)})  # values pickle writes in place, never memoized
 _SLOT = ("slot",)  # such a value's entry in a skeleton
+_STRING_SLOT = ("string slot",)  # a string's first appearance (pickle memoizes strings, not numbers)
 _ATTRIBUTES = ("attributes",)  # an OrderedDict's attributes follow
 
 
@@ -256,7 +275,10 @@ class _SkeletonWalk:
             append(seen[identity])  # the same object again: pickle writes a memo reference
             return
         seen[identity] = -len(seen) - 1
-        if kind is str or kind is bytes:
+        if kind is str:
+            append(_STRING_SLOT)
+            self.scalars.append(obj)
+        elif kind is bytes:
             append(obj)
         elif kind is dict or kind is OrderedDict:
             append((kind, len(obj)))

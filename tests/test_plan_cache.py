@@ -69,6 +69,9 @@ VARIANTS = {
     "float changed": _replace(("optimizer", "param_groups", 0, "lr"), transform=lambda lr: lr / 2),
     "tuple became list": _replace(("optimizer", "param_groups", 0, "betas"), transform=list),
     "string changed": _replace(("name",), "run2"),
+    "int became string": _replace(("epoch",), "1"),
+    "string became None": _replace(("name",), None),
+    "key renamed": lambda s: {("renamed" if k == "name" else k): v for k, v in s.items()},
     "one string object twice": _share_the_name,
     "two equal string objects": _equal_but_distinct_name,
     "new key": _replace(("extra",), 1),
@@ -102,7 +105,7 @@ def test_cached_capture_equals_a_fresh_capture(variant):
 
 def test_several_state_dicts_saved_in_turn_all_hit():
     cache = PlanCache(entries=3)
-    states = [_replace((f"part_{n}",), n)(_base()) for n in range(3)]  # three different skeletons
+    states = [_replace(("part",), (1,) * n)(_base()) for n in range(3)]  # three different skeletons
     first = [cache.capture(state).plan.structure for state in states]
     for _ in range(2):
         again = [cache.capture(state).plan.structure for state in states]
@@ -123,7 +126,7 @@ def test_a_state_that_changes_every_save_is_still_captured_right_when_its_walk_i
 
 
 @pytest.mark.parametrize("base", [_base, lambda: _with_metadata(1)(_base())], ids=["plain", "with _metadata"])
-def test_numbers_that_change_every_save_fill_the_cached_pickle_instead_of_pickling_again(base):
+def test_numbers_and_strings_that_change_every_save_fill_the_cached_pickle_instead_of_pickling_again(base):
     cache = PlanCache()
     first = cache.capture(base())
     changes = [
@@ -135,6 +138,9 @@ def test_numbers_that_change_every_save_fill_the_cached_pickle_instead_of_pickli
         _replace(("none",), 2.5),
         _replace(("optimizer", "param_groups", 0, "params", 0), 7),
         _replace(("optimizer", "param_groups", 0, "betas"), (0.5, True)),
+        _replace(("name",), "epoch=0-step=12.ckpt"),  # (Lightning's checkpoint paths name the step)
+        _replace(("name",), "ünïcødé \udc80 " * 40),  # (over 255 bytes, and a lone surrogate)
+        lambda s: {("epoch=3.ckpt" if k == "name" else k): v for k, v in s.items()},  # a key
     ]
     if "_metadata" in vars(base()["model"]):
         changes.append(_with_metadata(2))
