@@ -8,13 +8,16 @@ file's name; a C++ stream that failed on a full disk would abort the process, so
 disk stays Python's.
 
 Laying a skeleton out costs more of the writer's CPU than writing a small state's bytes, and a
-training job saves the same shapes again and again: the layout depends only on the archive's
-name, the pickle's length, the storages' sizes and the manifest's length. So each layout is
-read back once into a template (its pieces: every byte between the storages' reserved spans,
-and where the pickle, the manifest and the CRC-32 fields that name them sit) and each later save
-of that layout fills the template in: the pickle, its CRC-32, the filled manifest, its CRC-32, and
-the serialization id, which torch derives from the records' CRC-32s (checked against torch's own
-when the template is made; a template whose id does not match keeps torch's id and is not reused).
+training job saves the same shapes again and again: the layout depends only on the length of the
+archive's name, the pickle's length, the storages' sizes and the manifest's length. So each
+layout is read back once into a template (its pieces: every byte between the storages' reserved
+spans, and where the archive's name, the pickle, the manifest and the CRC-32 fields that name
+them sit) and each later save of that layout fills the template in: the archive's name (which
+only the records' names hold: files whose names, "epoch=0-step=12", name each step share one
+template), the pickle, its CRC-32, the filled manifest, its CRC-32, and the serialization id,
+which torch derives from the records' names without the archive's and their CRC-32s (checked
+against torch's own when the template is made; a template whose id does not match keeps torch's
+id and is not reused).
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ class _Template:
     manifest_index: int  # the manifest's among them (the pickle's is 0: torch.save writes it first)
     names_hash: bytes  # the id's first half, from the records' names
     records_in: dict[int, tuple[_Record, ...]]  # by piece: the records filled in per save that it holds a part of
+    archive: bytes  # the archive's name the template was laid out with
+    archive_in: dict[int, tuple[int, ...]]  # by piece: where a record's name holds the archive's (file offsets)
 
     @property
     def nbytes(self) -> int:
@@ -81,8 +86,9 @@ class _Template:
 class Skeleton:
     """One file's skeleton: written before its storages, finished with its manifest."""
 
-    def __init__(self, template: _Template, data_pkl: bytes) -> None:
+    def __init__(self, template: _Template, archive: bytes, data_pkl: bytes) -> None:
         self._template = template
+        self._archive = archive
         self._data_pkl = data_pkl
         self._pickle_crc = zlib.crc32(data_pkl)
 
@@ -131,13 +137,18 @@ class Skeleton:
         return changes
 
     def _filled(self, index: int, changes: dict[_Record, tuple[bytes, int]]) -> bytes:
-        """Piece `index` with the pickle and `changes` (a record's new data and CRC) in it."""
-        offset, piece = self._template.pieces[index]
-        records = self._template.records_in.get(index)
-        if not records:
+        """Piece `index` with the archive's name, the pickle and `changes` (a record's new data
+        and CRC) in it."""
+        template = self._template
+        offset, piece = template.pieces[index]
+        records = template.records_in.get(index, ())
+        names = template.archive_in.get(index, ()) if self._archive != template.archive else ()
+        if not records and not names:
             return piece
-        changes = {self._template.pickle: (self._data_pkl, self._pickle_crc), **changes}
+        changes = {template.pickle: (self._data_pkl, self._pickle_crc), **changes}
         filled = bytearray(piece)
+        for place in names:
+            filled[place - offset : place - offset + len(self._archive)] = self._archive
         for record in records:
             if record not in changes:
                 continue
@@ -194,13 +205,14 @@ _templates = _Templates()
 def skeleton_for(path: str, data_pkl: bytes, storage_sizes: Sequence[int], manifest: bytes) -> Skeleton:
     """The skeleton of the checkpoint file `path` will be: its pickle `data_pkl`, storages of
     `storage_sizes` bytes, and the manifest's placeholder `manifest`."""
-    key = (archive_name(path), len(data_pkl), tuple(storage_sizes), len(manifest))
+    archive = archive_name(path).encode()
+    key = (len(archive), len(data_pkl), tuple(storage_sizes), len(manifest))
     template = _templates.get(key)
     if template is None:
         template = _lay_out(path, data_pkl, storage_sizes, manifest)
         if template.serialization_id is not None:
             _templates.keep(key, template)
-    return Skeleton(template, data_pkl)
+    return Skeleton(template, archive, data_pkl)
 
 
 def _lay_out(path: str, data_pkl: bytes, storage_sizes: Sequence[int], manifest: bytes) -> _Template:
@@ -238,12 +250,13 @@ def _write_with_torch(memory: int, path: str, data_pkl: bytes, storage_sizes: Se
 
 def _read_template(laid_out: BinaryIO, memory: int, storages: int) -> _Template:
     """The template of the skeleton torch laid out in `memory` (`laid_out` reads it)."""
-    with zipfile.ZipFile(laid_out) as archive:
-        infos = archive.infolist()
-        central = archive.start_dir
+    with zipfile.ZipFile(laid_out) as laid_out_zip:
+        infos = laid_out_zip.infolist()
+        central = laid_out_zip.start_dir
     if not infos or not infos[0].filename.endswith("/data.pkl"):
         raise AssertionError("torch's zip writer did not write data.pkl first")
     prefix = infos[0].filename.removesuffix("data.pkl")  # the archive's folder, as torch named it
+    archive = prefix.removesuffix("/").encode()
     crc_places = _crc_places(memory, infos, central)
     records: dict[str, _Record] = {}
     reserved: list[tuple[int, int]] = []
@@ -270,6 +283,11 @@ def _read_template(laid_out: BinaryIO, memory: int, storages: int) -> _Template:
         index: tuple(r for r in filled if any(start <= at < start + len(piece) for at in (r.offset, *r.crc_places)))
         for index, (start, piece) in enumerate(pieces)
     }
+    archive_places = _archive_places(memory, infos, central, archive)
+    archive_in = {
+        index: tuple(at for at in archive_places if start <= at < start + len(piece))
+        for index, (start, piece) in enumerate(pieces)
+    }
     return _Template(
         size=os.fstat(memory).st_size,
         pieces=pieces,
@@ -281,6 +299,8 @@ def _read_template(laid_out: BinaryIO, memory: int, storages: int) -> _Template:
         manifest_index=names.index(MANIFEST_RECORD),
         names_hash=laid_id[:20],
         records_in={index: records for index, records in records_in.items() if records},
+        archive=archive,
+        archive_in={index: places for index, places in archive_in.items() if places},
     )
 
 
@@ -289,6 +309,27 @@ def _data_offset(memory: int, info: zipfile.ZipInfo) -> int:
     alignment padding) the central directory does not give the length of."""
     name_length, extra_length = struct.unpack("<HH", os.pread(memory, 4, info.header_offset + 26))
     return int(info.header_offset + 30 + name_length + extra_length)
+
+
+def _central_entries(memory: int, central: int) -> list[tuple[int, str]]:
+    """Each central directory entry's offset and record name."""
+    entries = []
+    entry = central
+    while os.pread(memory, 4, entry) == _CENTRAL_ENTRY:
+        name_length, extra_length, comment_length = struct.unpack("<HHH", os.pread(memory, 6, entry + 28))
+        entries.append((entry, os.pread(memory, name_length, entry + 46).decode()))
+        entry += 46 + name_length + extra_length + comment_length
+    return entries
+
+
+def _archive_places(memory: int, infos: Sequence[zipfile.ZipInfo], central: int, archive: bytes) -> tuple[int, ...]:
+    """Where the archive's name starts in every record's name: its local header's and its central
+    directory entry's (torch puts every record in the archive's folder)."""
+    local = [info.header_offset + 30 for info in infos]
+    places = local + [entry + 46 for entry, _ in _central_entries(memory, central)]
+    if any(os.pread(memory, len(archive) + 1, place) != archive + b"/" for place in places):
+        raise AssertionError("torch's zip writer put a record outside the archive's folder")
+    return tuple(places)
 
 
 def _crc_places(memory: int, infos: Sequence[zipfile.ZipInfo], central: int) -> dict[str, tuple[int, ...]]:
@@ -301,12 +342,8 @@ def _crc_places(memory: int, infos: Sequence[zipfile.ZipInfo], central: int) -> 
             descriptor = _data_offset(memory, info) + info.compress_size
             signed = os.pread(memory, 4, descriptor) == _DATA_DESCRIPTOR
             candidates[info.filename].append(descriptor + 4 if signed else descriptor)
-    entry = central
-    while os.pread(memory, 4, entry) == _CENTRAL_ENTRY:
-        name_length, extra_length, comment_length = struct.unpack("<HHH", os.pread(memory, 6, entry + 28))
-        name = os.pread(memory, name_length, entry + 46).decode()
+    for entry, name in _central_entries(memory, central):
         candidates.setdefault(name, []).append(entry + 16)
-        entry += 46 + name_length + extra_length + comment_length
     by_crc = {info.filename: struct.pack("<I", info.CRC) for info in infos}
     return {
         name: tuple(place for place in places if os.pread(memory, 4, place) == by_crc.get(name))

@@ -10,7 +10,14 @@ import zipfile
 import pytest
 import torch
 
-from core import CheckpointerConfig, CheckpointReader, CheckpointWriterConfig, make_sync_checkpointer, torch_internals
+from core import (
+    CheckpointerConfig,
+    CheckpointReader,
+    CheckpointWriterConfig,
+    make_sync_checkpointer,
+    torch_internals,
+    zip_skeleton,
+)
 from core.fsutil import PAGE_SIZE
 from core.manifest import MANIFEST_RECORD
 from tests.helpers import assert_same
@@ -64,16 +71,23 @@ def _local_extra(data: bytearray, info: zipfile.ZipInfo) -> bytes:
 
 
 @pytest.mark.parametrize("rows", [64, 1 << 16], ids=["small file, written at once", "large file, in chunks"])
-def test_a_save_of_a_shape_saved_before_is_what_torchs_writer_lays_out(tmp_path, rows):
-    _save(tmp_path / "first" / "last.pt", _state(0, 7, rows))  # lays the shape out
+@pytest.mark.parametrize(
+    "first, second",
+    [("last.pt", "last.pt"), ("lost.pt", "last.pt"), ("é.pt", "ab.pt")],
+    ids=["same name", "another name of its length", "as many bytes, other characters"],
+)
+def test_a_save_of_a_shape_saved_before_is_what_torchs_writer_lays_out(tmp_path, monkeypatch, rows, first, second):
+    monkeypatch.setattr(zip_skeleton, "_templates", zip_skeleton._Templates())  # none laid out by earlier tests
+    _save(tmp_path / "first" / first, _state(0, 7, rows))  # lays the shape out
     state = _state(1, 8, rows)  # the same shapes: its pickle differs in the step only, its manifest in its digests
-    path = tmp_path / "second" / "last.pt"
+    path = tmp_path / "second" / second
     _save(path, state)
     written = path.read_bytes()
     archive = zipfile.ZipFile(io.BytesIO(written))
-    prefix = "last/"
+    prefix = second.removesuffix(".pt") + "/"
+    assert archive.namelist()[0] == prefix + "data.pkl"
     os.mkdir(tmp_path / "torch")
-    expected = _laid_out_by_torch(tmp_path / "torch" / "last.pt", archive, prefix)
+    expected = _laid_out_by_torch(tmp_path / "torch" / second, archive, prefix)
     assert len(expected) == len(written)
     assert _outside_storages(written, archive, prefix) == _outside_storages(expected, archive, prefix)
     assert MANIFEST_RECORD in {i.filename.removeprefix(prefix) for i in archive.infolist()}
