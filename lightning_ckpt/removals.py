@@ -5,7 +5,7 @@ the newer one, often while the older one's write is still queued. Waiting for th
 make every save synchronous; instead the plugin asks its writer to skip the write if it has not
 started (core.AsyncCheckpointer.cancel), and the file is removed once the write is over either
 way. A save to the same path issued after the removal wins: its file is never removed by it.
-`wait()` returns once every removal asked for so far is done.
+`wait()` returns once every removal asked for so far is done and its space freed.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
+from core.background_free import remove_file, wait_until_freed
 from core.fsutil import resolved
 from core.interrupts import InterruptSafeEvent
 
@@ -25,8 +26,9 @@ logger = logging.getLogger(__name__)
 
 
 def remove_now(path: str) -> None:
+    """Remove the checkpoint file or folder `path` (a file's space is freed in the background)."""
     if os.path.islink(path) or os.path.isfile(path):
-        os.remove(path)
+        remove_file(path)
     elif os.path.isdir(path):
         shutil.rmtree(path)
     else:
@@ -79,6 +81,7 @@ class DeferredRemovals:
             outstanding = list(self._outstanding)
         for done in outstanding:
             done.wait()
+        wait_until_freed()
 
 
 removals = DeferredRemovals()
