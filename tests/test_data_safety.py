@@ -27,6 +27,7 @@ from core import (
     make_async_checkpointer,
     make_sync_checkpointer,
 )
+from core.background_free import remove_file, wait_until_freed
 from tests import hostile
 from tests.helpers import flip_byte, run_cli, run_script, small_tmpfs
 
@@ -127,6 +128,37 @@ def test_maintenance_after_a_commit_never_fails_that_save(tmp_path, monkeypatch)
 
 
 # ---------------------------------------------------------------- 3. one load, one file
+
+
+def _descriptors_of_deleted(path) -> list[str]:
+    """This process's open descriptors of `path` after its removal."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == f"{path} (deleted)":
+                found.append(fd)
+        except FileNotFoundError:  # (the listing's own descriptor, closed since)
+            pass
+    return found
+
+
+def test_a_removal_frees_in_the_background_and_never_touches_what_is_saved_there_afterwards(tmp_path):
+    path, other = tmp_path / "a.ckpt", tmp_path / "b.ckpt"
+    for target in (path, other):
+        with open(target, "wb") as f:
+            f.write(os.urandom(1 << 20))
+            os.fsync(f.fileno())
+    os.symlink(other, tmp_path / "link.ckpt")
+    remove_file(str(tmp_path / "link.ckpt"))  # the link only, as os.remove
+    assert not os.path.lexists(tmp_path / "link.ckpt") and other.exists()
+    remove_file(str(path))
+    assert not path.exists(), "the name must be gone when the removal returns"
+    path.write_bytes(b"saved after the removal")
+    wait_until_freed()
+    assert path.read_bytes() == b"saved after the removal"
+    assert _descriptors_of_deleted(path) == [], "the removed file was never closed: its space is not freed"
+    with pytest.raises(FileNotFoundError):
+        remove_file(str(tmp_path / "never-written.ckpt"))
 
 
 def test_a_load_reads_one_file_even_when_it_is_replaced_midway(tmp_path, monkeypatch):
