@@ -13,6 +13,7 @@ from core import (
     make_async_checkpointer,
     make_sync_checkpointer,
 )
+from core.parallel_io import Chunk, _balanced_groups
 from tests.helpers import Box, Point, assert_same, clone_tree, every_dtype_tensors, small_training_state
 
 
@@ -176,6 +177,26 @@ def test_large_tensor_spans_several_chunks(tmp_path):
     with make_async_checkpointer(config) as ckpt:
         ckpt.save(tmp_path / "ck", state)[1].result()
         assert_same(ckpt.load(tmp_path / "ck"), state)
+
+
+def test_a_large_save_of_many_tensors_is_written_by_the_threads_in_groups_and_loads_exact(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    sizes = [1 << 18] * 60 + [3 << 18] * 5 + [7, 1, 0]  # 75 MiB: the threads' path, in chunk groups
+    state = {f"t{i}": torch.randn(n, generator=generator) for i, n in enumerate(sizes)}
+    with make_async_checkpointer() as ckpt:
+        ckpt.save(tmp_path / "ck", state)[1].result()
+        assert_same(ckpt.load(tmp_path / "ck"), state)
+    assert_same(torch.load(tmp_path / "ck" / "checkpoint_0.pt", weights_only=True), state)
+
+
+def test_chunk_groups_hold_every_chunk_once_in_about_equal_bytes():
+    chunks = [
+        Chunk(str(i), 0, 0, torch.empty(n, dtype=torch.uint8)) for i, n in enumerate([90, 50, 40, 30, 20, 10, 5, 5])
+    ]
+    groups = _balanced_groups(sorted(chunks, key=lambda c: -c.data.numel()), 3)
+    assert sorted(c.key for g in groups for c in g) == sorted(c.key for c in chunks)
+    totals = [sum(c.data.numel() for c in g) for g in groups]
+    assert len(groups) == 3 and totals == sorted(totals, reverse=True) and totals[0] - totals[-1] <= 90
 
 
 def test_map_location_moves_tensors_and_keeps_sharing(tmp_path, async_ckpt):

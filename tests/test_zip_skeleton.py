@@ -70,7 +70,7 @@ def _local_extra(data: bytearray, info: zipfile.ZipInfo) -> bytes:
     return bytes(data[start : start + extra_length])
 
 
-@pytest.mark.parametrize("rows", [64, 1 << 16], ids=["small file, written at once", "large file, in chunks"])
+@pytest.mark.parametrize("rows", [64, 1 << 19], ids=["small file, written at once", "large file, in chunks"])
 @pytest.mark.parametrize(
     "first, second",
     [("last.pt", "last.pt"), ("lost.pt", "last.pt"), ("é.pt", "ab.pt")],
