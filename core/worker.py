@@ -14,6 +14,7 @@ trainer handles Ctrl-C and SIGTERM; this process ignores both and finishes what 
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 import mmap
 import os
@@ -75,6 +76,9 @@ def worker_main(fd: int) -> None:
         writer = _init_writer(channel, first[0])
         if writer is None:
             return
+        # torch's and the writer's own objects live as long as this process: the collector's full
+        # passes, which every few hundred saves' allocations start, need not walk them each time.
+        gc.freeze()
         try:
             init = first[0].payload if isinstance(first[0], WorkerRequest) else None
             alone = isinstance(init, WorkerInit) and init.rank_info.global_world_size == 1
