@@ -2,10 +2,10 @@
 
 torch's own zip writer lays a skeleton out: the pickle, the small records, space reserved for
 every storage at 4096-byte aligned offsets, the manifest's placeholder, `version`,
-`.data/serialization_id` and the central directory, the archive folder named after the file as
-torch.save names it. It writes into an anonymous memory file reached through a symlink of the
-file's name; a C++ stream that failed on a full disk would abort the process, so every write to
-disk stays Python's.
+`.data/serialization_id` and the central directory. It writes into an anonymous memory file
+reached through a symlink with an ASCII name as long as the archive's; a C++ stream that failed
+on a full disk would abort the process, so every write to disk stays Python's. The archive
+folder is named as torch.save names it (`archive_name`).
 
 Laying a skeleton out costs more of the writer's CPU than writing a small state's bytes, and a
 training job saves the same shapes again and again: the layout depends only on the length of the
@@ -47,8 +47,12 @@ _KEPT_TEMPLATE_BYTES = 64 << 20
 
 
 def archive_name(path: str) -> str:
-    """The folder torch.save puts a file's records in: the file's name without its extension."""
-    return os.path.splitext(os.path.basename(path))[0] or "archive"
+    """The folder torch.save puts a file's records in: the file's name up to its last dot, or
+    "archive" where torch.save writes through Python (a name that is not ASCII). torch.save
+    refuses a name with nothing before its last dot (".hidden"); it is "archive" here too."""
+    name = os.path.basename(path)
+    stem = name[: name.rfind(".")] if "." in name else name
+    return stem if stem and stem.isascii() else "archive"
 
 
 @dataclass(frozen=True)
@@ -209,29 +213,37 @@ def skeleton_for(path: str, data_pkl: bytes, storage_sizes: Sequence[int], manif
     key = (len(archive), len(data_pkl), tuple(storage_sizes), len(manifest))
     template = _templates.get(key)
     if template is None:
-        template = _lay_out(path, data_pkl, storage_sizes, manifest)
+        template = _lay_out(os.path.dirname(path), len(archive), data_pkl, storage_sizes, manifest)
         if template.serialization_id is not None:
             _templates.keep(key, template)
     return Skeleton(template, archive, data_pkl)
 
 
-def _lay_out(path: str, data_pkl: bytes, storage_sizes: Sequence[int], manifest: bytes) -> _Template:
+def _lay_out(
+    directory: str, archive_length: int, data_pkl: bytes, storage_sizes: Sequence[int], manifest: bytes
+) -> _Template:
     memory = os.memfd_create("async-ckpt-skeleton", os.MFD_CLOEXEC)
     try:
-        _write_with_torch(memory, path, data_pkl, storage_sizes, manifest)
+        _write_with_torch(memory, directory, archive_length, data_pkl, storage_sizes, manifest)
         with os.fdopen(os.dup(memory), "rb") as laid_out:
             return _read_template(laid_out, memory, len(storage_sizes))
     finally:
         os.close(memory)
 
 
-def _write_with_torch(memory: int, path: str, data_pkl: bytes, storage_sizes: Sequence[int], manifest: bytes) -> None:
-    alias_folder = os.path.join(os.path.dirname(path), ".skeleton")
-    alias = os.path.join(alias_folder, os.path.basename(path))
+def _write_with_torch(
+    memory: int, directory: str, archive_length: int, data_pkl: bytes, storage_sizes: Sequence[int], manifest: bytes
+) -> None:
+    """Have torch's writer lay the skeleton out in `memory`, its archive named "aaa..." (as long
+    as the real name, which is filled in per save), through an ASCII path: torch's writer takes
+    only those (a name it cannot encode made it abort the process), whatever `directory` is."""
+    alias_folder = os.path.join(directory, ".skeleton")
     os.mkdir(alias_folder, 0o700)
+    folder = os.open(alias_folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.symlink(f"/proc/{os.getpid()}/fd/{memory}", alias)
-        writer = torch_internals.FileWriter(alias, True, STORAGE_ALIGNMENT)
+        alias = "a" * archive_length + ".pt"
+        os.symlink(f"/proc/{os.getpid()}/fd/{memory}", alias, dir_fd=folder)
+        writer = torch_internals.FileWriter(f"/proc/{os.getpid()}/fd/{folder}/{alias}", True, STORAGE_ALIGNMENT)
         writer.write_record("data.pkl", data_pkl, len(data_pkl))
         for name, value in (
             (".format_version", "1"),
@@ -245,6 +257,7 @@ def _write_with_torch(memory: int, path: str, data_pkl: bytes, storage_sizes: Se
         writer.write_end_of_file()
         del writer
     finally:
+        os.close(folder)
         shutil.rmtree(alias_folder, ignore_errors=True)
 
 

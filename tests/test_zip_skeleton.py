@@ -95,10 +95,25 @@ def test_a_save_of_a_shape_saved_before_is_what_torchs_writer_lays_out(tmp_path,
     assert_same(CheckpointReader().read(str(path))[0], state)
 
 
-def test_every_shape_and_archive_name_gets_its_own_layout(tmp_path):
-    for n, name in enumerate(["a.pt", "a.pt", "b.c.pt", "a.pt", "é ü.pt", "é ü.pt"]):
+NAMES = ["a.pt", "a.pt", "b.c.pt", "a.pt", "x.", "noext", "..pt", "é ü.pt", "é ü.pt", os.fsdecode(b"\xff\xfe.pt")]
+
+
+def test_every_shape_and_name_loads_and_names_its_archive_folder_as_torch_save_does(tmp_path):
+    for n, name in enumerate(NAMES):
         state = _state(n, n) if n != 3 else {**_state(n, n), "extra": torch.ones(3)}
-        _save(tmp_path / str(n) / name, state)
-        assert_same(torch.load(tmp_path / str(n) / name, weights_only=True), state)
-        assert zipfile.ZipFile(tmp_path / str(n) / name).namelist()[0] == name.removesuffix(".pt") + "/data.pkl"
+        path = tmp_path / str(n) / name
+        _save(path, state)
+        assert_same(torch.load(path, weights_only=True), state)
+        assert_same(CheckpointReader().read(str(path))[0], state)
+        torch.save(state, tmp_path / str(n) / f"torch-{name}")
+        folder = zipfile.ZipFile(tmp_path / str(n) / f"torch-{name}").namelist()[0].removesuffix("data.pkl")
+        assert zipfile.ZipFile(path).namelist()[0] == folder.replace("torch-", "", 1) + "data.pkl"
     assert sys.byteorder in zipfile.ZipFile(tmp_path / "3" / "a.pt").read("a/byteorder").decode()
+
+
+def test_a_name_torch_save_refuses_is_saved_all_the_same(tmp_path):
+    with pytest.raises(RuntimeError, match="invalid file name"):
+        torch.save(_state(0, 0), tmp_path / ".hidden")
+    _save(tmp_path / "ours" / ".hidden", _state(0, 0))
+    assert zipfile.ZipFile(tmp_path / "ours" / ".hidden").namelist()[0] == "archive/data.pkl"
+    assert_same(torch.load(tmp_path / "ours" / ".hidden", weights_only=True), _state(0, 0))
