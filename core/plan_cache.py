@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import re
 import struct
 from collections import OrderedDict
 from typing import Any
@@ -60,6 +61,9 @@ class PlanCache:
             self._missed(kind, misses)
             return capture(state_dict)
         skeleton, scalars, storages, exact = walked
+        if len(scalars) > MAX_TEMPLATE_SLOTS:  # (a vocabulary, say): no template; walk it again rarely
+            self._misses[kind] = max(misses + 1, 2 * self._entries + 1)
+            return capture(state_dict)
         for index, cached in enumerate(self._cached):
             if cached.skeleton == skeleton:
                 plan = cached.plan_for(scalars)
@@ -140,21 +144,25 @@ class PickleTemplate:
     @classmethod
     def of(cls, state_dict: Any, scalars: list[Any], real: bytes) -> PickleTemplate | None:
         """The template of `state_dict`'s pickle `real` (its skeleton walk found `scalars`), or None."""
-        if not scalars:
+        if not scalars or len(scalars) > MAX_TEMPLATE_SLOTS:
             return None
         try:
             marked = _MarkedCopy().of(state_dict)
             pickled = capture_torch(marked).plan.structure
         except Exception:
             return None
-        places = []
-        for index, value in enumerate(scalars):
-            encoded = _encoded(_string_marker(index) if type(value) is str else _marker(index))
-            at = pickled.find(encoded)
-            if at < 0 or pickled.find(encoded, at + 1) >= 0:
+        places = []  # (where, slot index, length), in the pickle's order: one pass over it
+        for match in _MARKERS.finditer(pickled):
+            digits = match.group(1)
+            index = int(digits) if digits is not None else int.from_bytes(match.group()[1:], "big") & _MANTISSA
+            if index >= len(scalars):
                 return None
-            places.append((at, index, len(encoded)))
-        places.sort()
+            expected = _string_marker(index) if type(scalars[index]) is str else _marker(index)
+            if match.group() != _encoded(expected):
+                return None
+            places.append((match.start(), index, len(match.group())))
+        if sorted(index for _, index, _ in places) != list(range(len(scalars))):
+            return None  # a marker missing, or one found twice (other bytes that look like one)
         segments, start = [], 0
         for at, _, length in places:
             segments.append(pickled[start:at])
@@ -182,7 +190,15 @@ def _encoded(value: Any) -> bytes:
 
 
 def _marker(index: int) -> float:
-    return -float.fromhex(f"0x1.{index:013x}p-1021")
+    return -float.fromhex(f"0x1.{index:013x}p-1021")  # the index in the mantissa
+
+
+# Above this many slots, filling the template costs about what pickling the state does.
+MAX_TEMPLATE_SLOTS = 2_000
+_MANTISSA = (1 << 52) - 1
+# Either marker as torch.save's pickle writes it: a float marker (BINFLOAT, sign set, exponent
+# -1021, the index in the mantissa) or a string marker (BINUNICODE, its length, its text).
+_MARKERS = re.compile(rb"G\x80[\x20-\x2f].{6}|X.{4}\x00async-ckpt slot (\d+)\x00", re.DOTALL)
 
 
 def _string_marker(index: int) -> str:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from core.capture import capture
-from core.plan_cache import PlanCache
+from core.plan_cache import MAX_TEMPLATE_SLOTS, PlanCache
 
 
 def _base():
@@ -149,3 +149,18 @@ def test_numbers_and_strings_that_change_every_save_fill_the_cached_pickle_inste
         cached = cache.capture(state)
         assert cached.plan.structure == capture(state).plan.structure
         assert cached.memo is first.memo, "the state was pickled again instead of filling the cached pickle"
+
+
+@pytest.mark.parametrize("words", [800, 50_000], ids=["a template of 1,600 slots", "too many slots for one"])
+def test_a_state_with_a_large_vocabulary_is_captured_right_and_its_template_made_in_one_pass(words):
+    # (Finding each marker with its own scan of the pickle took minutes for 100,000 slots.)
+    cache = PlanCache()
+    vocabulary = {f"token_{i}": i for i in range(words)}
+    model = {"w": torch.zeros(4)}
+    first = None
+    for step in range(3):
+        state = {"model": model, "vocabulary": vocabulary, "step": step, "path": f"step={step}.pt"}
+        cached = cache.capture(state)
+        assert cached.plan.structure == capture(state).plan.structure
+        first = first or cached
+    assert (cached.memo is first.memo) == (2 * words <= MAX_TEMPLATE_SLOTS), "the template was not used"
