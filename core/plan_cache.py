@@ -144,7 +144,7 @@ class PickleTemplate:
     @classmethod
     def of(cls, state_dict: Any, scalars: list[Any], real: bytes) -> PickleTemplate | None:
         """The template of `state_dict`'s pickle `real` (its skeleton walk found `scalars`), or None."""
-        if not scalars or len(scalars) > MAX_TEMPLATE_SLOTS:
+        if not scalars:
             return None
         try:
             marked = _MarkedCopy().of(state_dict)

@@ -270,7 +270,8 @@ def _read_template(laid_out: BinaryIO, memory: int, storages: int) -> _Template:
         raise AssertionError("torch's zip writer did not write data.pkl first")
     prefix = infos[0].filename.removesuffix("data.pkl")  # the archive's folder, as torch named it
     archive = prefix.removesuffix("/").encode()
-    crc_places = _crc_places(memory, infos, central)
+    entries = _central_entries(memory, central)
+    crc_places = _crc_places(memory, infos, entries)
     records: dict[str, _Record] = {}
     reserved: list[tuple[int, int]] = []
     for info in infos:
@@ -296,7 +297,7 @@ def _read_template(laid_out: BinaryIO, memory: int, storages: int) -> _Template:
         index: tuple(r for r in filled if any(start <= at < start + len(piece) for at in (r.offset, *r.crc_places)))
         for index, (start, piece) in enumerate(pieces)
     }
-    archive_places = _archive_places(memory, infos, central, archive)
+    archive_places = _archive_places(memory, infos, entries, archive)
     archive_in = {
         index: tuple(at for at in archive_places if start <= at < start + len(piece))
         for index, (start, piece) in enumerate(pieces)
@@ -335,17 +336,21 @@ def _central_entries(memory: int, central: int) -> list[tuple[int, str]]:
     return entries
 
 
-def _archive_places(memory: int, infos: Sequence[zipfile.ZipInfo], central: int, archive: bytes) -> tuple[int, ...]:
+def _archive_places(
+    memory: int, infos: Sequence[zipfile.ZipInfo], entries: Sequence[tuple[int, str]], archive: bytes
+) -> tuple[int, ...]:
     """Where the archive's name starts in every record's name: its local header's and its central
     directory entry's (torch puts every record in the archive's folder)."""
     local = [info.header_offset + 30 for info in infos]
-    places = local + [entry + 46 for entry, _ in _central_entries(memory, central)]
+    places = local + [entry + 46 for entry, _ in entries]
     if any(os.pread(memory, len(archive) + 1, place) != archive + b"/" for place in places):
         raise AssertionError("torch's zip writer put a record outside the archive's folder")
     return tuple(places)
 
 
-def _crc_places(memory: int, infos: Sequence[zipfile.ZipInfo], central: int) -> dict[str, tuple[int, ...]]:
+def _crc_places(
+    memory: int, infos: Sequence[zipfile.ZipInfo], entries: Sequence[tuple[int, str]]
+) -> dict[str, tuple[int, ...]]:
     """Per record, every field that holds its CRC-32: its local header's (unless a data descriptor
     holds it instead), its data descriptor's and its central directory entry's."""
     candidates: dict[str, list[int]] = {}
@@ -355,7 +360,7 @@ def _crc_places(memory: int, infos: Sequence[zipfile.ZipInfo], central: int) -> 
             descriptor = _data_offset(memory, info) + info.compress_size
             signed = os.pread(memory, 4, descriptor) == _DATA_DESCRIPTOR
             candidates[info.filename].append(descriptor + 4 if signed else descriptor)
-    for entry, name in _central_entries(memory, central):
+    for entry, name in entries:
         candidates.setdefault(name, []).append(entry + 16)
     by_crc = {info.filename: struct.pack("<I", info.CRC) for info in infos}
     return {
