@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .aligned_write import write_whole_file
 from .fsutil import DEFAULT_CHUNK_BYTES, buffer_of
 from .manifest import Manifest, chunk_digests, chunk_ranges
 from .parallel_io import PARALLEL_MIN_BYTES, Chunk, DirectIO, PreviousRecord, write_chunks
@@ -61,7 +62,7 @@ def write_checkpoint_file(
     sizes = [b.numel() for b in storage_bytes]
     manifest = Manifest(data_pkl, sizes, chunk_bytes, checksums, extra_metadata or {})
     if sum(sizes) < PARALLEL_MIN_BYTES and not previous:
-        _write_at_once(path, data_pkl, manifest, storage_bytes, known_digests, clock)
+        _write_at_once(path, data_pkl, manifest, storage_bytes, known_digests, use_direct_io, clock)
         return WrittenFile(sum(sizes), 0, clock.seconds)
     skeleton = skeleton_for(path, data_pkl, sizes, manifest.placeholder)
     clock.mark("skeleton")
@@ -89,10 +90,12 @@ def _write_at_once(
     manifest: Manifest,
     storage_bytes: Sequence[torch.Tensor],
     known_digests: Sequence[list[str] | None] | None,
+    use_direct_io: bool,
     clock: StepClock,
 ) -> None:
-    """A small file: its digests first, then every byte of it in gathered writes, then fsync.
-    (Positioned writes piece by piece cost the writer more CPU than the bytes themselves.)"""
+    """A small file: its digests first, then every byte of it in one gathered write (through
+    O_DIRECT where it can), then fsync. (Positioned writes piece by piece cost the writer more CPU
+    than the bytes themselves.)"""
     views = [buffer_of(b) for b in storage_bytes]
     if manifest.checksums:
         known: list[list[str] | None] = list(known_digests or [None] * len(views))
@@ -107,7 +110,7 @@ def _write_at_once(
     clock.mark("skeleton")
     fd = os.open(path, os.O_WRONLY)
     try:
-        skeleton.write_whole(fd, views, filled)
+        write_whole_file(fd, path, skeleton.whole(views, filled), use_direct_io)
         clock.mark("data")
         os.fsync(fd)
         clock.mark("fsync")

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from . import torch_internals
-from .fsutil import PAGE_SIZE, write_all, write_gathered
+from .fsutil import PAGE_SIZE, write_all
 from .manifest import MANIFEST_RECORD
 
 STORAGE_ALIGNMENT = PAGE_SIZE
@@ -114,9 +114,9 @@ class Skeleton:
         last = len(self._template.pieces) - 1
         write_all(fd, self._filled(last, self._finished(manifest)), self._template.pieces[last][0])
 
-    def write_whole(self, fd: int, storages: Sequence[memoryview], manifest: bytes) -> None:
-        """Write the whole file in gathered writes: every piece, each storage's bytes between
-        them (`storages[i]` is storage "i"'s), and the filled `manifest`."""
+    def whole(self, storages: Sequence[memoryview], manifest: bytes) -> list[memoryview | bytes]:
+        """The whole file as buffers back to back: every piece, each storage's bytes between them
+        (`storages[i]` is storage "i"'s), and the filled `manifest` in the last piece."""
         template = self._template
         changes = self._finished(manifest)
         if len(template.pieces) != len(storages) + 1:
@@ -125,7 +125,7 @@ class Skeleton:
         for index, storage in enumerate(storages):
             buffers += [self._filled(index, changes), storage]
         buffers.append(self._filled(len(storages), changes))
-        write_gathered(fd, buffers, 0)
+        return buffers
 
     def _finished(self, manifest: bytes) -> dict[_Record, tuple[bytes, int]]:
         """The records that the filled `manifest` changes: its own and the serialization id."""

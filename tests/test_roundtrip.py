@@ -1,6 +1,9 @@
 """Every dtype and structure survives a save and load bit-exactly, through our reader and torch.load."""
 
+import mmap
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -13,6 +16,8 @@ from core import (
     make_async_checkpointer,
     make_sync_checkpointer,
 )
+from core.aligned_write import DIRECT_MIN_FILE_BYTES, _segments, write_whole_file
+from core.fsutil import PAGE_SIZE, round_up
 from core.parallel_io import Chunk, _balanced_groups
 from tests.helpers import Box, Point, assert_same, clone_tree, every_dtype_tensors, small_training_state
 
@@ -308,3 +313,54 @@ def test_legacy_torch_save_files_load(tmp_path, async_ckpt):
     assert torch.equal(loaded["w"], torch.arange(4.0)) and loaded["n"] == 2
     partial = async_ckpt.load(tmp_path / "legacy.pt", {"w": torch.zeros(4)})
     assert torch.equal(partial["w"], torch.arange(4.0))
+
+
+def _aligned_views(*sizes: int) -> tuple[mmap.mmap, list[memoryview]]:
+    """Views of page-aligned memory (as staged storages are), each with distinct random bytes."""
+    memory = mmap.mmap(-1, sum(round_up(max(size, 1)) for size in sizes))
+    memory.write(os.urandom(len(memory)))
+    views, start = [], 0
+    for size in sizes:
+        views.append(memoryview(memory)[start : start + size])
+        start += round_up(max(size, 1))
+    return memory, views
+
+
+@pytest.mark.parametrize("use_direct_io", [True, False])
+@pytest.mark.parametrize("where", ["tmp_path", "/dev/shm"])
+def test_a_whole_file_written_around_the_page_cache_holds_every_byte_in_order(tmp_path, use_direct_io, where):
+    large = DIRECT_MIN_FILE_BYTES + 5  # the file is large enough to go around the page cache
+    memory, (a, b, c, d, e) = _aligned_views(3 * PAGE_SIZE, 2 * PAGE_SIZE + 100, 50, PAGE_SIZE - 1, large)
+    # records between storages end on page boundaries (as the zip layout's do) or not
+    buffers = [b"head" * 1024, a, b"x" * (PAGE_SIZE - 100), b, b"y" * 7, c, d, b"", e, b"end of file"]
+    folder = tmp_path if where == "tmp_path" else tempfile.mkdtemp(dir=where)
+    path = os.path.join(folder, "whole")
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY)
+        try:
+            write_whole_file(fd, path, buffers, use_direct_io)
+        finally:
+            os.close(fd)
+        with open(path, "rb") as f:
+            assert f.read() == b"".join(bytes(buffer) for buffer in buffers)
+    finally:
+        if folder != tmp_path:
+            shutil.rmtree(folder)
+        for view in (a, b, c, d, e):
+            view.release()
+        memory.close()
+
+
+def test_page_aligned_storages_go_to_the_device_from_where_they_are_and_the_rest_through_whole_pages():
+    memory, (aligned, with_tail) = _aligned_views(2 * PAGE_SIZE, PAGE_SIZE + 10)
+    segments, bounce = _segments([memoryview(b"r" * PAGE_SIZE), aligned, with_tail, memoryview(b"end")])
+    try:
+        assert [len(s) for s in segments] == [PAGE_SIZE, 2 * PAGE_SIZE, PAGE_SIZE, PAGE_SIZE]
+        assert segments[1].obj is aligned.obj and segments[2].obj is with_tail.obj  # not copied
+        assert bytes(segments[3]) == bytes(with_tail[PAGE_SIZE:]) + b"end" + bytes(PAGE_SIZE - 13)
+    finally:
+        segments.clear()
+        bounce.close()
+        aligned.release()
+        with_tail.release()
+        memory.close()

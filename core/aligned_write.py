@@ -1,0 +1,109 @@
+"""Writing a whole file in one pass through O_DIRECT, around the page cache.
+
+A file is given as buffers laid back to back from offset 0. Each buffer that starts on a page
+boundary of the file and of memory (a staged storage: staging slabs and the zip layout align
+both) goes to the device straight from where it is, its whole pages at least; every other byte
+(the zip records, the pickle, the tails of storages, small storages) is copied into a
+page-aligned bounce buffer first. One gathered write then sends them all.
+
+Why: a buffered write of a 40 MB checkpoint costs the writer about 10 ms of CPU copying into the
+page cache and a few more writing it back at fsync, on a 2-CPU machine as much as a training step
+loses to it; the same write through O_DIRECT costs about 1.5 ms and reaches the disk sooner.
+Where the filesystem or the kernel refuses O_DIRECT the same buffers go through the page cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+from collections.abc import Sequence
+
+from .fsutil import PAGE_SIZE, round_up, write_gathered
+
+logger = logging.getLogger(__name__)
+
+# Smaller files go through the page cache: for them the two cost the same CPU, and a load soon
+# after the save (a resume, a test) reads them from memory.
+DIRECT_MIN_FILE_BYTES = 4 << 20
+
+
+def write_whole_file(fd: int, path: str, buffers: Sequence[memoryview | bytes], use_direct_io: bool) -> None:
+    """Write `buffers` back to back from offset 0 of the open file `fd` (at `path`), through
+    O_DIRECT where possible for a file of DIRECT_MIN_FILE_BYTES or more, and the page cache
+    otherwise. The file ends where the buffers end; it is not fsynced here."""
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    size = sum(len(view) for view in views)
+    direct = _open_direct(path) if use_direct_io and size >= DIRECT_MIN_FILE_BYTES else -1
+    if direct < 0:
+        write_gathered(fd, views, 0)
+        return
+    try:
+        segments, bounce = _segments(views)
+        try:
+            write_gathered(direct, segments, 0)
+        finally:
+            segments.clear()
+            bounce.close()
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        logger.debug("O_DIRECT write of %s refused (%s); writing through the page cache", path, exc)
+        write_gathered(fd, views, 0)
+    finally:
+        os.close(direct)
+    os.ftruncate(fd, size)
+
+
+def _open_direct(path: str) -> int:
+    if not hasattr(os, "O_DIRECT"):
+        return -1
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError as exc:
+        logger.debug("O_DIRECT not available for %s (%s); writing through the page cache", path, exc)
+        return -1
+
+
+def _segments(views: list[memoryview]) -> tuple[list[memoryview], mmap.mmap]:
+    """The file as page-aligned segments: the whole pages of every page-aligned buffer as they
+    are, and the bytes between them copied into one bounce buffer (returned, to be closed), its
+    last group zero-padded to a whole page."""
+    plan: list[tuple[bool, list[memoryview]]] = []  # (straight from memory?, the pieces)
+    position = 0
+    for view in views:
+        if position % PAGE_SIZE == 0 and len(view) >= PAGE_SIZE and _page_aligned(view):
+            whole = len(view) - len(view) % PAGE_SIZE
+            plan.append((True, [view[:whole]]))
+            view = view[whole:]
+            position += whole
+        if len(view):
+            if not plan or plan[-1][0]:
+                plan.append((False, []))
+            plan[-1][1].append(view)
+            position += len(view)
+    bounced = sum(round_up(sum(len(piece) for piece in pieces)) for direct, pieces in plan if not direct)
+    bounce = mmap.mmap(-1, max(bounced, PAGE_SIZE))
+    space = memoryview(bounce)
+    segments = []
+    used = 0
+    for direct, pieces in plan:
+        if direct:
+            segments.append(pieces[0])
+            continue
+        start = used
+        for piece in pieces:
+            space[used : used + len(piece)] = piece
+            used += len(piece)
+        used = round_up(used)  # only the last group is short of a page; the mapping is zeros there
+        segments.append(space[start:used])
+    space.release()
+    return segments, bounce
+
+
+def _page_aligned(view: memoryview) -> bool:
+    if view.readonly:
+        return False  # bytes (the records): copied, never sent from where they are
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % PAGE_SIZE == 0
