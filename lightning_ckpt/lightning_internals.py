@@ -30,6 +30,12 @@ def trainer_of(module: Any) -> Any:
     return module._trainer
 
 
+def logging_step(trainer: Any) -> int:
+    """The step Lightning logs metrics at now (the optimizer steps taken), as its own logger
+    connector and LearningRateMonitor pass it to `Logger.log_metrics`."""
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
 def saves_distributed_checkpoints(strategy: Any) -> bool:
     """Whether a ModelParallelStrategy saves sharded checkpoints (its save_distributed_checkpoint)."""
     return bool(strategy._save_distributed_checkpoint)

@@ -12,8 +12,8 @@ import core.torch_internals as ti
 from accelerate_ckpt import accelerate_internals
 from core import internals, safetensors_internals
 from lightning_ckpt import AsyncCheckpointIO
-from lightning_ckpt.lightning_internals import trainer_of
-from tests.lightning_helpers import TinyClassifier
+from lightning_ckpt.lightning_internals import logging_step, trainer_of
+from tests.lightning_helpers import TinyClassifier, tiny_data
 
 
 @pytest.mark.parametrize(
@@ -104,6 +104,13 @@ def test_lightning_module_knows_its_trainer():
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     module.trainer = trainer
     assert trainer_of(module) is trainer
+
+
+def test_the_logging_step_counts_the_optimizer_steps_taken():
+    trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    assert logging_step(trainer) == 0
+    trainer.fit(TinyClassifier(), tiny_data())
+    assert logging_step(trainer) == trainer.global_step == 3
 
 
 def test_model_parallel_strategy_has_what_the_sharded_seam_wraps():
