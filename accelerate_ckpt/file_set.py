@@ -169,6 +169,7 @@ class FileSetCheckpointer:
                     file_format=file.file_format,
                     report_errors=False,
                     create_folder=False,  # a staging folder deleted meanwhile (with its checkpoint) stays deleted
+                    private_folder=True,  # published (synced, moved) with the others by _commit
                 )
                 staged.result()
                 writes.append(written)

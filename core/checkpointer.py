@@ -254,6 +254,7 @@ class AsyncCheckpointer(Checkpointer):
         dedupe_key: Any = None,
         create_folder: bool = True,
         extra_files: Mapping[str, bytes] | None = None,
+        private_folder: bool = False,
         **kwargs: Any,
     ) -> tuple[Future[None], Future[WriteResult]]:
         """Snapshot `state_dict` and write it to `path` in the background.
@@ -263,6 +264,9 @@ class AsyncCheckpointer(Checkpointer):
         checkpoint's metadata (e.g. step=100). report_errors=False: a failure of this save is
         reported on its write future only (not again by save/wait/close). create_folder=False:
         the write fails if the checkpoint's folder is missing (instead of creating it).
+        private_folder=True: the folder is a staging folder that the caller publishes once its
+        files are durable; the file is written there under its name, with no temporary folder,
+        rename or folder sync (see WriteOptions).
 
         dedupe_key: when it equals the previous save's and nothing changed since (the same
         pickled structure, the same tensors with the same version counters, the same other
@@ -289,7 +293,11 @@ class AsyncCheckpointer(Checkpointer):
             # A Ctrl-C during these steps is raised after each assignment, inside this try: the save
             # then either fails here as a whole or, once handed over, goes on to completion.
             with sigint_deferred():
-                options = WriteOptions(create_folder=create_folder, extra_files=tuple((extra_files or {}).items()))
+                options = WriteOptions(
+                    create_folder=create_folder,
+                    extra_files=tuple((extra_files or {}).items()),
+                    private_folder=private_folder,
+                )
                 save = _Save(path, kwargs, options, WriteFuture(), 0.0)
                 save.future = self._writes.start(path, report_errors)
                 save.start = time.perf_counter()

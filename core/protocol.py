@@ -77,11 +77,16 @@ class WriteOptions:
         instead (a folder deleted while its save ran stays deleted).
     extra_files: (name, content) of files rank 0 writes into a sharded checkpoint's directory
         before its commit, which records their digests (Lightning's meta.pt).
+    private_folder: the file's folder is private to a publisher that moves its files into place
+        once they are all durable (a multi-file checkpoint's staging folder): the file is written
+        under its own name there, without a temporary folder, a rename or a folder sync, and is
+        removed if its write fails.
     """
 
     link_from: str | None = None
     create_folder: bool = True
     extra_files: tuple[tuple[str, bytes], ...] = ()
+    private_folder: bool = False
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import errno
 import fcntl
 import logging
@@ -130,7 +131,6 @@ class CheckpointWriter:
         WriteOptions): `link_from` makes the file from a committed one without writing a byte
         (see _link_or_copy); `create_folder=False` leaves a missing folder missing.
         """
-        link_from, create_folder = options.link_from, options.create_folder
         if self._executor is None:
             raise RuntimeError("CheckpointWriter is closed")
         start = time.perf_counter()
@@ -141,13 +141,15 @@ class CheckpointWriter:
             return self._write_sharded(path, plan, storage_bytes, options, kwargs, start)
         if options.extra_files:
             raise ValueError("extra_files go with sharded checkpoints (state dicts holding DTensors) only")
+        if options.private_folder and self._config.layout != "file":
+            raise ValueError('private_folder writes are single files: they need CheckpointWriterConfig(layout="file")')
         final = checkpoint_file_path(path, self._config.layout, self._rank_info.global_rank)
         # The folder as spelled (`sub/../b.ckpt` needs `sub/`), as the final rename resolves it.
         directory = os.path.dirname(final) or "."
         try:
-            if create_folder:
+            if options.create_folder:
                 os.makedirs(directory, exist_ok=True)
-            written = self._write_and_commit(path, final, directory, plan, storage_bytes, link_from, kwargs)
+            written = self._write_and_commit(path, final, directory, plan, storage_bytes, options, kwargs)
         except OSError as exc:
             if isinstance(exc, CheckpointError):
                 raise
@@ -222,25 +224,29 @@ class CheckpointWriter:
         directory: str,
         plan: CheckpointPlan,
         storage_bytes: Sequence[torch.Tensor],
-        link_from: str | None,
+        options: WriteOptions,
         kwargs: dict[str, Any],
     ) -> _Committed:
-        """Write the file into a private temporary folder, agree with the other ranks, publish it."""
+        """Write the file into a private temporary folder (in a private folder: in place), agree
+        with the other ranks, publish it."""
         clock = StepClock()
         write_id = new_write_id()
         metadata = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}
         series = series_of(path, self._config.retention)
-        temporary_directory = new_temporary_folder(directory)
-        temporary = os.path.join(temporary_directory, os.path.basename(final))
+        temporary_directory = None if options.private_folder else new_temporary_folder(directory)
+        temporary = final if temporary_directory is None else os.path.join(temporary_directory, os.path.basename(final))
+        created = published = False
         try:
             try:
-                linked = self._link_committed(link_from, temporary, plan)
+                linked = self._link_committed(options.link_from, temporary, plan)
                 if linked is not None:
                     written, write_id = linked
+                    created = True
                     clock.mark("link")
                 else:
                     # Created private; given the usual permissions only when it takes its final name.
                     os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+                    created = True
                     clock.mark("temporary")
                     written = self._write_file(temporary, plan, storage_bytes, write_id, metadata, series)
                     clock.mark("file")
@@ -254,10 +260,18 @@ class CheckpointWriter:
             agreed = self._agreement.agree(path, {"file": asdict(mine)})
             files = None if agreed is None else [RankFile(**payload["file"]) for payload in agreed]
             clock.mark("barrier")
-            self._publish(temporary, final, directory, files, metadata, series)
+            if temporary_directory is None:
+                os.chmod(final, 0o666 & ~process_umask())  # its folder's publisher syncs and moves it
+            else:
+                self._publish(temporary, final, directory, files, metadata, series)
+            published = True
             clock.mark("publish")
         finally:
-            shutil.rmtree(temporary_directory, ignore_errors=True)
+            if temporary_directory is not None:
+                shutil.rmtree(temporary_directory, ignore_errors=True)
+            elif created and not published:
+                with contextlib.suppress(OSError):  # (gone with its folder: a cancelled save)
+                    os.unlink(final)
         clock.mark("cleanup")
         self._committed[final] = write_id
         while len(self._committed) > 16:

@@ -166,6 +166,21 @@ class FailingCommit:
         pass
 
 
+class ListsFolderAtCommit:
+    """A picklable WriterHook that records, in the file `record`, what `folder` holds when a
+    write reaches its pre_commit (its file written, not yet published)."""
+
+    def __init__(self, folder, record) -> None:
+        self.folder, self.record = str(folder), str(record)
+
+    def pre_commit(self, path, **kwargs):
+        with open(self.record, "w") as f:
+            f.write("\n".join(sorted(os.listdir(self.folder))))
+
+    def post_commit(self, path, **kwargs):
+        pass
+
+
 class DiesBeforeCommit:
     """A picklable WriterHook that SIGKILLs the process it runs in (the writer) once the file of
     the save with metadata `step` is durable, before its commit."""

@@ -3,6 +3,7 @@
 import concurrent.futures
 import os
 import signal
+import stat
 import threading
 import time
 import weakref
@@ -23,10 +24,12 @@ from core import (
     prestart_writer,
     release_idle_writers,
 )
-from core.fsutil import filesystem_clones
+from core.fsutil import filesystem_clones, process_umask
 from core.writer_pool import idle_writer_pids
 from tests.helpers import (
+    FailingCommit,
     GatedCommit,
+    ListsFolderAtCommit,
     SlowCommit,
     assert_same,
     clone_tree,
@@ -483,3 +486,34 @@ def test_saves_from_several_threads_each_land_in_the_order_they_were_made(tmp_pa
     for t in range(4):
         loaded = torch.load(tmp_path / f"thread{t}.ckpt", weights_only=True)
         assert loaded["step"] == 29 and torch.equal(loaded["w"], torch.full((256,), 29.0)), t
+
+
+def test_a_file_of_a_private_folder_is_written_in_place_and_removed_when_its_write_fails(tmp_path):
+    config = CheckpointerConfig(writer_config=CheckpointWriterConfig(layout="file"))
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    state = {"w": torch.arange(6.0)}
+    listing = tmp_path / "listing"
+    with make_async_checkpointer(config, commit_hook=ListsFolderAtCommit(staging, listing)) as checkpointer:
+        checkpointer.save(staging / "model.bin", state, private_folder=True)[1].result()
+    assert listing.read_text() == "model.bin"  # written under its name, no temporary folder beside it
+    assert os.listdir(staging) == ["model.bin"]
+    assert torch.equal(torch.load(staging / "model.bin", weights_only=True)["w"], state["w"])
+    assert stat.S_IMODE(os.stat(staging / "model.bin").st_mode) == 0o666 & ~process_umask()
+
+    (staging / "other.bin").write_bytes(b"not ours")
+    with make_async_checkpointer(config, commit_hook=FailingCommit()) as checkpointer:
+        _, written = checkpointer.save(staging / "optimizer.bin", state, private_folder=True, report_errors=False)
+        with pytest.raises(CheckpointWriteError, match="injected failure"):
+            written.result()
+        # a name that exists already is refused, and that file is left as it was
+        _, clash = checkpointer.save(staging / "other.bin", state, private_folder=True, report_errors=False)
+        with pytest.raises(CheckpointWriteError):
+            clash.result()
+    assert sorted(os.listdir(staging)) == ["model.bin", "other.bin"]
+    assert (staging / "other.bin").read_bytes() == b"not ours"
+
+
+def test_private_folder_writes_need_the_file_layout(tmp_path):
+    with make_async_checkpointer() as checkpointer, pytest.raises(CheckpointWriteError, match='layout="file"'):
+        checkpointer.save(tmp_path / "ck", {"w": torch.zeros(1)}, private_folder=True)[1].result()
