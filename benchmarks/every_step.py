@@ -19,6 +19,12 @@ save is written and kept: the rate of durable saves is the writer's steady rate.
 before the loop in both (the writer has started, as in a job whose first save comes after its
 set-up).
 
+Part 3, Lightning: the main job's fit (examples/finetune_lightning.py: a small transformer, about
+40 MB with AdamW, 80 steps) checkpointed every step with `ModelCheckpoint(every_n_train_steps=1)`:
+no checkpoints, Lightning's own synchronous saving and `AsyncCheckpointIO`, each fit's total time
+(the plugin's fit ends when its last checkpoint is durable). The writer starts once, before the
+fits, as in the example.
+
 Rounds rotate the order of the methods; each number is the median over rounds. Tests check
 behaviour; this measures.
 
@@ -33,6 +39,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -132,6 +139,18 @@ def accelerate_loop(
     return loop, durable, statistics.median(calls), written
 
 
+def lightning_fit(mode: str, folder: str) -> tuple[float, float]:
+    """(fit seconds, the same) of the example's fine-tuning in `mode` ("none", "sync", "async"),
+    a checkpoint every step."""
+    import finetune_lightning as example
+
+    args = argparse.Namespace(epochs=2, width=256, samples=1280, out=folder)
+    shutil.rmtree(os.path.join(folder, f"{mode}_every_step"), ignore_errors=True)
+    _, total = example.fine_tune(mode, args, args.epochs, None if mode == "none" else 1)
+    os.sync()  # no fit pays for writing back another's checkpoints
+    return total, total
+
+
 def _in_new_folder(root: str, size: str, every: int, method: str) -> tuple[float, float]:
     folder = tempfile.mkdtemp(dir=root)
     try:
@@ -209,11 +228,34 @@ def main() -> None:
                     f"| {written:.0f} | {durable:.2f} | {written / durable:.0f} |"
                 )
                 print(lines[-1], flush=True)
+        lines += _lightning_rows(root, args.rounds)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _lightning_rows(root: str, rounds: int) -> list[str]:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    import finetune_lightning as example
+
+    example.start_writer()  # once, as a job's set-up would; every fit reuses it
+    cache = os.path.join(root, "lightning")
+    example.pretrained_model(256, os.path.join(cache, "pretrained"))  # made once, outside every fit
+    t = rounds_of(functools.partial(lightning_fit, folder=cache), ["none", "sync", "async"], rounds)
+    none, sync, async_ = t["none"][0], t["sync"][0], t["async"][0]
+    lines = [
+        "",
+        "Lightning, the example's model (about 40 MB with AdamW), `ModelCheckpoint(every_n_train_steps=1)`, "
+        "80 steps, fit total (async: until its last checkpoint is durable):",
+        "",
+        "| none s | Lightning sync s | async-ckpt s | sync / none | async / none | async / sync |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| {none:.2f} | {sync:.2f} | {async_:.2f} | {sync / none:.2f} | {async_ / none:.2f} | {async_ / sync:.2f} |",
+    ]
+    print(lines[-1], flush=True)
+    return lines
 
 
 if __name__ == "__main__":
