@@ -25,28 +25,25 @@ from .fsutil import PAGE_SIZE, round_up, write_gathered
 
 logger = logging.getLogger(__name__)
 
-# Smaller files go through the page cache: for them the two cost the same CPU, and a load soon
-# after the save (a resume, a test) reads them from memory.
-DIRECT_MIN_FILE_BYTES = 4 << 20
+# A file with fewer bytes that can go straight from memory goes through the page cache: for it
+# the two cost the same CPU (or O_DIRECT costs a copy, where the buffers are not page-aligned, as
+# a synchronous save's live tensors are not), and a load soon after the save reads it from memory.
+DIRECT_MIN_BYTES = 4 << 20
 
 
 def write_whole_file(fd: int, path: str, buffers: Sequence[memoryview | bytes], use_direct_io: bool) -> None:
     """Write `buffers` back to back from offset 0 of the open file `fd` (at `path`), through
-    O_DIRECT where possible for a file of DIRECT_MIN_FILE_BYTES or more, and the page cache
-    otherwise. The file ends where the buffers end; it is not fsynced here."""
+    O_DIRECT where DIRECT_MIN_BYTES or more of them can go straight from memory, and the page
+    cache otherwise. The file ends where the buffers end; it is not fsynced here."""
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
-    size = sum(len(view) for view in views)
-    direct = _open_direct(path) if use_direct_io and size >= DIRECT_MIN_FILE_BYTES else -1
+    plan = _plan(views) if use_direct_io else []
+    straight = sum(len(pieces[0]) for from_memory, pieces in plan if from_memory)
+    direct = _open_direct(path) if straight >= DIRECT_MIN_BYTES else -1
     if direct < 0:
         write_gathered(fd, views, 0)
         return
     try:
-        segments, bounce = _segments(views)
-        try:
-            write_gathered(direct, segments, 0)
-        finally:
-            segments.clear()
-            bounce.close()
+        write_gathered(direct, _segments(plan), 0)
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
@@ -54,7 +51,7 @@ def write_whole_file(fd: int, path: str, buffers: Sequence[memoryview | bytes], 
         write_gathered(fd, views, 0)
     finally:
         os.close(direct)
-    os.ftruncate(fd, size)
+    os.ftruncate(fd, sum(len(view) for view in views))
 
 
 def _open_direct(path: str) -> int:
@@ -67,11 +64,13 @@ def _open_direct(path: str) -> int:
         return -1
 
 
-def _segments(views: list[memoryview]) -> tuple[list[memoryview], mmap.mmap]:
-    """The file as page-aligned segments: the whole pages of every page-aligned buffer as they
-    are, and the bytes between them copied into one bounce buffer (returned, to be closed), its
-    last group zero-padded to a whole page."""
-    plan: list[tuple[bool, list[memoryview]]] = []  # (straight from memory?, the pieces)
+_Plan = list[tuple[bool, list[memoryview]]]  # (straight from memory?, the pieces of one segment)
+
+
+def _plan(views: list[memoryview]) -> _Plan:
+    """The file's segments: the whole pages of each buffer that starts on a page boundary of the
+    file and of memory, straight from memory; the bytes between them, to be copied."""
+    plan: _Plan = []
     position = 0
     for view in views:
         if position % PAGE_SIZE == 0 and len(view) >= PAGE_SIZE and _page_aligned(view):
@@ -84,13 +83,20 @@ def _segments(views: list[memoryview]) -> tuple[list[memoryview], mmap.mmap]:
                 plan.append((False, []))
             plan[-1][1].append(view)
             position += len(view)
-    bounced = sum(round_up(sum(len(piece) for piece in pieces)) for direct, pieces in plan if not direct)
-    bounce = mmap.mmap(-1, max(bounced, PAGE_SIZE))
-    space = memoryview(bounce)
+    return plan
+
+
+def _segments(plan: _Plan) -> list[memoryview]:
+    """The plan's page-aligned segments to write: its buffers' pages as they are, the bytes
+    between them copied into one bounce buffer, its last group zero-padded to a whole page. (The
+    bounce buffer lives as long as its segments: closing it by hand fails while an exception's
+    traceback still holds a view of it.)"""
+    bounced = sum(round_up(sum(len(piece) for piece in pieces)) for from_memory, pieces in plan if not from_memory)
+    space = memoryview(mmap.mmap(-1, max(bounced, PAGE_SIZE)))
     segments = []
     used = 0
-    for direct, pieces in plan:
-        if direct:
+    for from_memory, pieces in plan:
+        if from_memory:
             segments.append(pieces[0])
             continue
         start = used
@@ -100,7 +106,7 @@ def _segments(views: list[memoryview]) -> tuple[list[memoryview], mmap.mmap]:
         used = round_up(used)  # only the last group is short of a page; the mapping is zeros there
         segments.append(space[start:used])
     space.release()
-    return segments, bounce
+    return segments
 
 
 def _page_aligned(view: memoryview) -> bool:

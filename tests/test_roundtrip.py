@@ -16,7 +16,7 @@ from core import (
     make_async_checkpointer,
     make_sync_checkpointer,
 )
-from core.aligned_write import DIRECT_MIN_FILE_BYTES, _segments, write_whole_file
+from core.aligned_write import DIRECT_MIN_BYTES, _plan, _segments, write_whole_file
 from core.fsutil import PAGE_SIZE, round_up
 from core.parallel_io import Chunk, _balanced_groups
 from tests.helpers import Box, Point, assert_same, clone_tree, every_dtype_tensors, small_training_state
@@ -329,7 +329,7 @@ def _aligned_views(*sizes: int) -> tuple[mmap.mmap, list[memoryview]]:
 @pytest.mark.parametrize("use_direct_io", [True, False])
 @pytest.mark.parametrize("where", ["tmp_path", "/dev/shm"])
 def test_a_whole_file_written_around_the_page_cache_holds_every_byte_in_order(tmp_path, use_direct_io, where):
-    large = DIRECT_MIN_FILE_BYTES + 5  # the file is large enough to go around the page cache
+    large = DIRECT_MIN_BYTES + 5  # the file is large enough to go around the page cache
     memory, (a, b, c, d, e) = _aligned_views(3 * PAGE_SIZE, 2 * PAGE_SIZE + 100, 50, PAGE_SIZE - 1, large)
     # records between storages end on page boundaries (as the zip layout's do) or not
     buffers = [b"head" * 1024, a, b"x" * (PAGE_SIZE - 100), b, b"y" * 7, c, d, b"", e, b"end of file"]
@@ -353,14 +353,13 @@ def test_a_whole_file_written_around_the_page_cache_holds_every_byte_in_order(tm
 
 def test_page_aligned_storages_go_to_the_device_from_where_they_are_and_the_rest_through_whole_pages():
     memory, (aligned, with_tail) = _aligned_views(2 * PAGE_SIZE, PAGE_SIZE + 10)
-    segments, bounce = _segments([memoryview(b"r" * PAGE_SIZE), aligned, with_tail, memoryview(b"end")])
-    try:
-        assert [len(s) for s in segments] == [PAGE_SIZE, 2 * PAGE_SIZE, PAGE_SIZE, PAGE_SIZE]
-        assert segments[1].obj is aligned.obj and segments[2].obj is with_tail.obj  # not copied
-        assert bytes(segments[3]) == bytes(with_tail[PAGE_SIZE:]) + b"end" + bytes(PAGE_SIZE - 13)
-    finally:
-        segments.clear()
-        bounce.close()
-        aligned.release()
-        with_tail.release()
-        memory.close()
+    segments = _segments(_plan([memoryview(b"r" * PAGE_SIZE), aligned, with_tail, memoryview(b"end")]))
+    assert [len(s) for s in segments] == [PAGE_SIZE, 2 * PAGE_SIZE, PAGE_SIZE, PAGE_SIZE]
+    assert segments[1].obj is aligned.obj and segments[2].obj is with_tail.obj  # not copied
+    assert bytes(segments[3]) == bytes(with_tail[PAGE_SIZE:]) + b"end" + bytes(PAGE_SIZE - 13)
+    segments.clear()
+    # a buffer off a page boundary in memory (a live tensor's, say) is never sent from where it is
+    assert [from_memory for from_memory, _ in _plan([aligned[1:], with_tail])] == [False]
+    aligned.release()
+    with_tail.release()
+    memory.close()
