@@ -27,7 +27,8 @@ class _Freeing:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._held: list[int] = []
-        self._thread: threading.Thread | None = None
+        self._running = False  # a thread is closing files and will take any handed over
+        self._thread: threading.Thread | None = None  # the last one started, kept to be joined
 
     def hand_over(self, fd: int) -> bool:
         """Have the thread close `fd`; False when too many are held already (close it yourself)."""
@@ -35,14 +36,14 @@ class _Freeing:
             if len(self._held) >= MAX_HELD:
                 return False
             self._held.append(fd)
-            if self._thread is None:
+            if not self._running:
                 thread = threading.Thread(target=self._close_all, name="async-ckpt-free", daemon=True)
                 try:
                     thread.start()
                 except RuntimeError:  # no thread can be started now
                     self._held.pop()
                     return False
-                self._thread = thread
+                self._running, self._thread = True, thread
         return True
 
     def _close_all(self) -> None:
@@ -53,12 +54,14 @@ class _Freeing:
         while True:
             with self._lock:
                 if not self._held:
-                    self._thread = None
+                    self._running = False
                     return
                 fd = self._held.pop(0)
             os.close(fd)
 
     def wait(self) -> None:
+        """Return once the thread has closed every file and ended (not only decided to end: a
+        test that counts threads right after must not find it)."""
         with self._lock:
             thread = self._thread
         if thread is not None:

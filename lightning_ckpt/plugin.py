@@ -244,7 +244,9 @@ class AsyncCheckpointIO(CheckpointIO, ShardedCheckpointIO):
             removals.remove_after(path, writes)
             return
         wait_for_pending_writes(path)  # (another process's)
-        remove_now(path)
+        # Freeing in the background spares a training loop; outside one (ddp_spawn's main process
+        # removing its hand-over file after the fit) the call frees it, leaving no thread behind.
+        remove_now(path, free_in_background=_caller() is not None)
 
     @property
     def writer_pid(self) -> int | None:

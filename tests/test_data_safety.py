@@ -157,6 +157,7 @@ def test_a_removal_frees_in_the_background_and_never_touches_what_is_saved_there
     wait_until_freed()
     assert path.read_bytes() == b"saved after the removal"
     assert _descriptors_of_deleted(path) == [], "the removed file was never closed: its space is not freed"
+    assert "async-ckpt-free" not in {thread.name for thread in threading.enumerate()}, "its thread outlived the wait"
     with pytest.raises(FileNotFoundError):
         remove_file(str(tmp_path / "never-written.ckpt"))
 

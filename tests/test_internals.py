@@ -107,7 +107,9 @@ def test_lightning_module_knows_its_trainer():
 
 
 def test_the_logging_step_counts_the_optimizer_steps_taken():
-    trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
     assert logging_step(trainer) == 0
     trainer.fit(TinyClassifier(), tiny_data())
     assert logging_step(trainer) == trainer.global_step == 3

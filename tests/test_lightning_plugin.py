@@ -407,3 +407,15 @@ def test_saving_every_step_with_top_1_neither_waits_for_removed_files_nor_lets_t
     for name in os.listdir(tmp_path / "async"):
         assert torch.load(tmp_path / "async" / name, weights_only=True)["global_step"] == 16
     assert_same(TinyClassifier.load_from_checkpoint(tmp_path / "async" / "last.ckpt").state_dict(), model.state_dict())
+
+
+def test_a_removal_outside_a_fit_frees_the_file_before_it_returns(tmp_path, monkeypatch):
+    """ddp_spawn's main process removes its hand-over file after the fit: no thread is left to free it."""
+    from lightning_ckpt import removals as removals_module
+
+    handed_to_a_thread = []
+    monkeypatch.setattr(removals_module, "remove_file", handed_to_a_thread.append)
+    path = tmp_path / "hand_over.ckpt"
+    path.write_bytes(os.urandom(1 << 20))
+    AsyncCheckpointIO().remove_checkpoint(path)
+    assert not path.exists() and handed_to_a_thread == []
