@@ -22,6 +22,7 @@ import os
 from collections.abc import Sequence
 
 from .fsutil import PAGE_SIZE, round_up, write_gathered
+from .parallel_io import open_direct
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +37,10 @@ def write_whole_file(fd: int, path: str, buffers: Sequence[memoryview | bytes], 
     O_DIRECT where DIRECT_MIN_BYTES or more of them can go straight from memory, and the page
     cache otherwise. The file ends where the buffers end; it is not fsynced here."""
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    size = sum(len(view) for view in views)
     plan = _plan(views) if use_direct_io else []
     straight = sum(len(pieces[0]) for from_memory, pieces in plan if from_memory)
-    direct = _open_direct(path) if straight >= DIRECT_MIN_BYTES else -1
+    direct = open_direct(path) if straight >= DIRECT_MIN_BYTES else -1
     if direct < 0:
         write_gathered(fd, views, 0)
         return
@@ -51,17 +53,7 @@ def write_whole_file(fd: int, path: str, buffers: Sequence[memoryview | bytes], 
         write_gathered(fd, views, 0)
     finally:
         os.close(direct)
-    os.ftruncate(fd, sum(len(view) for view in views))
-
-
-def _open_direct(path: str) -> int:
-    if not hasattr(os, "O_DIRECT"):
-        return -1
-    try:
-        return os.open(path, os.O_WRONLY | os.O_DIRECT)
-    except OSError as exc:
-        logger.debug("O_DIRECT not available for %s (%s); writing through the page cache", path, exc)
-        return -1
+    os.ftruncate(fd, size)
 
 
 _Plan = list[tuple[bool, list[memoryview]]]  # (straight from memory?, the pieces of one segment)

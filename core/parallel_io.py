@@ -61,17 +61,23 @@ class ChunkWritten:
     copied: bool  # copied from the previous file instead of written
 
 
+def open_direct(path: str) -> int:
+    """A write-only O_DIRECT descriptor of `path`, or -1 where the platform or filesystem has none."""
+    if not hasattr(os, "O_DIRECT"):
+        return -1
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError as exc:
+        logger.debug("O_DIRECT not available for %s (%s); using buffered writes", path, exc)
+        return -1
+
+
 class DirectIO:
     """Positioned writes through an O_DIRECT descriptor where alignment and filesystem allow."""
 
     def __init__(self, path: str, enabled: bool) -> None:
         self.buffered = os.open(path, os.O_RDWR)
-        self.direct = -1
-        if enabled and hasattr(os, "O_DIRECT"):
-            try:
-                self.direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
-            except OSError as exc:
-                logger.debug("O_DIRECT not available for %s (%s); using buffered writes", path, exc)
+        self.direct = open_direct(path) if enabled else -1
 
     def pwrite(self, data: torch.Tensor, offset: int) -> None:
         view = buffer_of(data)

@@ -29,7 +29,10 @@ def remove_now(path: str, free_in_background: bool = True) -> None:
     """Remove the checkpoint file or folder `path` (a file's space freed in the background, or
     before this returns)."""
     if os.path.islink(path) or os.path.isfile(path):
-        remove_file(path) if free_in_background else os.remove(path)
+        if free_in_background:
+            remove_file(path)
+        else:
+            os.remove(path)
     elif os.path.isdir(path):
         shutil.rmtree(path)
     else:
