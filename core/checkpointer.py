@@ -439,8 +439,10 @@ class AsyncCheckpointer(Checkpointer):
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until every save issued so far has finished (at most `timeout` s); raise the
-        first failure not yet seen on its future."""
+        first failure not yet seen on its future. Staging memory lent for a burst of saves goes back."""
         self._writes.wait(timeout)
+        if isinstance(self._stager, DefaultStager):
+            self._stager.pool.trim()
         self._writes.raise_unseen()
 
     def drain_for_signal(self) -> None:

@@ -145,17 +145,23 @@ class SlabPool:
 
     At most `max_slabs` exist at once, or more while all of them together hold at most
     `budget_bytes` (small states: many saves may wait for the writer without the loop waiting);
-    those beyond `max_slabs` are lent while the writer is behind and closed once it has caught up.
+    those beyond `max_slabs` are lent while the writer is behind and closed once it has caught up
+    and no save has taken one for `linger_seconds` (or at `trim()`): a writer that falls behind
+    again and again, as with saves every step, reuses them instead of faulting in new ones.
     `try_acquire` takes a free slab (one whose snapshot no write holds), preferring one `prefer`
     accepts; when every slab is being staged or written the caller waits with `wait_for_room`.
     A free slab too small for the request is replaced.
     """
 
-    def __init__(self, max_slabs: int, *, pin: bool = False, budget_bytes: int = 0) -> None:
+    def __init__(
+        self, max_slabs: int, *, pin: bool = False, budget_bytes: int = 0, linger_seconds: float = 2.0
+    ) -> None:
         if max_slabs < 1:
             raise ValueError(f"max_slabs must be >= 1, got {max_slabs}")
         self._max_slabs = max_slabs
         self._budget_bytes = budget_bytes
+        self._linger_seconds = linger_seconds
+        self._lent_until = 0.0  # (monotonic) slabs beyond max_slabs are kept until then
         self._pin = pin
         self._free: list[Slab] = []
         self._all: dict[str, Slab] = {}
@@ -212,6 +218,8 @@ class SlabPool:
                 slab = Slab(nbytes, pin=self._pin)
                 self._all[slab.slab_id] = slab
                 logger.debug("new staging slab %s of %d bytes", slab.slab_id, slab.nbytes)
+            if len(self._all) > self._max_slabs:
+                self._lent_until = time.monotonic() + self._linger_seconds
             self._supersede(slab)
             lease = StagingLease(self, slab)
             self._leases[slab.slab_id] = lease
@@ -302,11 +310,20 @@ class SlabPool:
             and slab not in self._free
         ):
             self._free.append(slab)
-            # Slabs lent beyond max_slabs go back once the writer has caught up (no write holds a
-            # slab): while it is behind, the next save takes one that is already faulted in.
-            while written and len(self._all) > self._max_slabs and self._free and not any(self._holds.values()):
-                self._discard(self._smallest_free())
+            if written and time.monotonic() >= self._lent_until:
+                self._return_lent()
             self._changed.notify_all()
+
+    def _return_lent(self) -> None:
+        """Close the slabs beyond max_slabs if the writer has caught up (no write holds a slab)."""
+        while len(self._all) > self._max_slabs and self._free and not any(self._holds.values()):
+            self._discard(self._smallest_free())
+
+    def trim(self) -> None:
+        """Close the slabs lent beyond max_slabs now, if no write holds a slab (every save so far
+        is written)."""
+        with self._changed:
+            self._return_lent()
 
     def _warming(self) -> list[str]:
         """The spares being readied (new_spare): staging, but holding no snapshot's lease."""

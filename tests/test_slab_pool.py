@@ -75,7 +75,7 @@ def test_a_free_slab_too_small_is_replaced_before_another_is_lent_beyond_max_sla
 
 
 def test_slabs_lent_for_a_burst_go_back_once_written():
-    pool = SlabPool(1, budget_bytes=1 << 20)
+    pool = SlabPool(1, budget_bytes=1 << 20, linger_seconds=0)
     try:
         leases = [pool.try_acquire(64 << 10) for _ in range(3)]  # one slab, two lent
         assert all(lease is not None for lease in leases)
@@ -89,11 +89,40 @@ def test_slabs_lent_for_a_burst_go_back_once_written():
         pool.close()
 
 
+def test_slabs_lent_for_bursts_close_together_are_reused_then_trimmed():
+    # Saves every step with a writer that falls behind and catches up again and again: each burst
+    # must take the slabs the previous one was lent, not close them and fault in new ones.
+    pool = SlabPool(1, budget_bytes=1 << 20, linger_seconds=3600)
+    try:
+        lent: list[set[str]] = []
+        for _ in range(3):
+            leases = [pool.try_acquire(64 << 10) for _ in range(3)]
+            for lease in leases:
+                assert lease is not None
+                pool.staged(lease)
+                assert lease.hold()
+            for lease in leases:
+                lease.release()  # caught up
+            lent.append({lease.slab.slab_id for lease in leases})
+        assert lent[0] == lent[1] == lent[2], "a burst faulted in new slabs instead of reusing the lent ones"
+        held = pool.try_acquire(64 << 10)
+        assert held is not None
+        pool.staged(held)
+        assert held.hold()
+        pool.trim()
+        assert len(pool.slabs) == 3, "trim() closed slabs while a write still held one"
+        held.release()
+        pool.trim()
+        assert len(pool.slabs) == 1
+    finally:
+        pool.close()
+
+
 def test_the_latest_snapshot_keeps_its_slab_when_a_burst_is_trimmed():
     # A save repeated after its writes finished (ModelCheckpoint's last.ckpt after its top-k file)
     # writes the same snapshot again: its slab must not be the one closed, whatever order the
     # writes finished in.
-    pool = SlabPool(1, budget_bytes=1 << 20)
+    pool = SlabPool(1, budget_bytes=1 << 20, linger_seconds=0)
     try:
         leases = [pool.try_acquire(64 << 10) for _ in range(3)]
         for lease in leases:
