@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -139,11 +140,20 @@ def accelerate_loop(
     return loop, durable, statistics.median(calls), written
 
 
+def _example() -> Any:
+    """examples/finetune_lightning.py, the main job, as a module."""
+    examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+    if examples not in sys.path:
+        sys.path.insert(0, examples)
+    import finetune_lightning
+
+    return finetune_lightning
+
+
 def lightning_fit(mode: str, folder: str) -> tuple[float, float]:
     """(fit seconds, the same) of the example's fine-tuning in `mode` ("none", "sync", "async"),
     a checkpoint every step."""
-    import finetune_lightning as example
-
+    example = _example()
     args = argparse.Namespace(epochs=2, width=256, samples=1280, out=folder)
     shutil.rmtree(os.path.join(folder, f"{mode}_every_step"), ignore_errors=True)
     _, total = example.fine_tune(mode, args, args.epochs, None if mode == "none" else 1)
@@ -237,9 +247,7 @@ def main() -> None:
 
 
 def _lightning_rows(root: str, rounds: int) -> list[str]:
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-    import finetune_lightning as example
-
+    example = _example()
     example.start_writer()  # once, as a job's set-up would; every fit reuses it
     cache = os.path.join(root, "lightning")
     example.pretrained_model(256, os.path.join(cache, "pretrained"))  # made once, outside every fit
