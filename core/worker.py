@@ -201,9 +201,9 @@ def _serve(channel: Channel, inbox: Inbox, cancelled: Cancels | None, writer: Wr
     another checkpointer, False when it stopped it or is gone. `cancelled`: None where writes
     are never skipped (several ranks: every rank must make each save, or the others wait)."""
     slabs: dict[str, MappedSlab] = {}
-    queued: collections.deque[Item | None] = collections.deque()
+    queued = _Queued()
     while True:
-        _take_arrived(inbox, queued)
+        queued.take_arrived(inbox)
         item = queued.popleft()
         if item is None:
             return False
@@ -231,26 +231,58 @@ def _serve(channel: Channel, inbox: Inbox, cancelled: Cancels | None, writer: Wr
             _reply(channel, WorkerResponse(request.request_type, False, f"unknown request {request.request_type!r}"))
 
 
-def _take_arrived(inbox: Inbox, queued: collections.deque[Item | None]) -> None:
-    """Move every request that has arrived into `queued`, waiting for one when none is queued."""
-    if not queued:
-        queued.append(inbox.get())
-    while queued[-1] is not None:
-        try:
-            queued.append(inbox.get_nowait())
-        except queue.Empty:
-            return
+class _Queued:
+    """The requests taken off the socket and not yet served, in order (None: the end), with how
+    many queued writes go to each path: whether a newer write of a path is queued is known at
+    once, however far behind the writer is."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Item | None] = collections.deque()
+        self._writes_to: collections.Counter[str] = collections.Counter()
+
+    def take_arrived(self, inbox: Inbox) -> None:
+        """Queue every request that has arrived, waiting for one when none is queued."""
+        if not self._items:
+            self._append(inbox.get())
+        while self._items[-1] is not None:
+            try:
+                self._append(inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def popleft(self) -> Item | None:
+        item = self._items.popleft()
+        path = _write_path(item)
+        if path is not None:
+            self._writes_to[path] -= 1
+            if not self._writes_to[path]:
+                del self._writes_to[path]
+        return item
+
+    def has_write_to(self, path: str) -> bool:
+        return path in self._writes_to
+
+    def _append(self, item: Item | None) -> None:
+        self._items.append(item)
+        path = _write_path(item)
+        if path is not None:
+            self._writes_to[path] += 1
 
 
-def _skipped(write: WriteRequest, cancelled: Cancels, queued: collections.deque[Item | None]) -> WriteResult | None:
+def _write_path(item: Item | None) -> str | None:
+    request = item[0] if item is not None else None
+    if isinstance(request, WorkerRequest) and isinstance(request.payload, WriteRequest):
+        return request.payload.path
+    return None
+
+
+def _skipped(write: WriteRequest, cancelled: Cancels, queued: _Queued) -> WriteResult | None:
     """The result of a write not to be made (cancelled, or superseded by a newer queued write of
     the same path), or None: write it."""
     if cancelled.take(write.request_id):
         return WriteResult(write.path, (), 0, 0.0, cancelled=True)
-    for item in queued:
-        later = item[0].payload if item is not None and isinstance(item[0], WorkerRequest) else None
-        if isinstance(later, WriteRequest) and later.path == write.path:
-            return WriteResult(write.path, (), 0, 0.0, superseded=True)
+    if queued.has_write_to(write.path):
+        return WriteResult(write.path, (), 0, 0.0, superseded=True)
     return None
 
 

@@ -360,8 +360,9 @@ def _held_writer(tmp_path, max_in_flight: int, in_flight_bytes: int = 0):
 def test_queued_saves_of_one_path_that_a_newer_save_replaces_are_skipped(tmp_path):
     ckpt, gate, held = _held_writer(tmp_path, max_in_flight=5)
     with ckpt:
-        writes = [ckpt.save(tmp_path / "last.ckpt", {"w": torch.full((4,), float(v))})[1] for v in (1, 2, 3)]
-        other = ckpt.save(tmp_path / "other.ckpt", {"w": torch.ones(4)})[1]
+        writes = [ckpt.save(tmp_path / "last.ckpt", {"w": torch.full((4,), 1.0)})[1]]
+        other = ckpt.save(tmp_path / "other.ckpt", {"w": torch.ones(4)})[1]  # (between them: not a newer one)
+        writes += [ckpt.save(tmp_path / "last.ckpt", {"w": torch.full((4,), float(v))})[1] for v in (2, 3)]
         ckpt.cancel(tmp_path / "nothing.ckpt").result()  # the writer holds every save above now
         gate.touch()
         results = [w.result() for w in writes]
