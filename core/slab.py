@@ -146,8 +146,9 @@ class SlabPool:
     At most `max_slabs` exist at once, or more while all of them together hold at most
     `budget_bytes` (small states: many saves may wait for the writer without the loop waiting);
     those beyond `max_slabs` are lent while the writer is behind and closed once it has caught up
-    and no save has taken one for `linger_seconds` (or at `trim()`): a writer that falls behind
-    again and again, as with saves every step, reuses them instead of faulting in new ones.
+    and no save has come for `linger_seconds` while they existed: at the next write that finishes
+    or save that comes after that (or at `trim()`). A writer that falls behind again and again, as
+    with saves every step, reuses them instead of faulting in new ones.
     `try_acquire` takes a free slab (one whose snapshot no write holds), preferring one `prefer`
     accepts; when every slab is being staged or written the caller waits with `wait_for_room`.
     A free slab too small for the request is replaced.
@@ -201,6 +202,8 @@ class SlabPool:
         with self._changed:
             if self._closed:
                 raise CheckpointerClosedError("the staging memory was released (the stager is closed)")
+            if time.monotonic() >= self._lent_until:  # (else this save would keep them lent another while)
+                self._return_lent()
             fitting = [s for s in self._free if s.nbytes >= nbytes]
             if not fitting and any(self._all[i].nbytes >= nbytes for i in self._warming()):
                 return None  # a spare that fits is nearly ready: wait for it rather than fault in another

@@ -1,5 +1,7 @@
 """SlabPool: reuse across saves, holds by writes, room, replacement, and closing."""
 
+import time
+
 import pytest
 
 from core import CheckpointerClosedError
@@ -114,6 +116,28 @@ def test_slabs_lent_for_bursts_close_together_are_reused_then_trimmed():
         held.release()
         pool.trim()
         assert len(pool.slabs) == 1
+    finally:
+        pool.close()
+
+
+def test_slabs_lent_for_a_burst_go_back_at_the_first_save_after_the_linger():
+    # A burst, then saves spaced further apart than the linger: the lent slabs must go back, not
+    # be kept lent by every later save.
+    pool = SlabPool(1, budget_bytes=1 << 20, linger_seconds=0.05)
+    try:
+        leases = [pool.try_acquire(64 << 10) for _ in range(3)]
+        for lease in leases:
+            assert lease is not None
+            pool.staged(lease)
+            assert lease.hold()
+        for lease in leases:
+            lease.release()  # caught up within the linger: kept
+        assert len(pool.slabs) == 3
+        time.sleep(0.1)  # (longer than the linger: what is asserted needs it passed, not a deadline)
+        lease = pool.try_acquire(64 << 10)
+        assert lease is not None
+        assert len(pool.slabs) == 1
+        pool.staged(lease)
     finally:
         pool.close()
 
