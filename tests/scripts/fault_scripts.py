@@ -119,7 +119,9 @@ def ctrl_c(out: str) -> None:
                 written.result(timeout=120)
             except WriterProcessDiedError:
                 died += 1
-        # One more save tells the writer which slabs are gone; then count what it holds open.
+        # wait() gives back the slabs lent while the writer was behind (they linger otherwise); one
+        # more save tells the writer which slabs are gone; then count what it holds open.
+        ckpt.wait()
         ckpt.save(os.path.join(out, "last"), {"w": weights, "step": step})[1].result()
         writer_fds = len(os.listdir(f"/proc/{ckpt.writer_pid}/fd"))
     print(
