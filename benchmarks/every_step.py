@@ -17,7 +17,11 @@ files per save), stock against the hook, with the time until every save is durab
 skipped (pruning would delete it): the table says how many were written. Without a limit every
 save is written and kept: the rate of durable saves is the writer's steady rate. One save_state
 before the loop in both (the writer has started, as in a job whose first save comes after its
-set-up).
+set-up). Without a limit, two floors run beside them: the same loop with about the least a
+durable asynchronous save_state can cost (gather the same state, copy its tensors into shared
+memory, pickle the RNG states; a bare writer process writes three files, fsyncs each, renames
+their folder into place and fsyncs that), and that bare writer without any fsync. The first is
+the bar for any durable asynchronous save; the second shows what durability itself costs.
 
 Part 3, Lightning: the main job's fit (examples/finetune_lightning.py: a small transformer, about
 40 MB with AdamW, 80 steps) checkpointed every step with `ModelCheckpoint(every_n_train_steps=1)`:
@@ -140,6 +144,96 @@ def accelerate_loop(
     return loop, durable, statistics.median(calls), written
 
 
+_FLOOR_WRITER = r"""
+import mmap, os, sys
+slab, nbytes, slots, folder = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+os.nice(int(sys.argv[5]))
+sync = os.fsync if sys.argv[6] == "durable" else (lambda fd: None)
+view = memoryview(mmap.mmap(slab, nbytes * slots))
+requests, acks = os.fdopen(0, "rb"), os.fdopen(1, "wb", buffering=0)  # (buffered: reads whole messages)
+while header := requests.read(16):
+    index, rng_size = int.from_bytes(header[:8], "little"), int.from_bytes(header[8:], "little")
+    data = view[index % slots * nbytes :][:nbytes]
+    files = {"model": data[: nbytes // 3], "optimizer": data[nbytes // 3 :], "rng": requests.read(rng_size)}
+    staging = os.path.join(folder, f".staging_{index}")
+    os.mkdir(staging)
+    for name, content in files.items():
+        fd = os.open(os.path.join(staging, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, content)
+        sync(fd)
+        os.close(fd)
+    os.rename(staging, os.path.join(folder, f"checkpoint_{index}"))
+    fd = os.open(folder, os.O_RDONLY)
+    sync(fd)
+    os.close(fd)
+    acks.write(b"!")  # its slot may be reused
+"""
+_FLOOR_SLOTS = 64
+
+
+def accelerate_floor_loop(
+    folder: str, saves: int = ACCELERATE_SAVES, niceness: int | None = None, durable: bool = True
+) -> tuple[float, float, float, int]:
+    """accelerate_loop's numbers for about the least a durable asynchronous save_state can cost:
+    gather what save_state gathers, copy the tensors into a free slot of shared memory and pickle
+    the RNG states; a bare writer process (no plan, no file format, no checks, no vote) writes
+    three files, fsyncs each, renames their folder into place and fsyncs that, at the writer's
+    default priority, and frees the slot."""
+    import mmap
+    import pickle
+    import subprocess
+
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from accelerate_ckpt.save_state import _rng_states
+    from core import CheckpointProcessConfig
+
+    accelerator = Accelerator(cpu=True, project_config=ProjectConfiguration(project_dir=folder))
+    torch.manual_seed(0)
+    model, optimizer = accelerator.prepare(*model_of(SIZES["1 MB"]))
+
+    def tensors() -> list[torch.Tensor]:
+        weights = accelerator.get_state_dict(model, unwrap=False)
+        moments = [v for s in optimizer.state_dict()["state"].values() for v in s.values() if torch.is_tensor(v)]
+        return [*weights.values(), *moments]
+
+    nbytes = sum(t.nbytes for t in tensors())
+    slab = os.memfd_create("floor")
+    os.ftruncate(slab, nbytes * _FLOOR_SLOTS)
+    memory = torch.frombuffer(mmap.mmap(slab, nbytes * _FLOOR_SLOTS), dtype=torch.uint8)
+    memory.zero_()  # its pages exist before the loop (a slab pool's are made once, too)
+    niceness = CheckpointProcessConfig().writer_niceness if niceness is None else niceness
+    arguments = [str(slab), str(nbytes), str(_FLOOR_SLOTS), folder, str(niceness), "durable" if durable else "-"]
+    command = [sys.executable, "-c", _FLOOR_WRITER, *arguments]
+    writer = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(slab,))
+    assert writer.stdin is not None and writer.stdout is not None
+    done = 0  # saves the writer has finished, as far as the trainer has had to know
+    start = time.perf_counter()
+    calls = []
+    for index in range(saves):
+        step(model, optimizer)
+        called = time.perf_counter()
+        while done <= index - _FLOOR_SLOTS:  # the slot's last save is not written yet: wait for it
+            done += len(os.read(writer.stdout.fileno(), _FLOOR_SLOTS))
+        sources, places, offset = tensors(), [], index % _FLOOR_SLOTS * nbytes
+        for t in sources:
+            places.append(memory[offset : offset + t.nbytes].view(t.dtype).view(t.shape))
+            offset += t.nbytes
+        torch._foreach_copy_(places, sources)
+        rng = pickle.dumps(_rng_states(accelerator))
+        writer.stdin.write(index.to_bytes(8, "little") + len(rng).to_bytes(8, "little") + rng)
+        writer.stdin.flush()
+        calls.append(time.perf_counter() - called)
+    loop = time.perf_counter() - start
+    writer.stdin.close()
+    writer.wait()
+    durable = time.perf_counter() - start
+    writer.stdout.close()
+    os.close(slab)
+    return loop, durable, statistics.median(calls), len(os.listdir(folder))
+
+
 def _example() -> Any:
     """examples/finetune_lightning.py, the main job, as a module."""
     examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
@@ -212,38 +306,61 @@ def main() -> None:
                 print(lines[-1], flush=True)
         lines += [
             "",
-            f"Accelerate, 1 MB model, `save_state()` every step (automatic naming), {ACCELERATE_SAVES} steps:",
+            f"Accelerate, 1 MB model, `save_state()` every step (automatic naming), {ACCELERATE_SAVES} steps, "
+            f"medians of {ACCELERATE_ROUNDS_PER_ROUND * args.rounds} rounds:",
             "",
             "| save_state | total_limit | median call ms | loop s | async loop / stock | saves written "
             "| all durable s | written / s |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for total_limit in (3, None):
-            labels = {"stock": False, "async-ckpt hook": True}
-            results: dict[str, list[tuple[float, float, float, int]]] = {label: [] for label in labels}
-            for r in range(args.rounds):  # interleaved, the order rotating, as above
-                for label in list(labels)[r % 2 :] + list(labels)[: r % 2]:
-                    folder = tempfile.mkdtemp(dir=root)
-                    results[label].append(accelerate_loop(labels[label], folder, total_limit=total_limit))
-                    shutil.rmtree(folder)
-                    os.sync()
-            stock_loop = statistics.median(run[0] for run in results["stock"])
-            for label, runs in results.items():
-                loop = statistics.median(run[0] for run in runs)
-                durable = statistics.median(run[1] for run in runs)
-                call = statistics.median(run[2] for run in runs)
-                written = statistics.median(run[3] for run in runs)
-                lines.append(
-                    f"| {label} | {total_limit or 'none'} | {1e3 * call:.1f} | {loop:.2f} | {loop / stock_loop:.2f} "
-                    f"| {written:.0f} | {durable:.2f} | {written / durable:.0f} |"
-                )
-                print(lines[-1], flush=True)
+            runs_of: dict[str, Callable[[str], tuple[float, float, float, int]]] = {
+                "stock": functools.partial(accelerate_loop, False, total_limit=total_limit),
+                "async-ckpt hook": functools.partial(accelerate_loop, True, total_limit=total_limit),
+            }
+            if total_limit is None:  # (the floors prune nothing)
+                runs_of["floor: bare durable writer"] = accelerate_floor_loop
+                runs_of["floor: bare writer, no fsync"] = functools.partial(accelerate_floor_loop, durable=False)
+            lines += _accelerate_rows(root, runs_of, total_limit, ACCELERATE_ROUNDS_PER_ROUND * args.rounds)
         lines += _lightning_rows(root, args.rounds)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+ACCELERATE_ROUNDS_PER_ROUND = 3  # its loops are short, and vary the most
+
+
+def _accelerate_rows(
+    root: str,
+    runs_of: dict[str, Callable[[str], tuple[float, float, float, int]]],
+    total_limit: int | None,
+    rounds: int,
+) -> list[str]:
+    """One table row per kind of run: medians over `rounds`, interleaved, the order rotating."""
+    results: dict[str, list[tuple[float, float, float, int]]] = {label: [] for label in runs_of}
+    labels = list(runs_of)
+    for r in range(rounds):
+        for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
+            folder = tempfile.mkdtemp(dir=root)
+            results[label].append(runs_of[label](folder))
+            shutil.rmtree(folder)
+            os.sync()
+    stock_loop = statistics.median(run[0] for run in results["stock"])
+    lines = []
+    for label, runs in results.items():
+        loop = statistics.median(run[0] for run in runs)
+        durable = statistics.median(run[1] for run in runs)
+        call = statistics.median(run[2] for run in runs)
+        written = statistics.median(run[3] for run in runs)
+        lines.append(
+            f"| {label} | {total_limit or 'none'} | {1e3 * call:.1f} | {loop:.2f} | {loop / stock_loop:.2f} "
+            f"| {written:.0f} | {durable:.2f} | {written / durable:.0f} |"
+        )
+        print(lines[-1], flush=True)
+    return lines
 
 
 def _lightning_rows(root: str, rounds: int) -> list[str]:
