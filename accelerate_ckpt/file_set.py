@@ -315,8 +315,12 @@ class FileSetCheckpointer:
         self._writes.raise_unseen()
 
     def wait(self, timeout: float | None = None) -> None:
-        """Block until every save so far is published (or failed); raise the first unseen failure."""
+        """Block until every save so far is published (or failed), then give back the staging
+        memory lent for a burst of saves; raise the first unseen failure."""
         self._writes.wait(timeout)
+        checkpointer = self._checkpointer
+        if checkpointer is not None:
+            checkpointer.trim_staging()
         self._writes.raise_unseen()
 
     def drain_for_signal(self) -> None:

@@ -441,9 +441,14 @@ class AsyncCheckpointer(Checkpointer):
         """Block until every save issued so far has finished (at most `timeout` s); raise the
         first failure not yet seen on its future. Staging memory lent for a burst of saves goes back."""
         self._writes.wait(timeout)
+        self.trim_staging()
+        self._writes.raise_unseen()
+
+    def trim_staging(self) -> None:
+        """Give back now the staging memory lent beyond max_in_flight for a burst of saves, if
+        every save so far is written (else it goes back at a later save, wait() or close())."""
         if isinstance(self._stager, DefaultStager):
             self._stager.pool.trim()
-        self._writes.raise_unseen()
 
     def drain_for_signal(self) -> None:
         """Wait up to sigterm_drain_secs for pending writes; called from the SIGTERM handler."""

@@ -177,6 +177,46 @@ def test_cancel_all_but_newest_skips_the_saves_the_writer_has_not_reached(tmp_pa
     saver.close()
 
 
+def test_wait_gives_back_the_staging_memory_lent_for_a_burst(tmp_path):
+    """Saves made while the writer is held stage into slabs lent beyond max_in_flight; once
+    wait() returns, every save is published and those slabs are closed, not kept for a linger."""
+    from accelerate_ckpt.file_set import FileSetCheckpointer
+    from core import AsyncOptions
+
+    saver = FileSetCheckpointer(
+        AsyncOptions(max_in_flight=1).config(), GatedCommit(tmp_path / "reached", tmp_path / "gate")
+    )
+    try:
+        futures = _held_burst_of_saves(saver, tmp_path, 4)
+        pool = saver._checkpointer.stager.pool  # (no public view of the staging memory of a file set)
+        assert len(pool.slabs) > 2, "the burst was not staged in lent slabs: nothing to give back"
+        (tmp_path / "gate").touch()
+        saver.wait()
+        assert all(not f.result().cancelled for f in futures)
+        assert len(pool.slabs) <= 2, f"{len(pool.slabs)} slabs kept after wait(), max_in_flight=1 x 2 files"
+        for i in range(4):
+            assert torch.equal(torch.load(tmp_path / f"ckpt_{i}" / "model.bin")["w"], torch.full((1024,), float(i)))
+    finally:
+        (tmp_path / "gate").touch()
+        saver.close()
+
+
+def _held_burst_of_saves(saver, tmp_path, count):
+    """`count` saves of two files each into tmp_path/ckpt_<i>, the writer held in the first."""
+    from accelerate_ckpt.file_set import NamedState
+    from tests.helpers import wait_until
+
+    futures = []
+    for i in range(count):
+        final = tmp_path / f"ckpt_{i}"
+        final.mkdir()
+        files = [NamedState("model.bin", {"w": torch.full((1024,), float(i))}), NamedState("step.bin", {"step": i})]
+        futures.append(saver.save(str(final), lambda _, files=files: files, staging=str(final / ".s"), publishes=True))
+        if i == 0:
+            wait_until(lambda: (tmp_path / "reached").exists(), what="the writer held in the first save")
+    return futures
+
+
 @pytest.mark.slow
 def test_a_save_one_rank_cancelled_is_cancelled_on_every_rank(tmp_path):
     """Two real ranks: rank 0 cancels two saves whose files rank 1 has written; the commit vote
