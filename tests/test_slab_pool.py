@@ -76,14 +76,20 @@ def test_a_free_slab_too_small_is_replaced_before_another_is_lent_beyond_max_sla
         pool.close()
 
 
+def _staged_and_held(pool, count):
+    """A burst: `count` saves of 64 KiB staged into the pool, each held by its write."""
+    leases = [pool.try_acquire(64 << 10) for _ in range(count)]
+    for lease in leases:
+        assert lease is not None
+        pool.staged(lease)
+        assert lease.hold()
+    return leases
+
+
 def test_slabs_lent_for_a_burst_go_back_once_written():
     pool = SlabPool(1, budget_bytes=1 << 20, linger_seconds=0)
     try:
-        leases = [pool.try_acquire(64 << 10) for _ in range(3)]  # one slab, two lent
-        assert all(lease is not None for lease in leases)
-        for lease in leases:
-            pool.staged(lease)
-            assert lease.hold()
+        leases = _staged_and_held(pool, 3)  # one slab, two lent
         for lease in leases:
             lease.release()
         assert len(pool.slabs) == 1
@@ -98,11 +104,7 @@ def test_slabs_lent_for_bursts_close_together_are_reused_then_trimmed():
     try:
         lent: list[set[str]] = []
         for _ in range(3):
-            leases = [pool.try_acquire(64 << 10) for _ in range(3)]
-            for lease in leases:
-                assert lease is not None
-                pool.staged(lease)
-                assert lease.hold()
+            leases = _staged_and_held(pool, 3)
             for lease in leases:
                 lease.release()  # caught up
             lent.append({lease.slab.slab_id for lease in leases})
@@ -125,11 +127,7 @@ def test_slabs_lent_for_a_burst_go_back_at_the_first_save_after_the_linger():
     # be kept lent by every later save.
     pool = SlabPool(1, budget_bytes=1 << 20, linger_seconds=0.05)
     try:
-        leases = [pool.try_acquire(64 << 10) for _ in range(3)]
-        for lease in leases:
-            assert lease is not None
-            pool.staged(lease)
-            assert lease.hold()
+        leases = _staged_and_held(pool, 3)
         for lease in leases:
             lease.release()  # caught up within the linger: kept
         assert len(pool.slabs) == 3
@@ -148,10 +146,7 @@ def test_the_latest_snapshot_keeps_its_slab_when_a_burst_is_trimmed():
     # writes finished in.
     pool = SlabPool(1, budget_bytes=1 << 20, linger_seconds=0)
     try:
-        leases = [pool.try_acquire(64 << 10) for _ in range(3)]
-        for lease in leases:
-            pool.staged(lease)
-            assert lease.hold()
+        leases = _staged_and_held(pool, 3)
         for lease in reversed(leases):
             lease.release()
         assert pool.slabs == (leases[-1].slab.slab_id,) and leases[-1].hold()
