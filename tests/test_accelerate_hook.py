@@ -140,23 +140,14 @@ def test_with_total_limit_a_writer_that_fell_behind_skips_what_pruning_would_del
 def test_cancel_all_but_newest_skips_the_saves_the_writer_has_not_reached(tmp_path):
     """FileSetCheckpointer.cancel_all_but_newest: a cancelled save writes nothing, resolves as
     cancelled and leaves no folder; the save the writer is on and the newest ones complete."""
-    from accelerate_ckpt.file_set import FileSetCheckpointer, NamedState
+    from accelerate_ckpt.file_set import FileSetCheckpointer
     from core import AsyncOptions
-    from tests.helpers import wait_until
 
     saver = FileSetCheckpointer(
         AsyncOptions().config(), GatedCommit(tmp_path / "reached", tmp_path / "gate", tmp_path / "log")
     )
-    futures = []
     try:
-        for i in range(5):
-            final = tmp_path / f"ckpt_{i}"
-            final.mkdir()
-            files = [NamedState("model.bin", {"w": torch.full((4,), float(i))}), NamedState("step.bin", {"step": i})]
-            staging = str(final / ".staging")
-            futures.append(saver.save(str(final), lambda _, files=files: files, staging=staging, publishes=True))
-            if i == 0:
-                wait_until(lambda: (tmp_path / "reached").exists(), what="the writer held in the first save")
+        futures = _held_burst_of_saves(saver, tmp_path, 5, numel=4)
         asked = saver.cancel_all_but_newest(2)
         # ckpt_0 too: the writer has begun it, so it is written whole all the same
         assert [final for final, _ in asked] == [str(tmp_path / f"ckpt_{i}") for i in range(3)]
@@ -201,8 +192,9 @@ def test_wait_gives_back_the_staging_memory_lent_for_a_burst(tmp_path):
         saver.close()
 
 
-def _held_burst_of_saves(saver, tmp_path, count):
-    """`count` saves of two files each into tmp_path/ckpt_<i>, the writer held in the first."""
+def _held_burst_of_saves(saver, tmp_path, count, numel=1024):
+    """`count` saves of two files each into tmp_path/ckpt_<i> (model.bin: `numel` values i;
+    step.bin: i), the writer held in the first."""
     from accelerate_ckpt.file_set import NamedState
     from tests.helpers import wait_until
 
@@ -210,8 +202,9 @@ def _held_burst_of_saves(saver, tmp_path, count):
     for i in range(count):
         final = tmp_path / f"ckpt_{i}"
         final.mkdir()
-        files = [NamedState("model.bin", {"w": torch.full((1024,), float(i))}), NamedState("step.bin", {"step": i})]
-        futures.append(saver.save(str(final), lambda _, files=files: files, staging=str(final / ".s"), publishes=True))
+        files = [NamedState("model.bin", {"w": torch.full((numel,), float(i))}), NamedState("step.bin", {"step": i})]
+        staging = str(final / ".staging")
+        futures.append(saver.save(str(final), lambda _, files=files: files, staging=staging, publishes=True))
         if i == 0:
             wait_until(lambda: (tmp_path / "reached").exists(), what="the writer held in the first save")
     return futures
